@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# A CUDA build of torch, so that the CUDA sources compile and link even without a GPU.
+TORCH_SPEC ?= torch==2.14.1
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+PYTEST_ARGS ?=
+
+.PHONY: test demo build bench-cpu clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -qq "$(TORCH_SPEC)"
+	$(PIP) install -qq "setuptools>=68" wheel ninja "numpy>=1.26" "transformers>=5.17,<6" \
+		"tokenizers>=0.21" "triton>=3.6" "pytest>=8" "pytest-benchmark>=4" "scipy>=1.11"
+	touch $@
+
+build: $(VENV)/.deps
+	$(PIP) install -qq --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/proxykern bench kernel
+
+bench-cpu: build
+	$(PY) -m pytest benchmarks/test_bench_cpu.py -q --benchmark-columns=median,iqr,rounds \
+		--benchmark-group-by=param:vocab,param:batch,param:top_p
+
+clean:
+	rm -rf build *.egg-info proxykern/_C*.so

@@ -1,0 +1,44 @@
+// The fused proxy-tuning sampler's kernel interface on raw pointers (no torch headers).
+// Semantics: proxykern/reference.py. Launchers (fused_sample_op.cpp, proxy_sample_cuda.cu)
+// check shapes, dtypes and devices before calling these.
+#pragma once
+#include <cstdint>
+
+namespace proxykern {
+
+enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One (B, >= vocab) logits matrix; columns are contiguous, rows row_stride elements apart.
+struct LogitsView {
+  const void* data;
+  int64_t row_stride;
+  LogitsDtype dtype;
+};
+
+// Per-row parameters, each an array of length B (on the kernel's device).
+struct RowParams {
+  const float* alpha;
+  const float* temperature;  // 0 = greedy
+  const int64_t* top_k;      // <= 0 = all
+  const float* top_p;        // >= 1 = all
+  const float* min_p;        // <= 0 = all
+  const int64_t* seed;
+  const int64_t* step;
+};
+
+// Outputs, each an array of length B.
+struct SampleResult {
+  int64_t* tokens;   // -1 for a bad row
+  float* logprobs;   // z'[token] - lse
+  float* lse;        // logsumexp(z')
+  int32_t* status;   // 0, or kStatusNonfinite | kStatusEmpty
+};
+
+constexpr int32_t kStatusNonfinite = 1;  // z holds NaN or +inf
+constexpr int32_t kStatusEmpty = 2;      // every z is -inf
+
+// CPU kernel: OpenMP across rows, and across vocabulary chunks when the batch is small.
+void proxy_sample_cpu(LogitsView base, LogitsView expert, LogitsView anti, RowParams params,
+                      SampleResult out, int64_t batch, int64_t vocab);
+
+}  // namespace proxykern

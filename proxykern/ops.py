@@ -1,0 +1,368 @@
+"""``proxy_sample``: the fused proxy-tuning sampling op, its validation and backend choice.
+
+Layers: :func:`proxy_sample` (validates, documents) -> the registered op
+``torch.ops.proxykern.proxy_sample`` -> one backend. Only this module knows
+which backends exist:
+
+* ``"cuda"``   -- ``csrc/`` C++/CUDA kernel (``torch.ops.proxykern.fused_sample`` on CUDA)
+* ``"triton"`` -- ``kernels/`` Triton kernel (GPU; on CPU only under ``TRITON_INTERPRET=1``)
+* ``"cpu"``    -- ``csrc/`` C++ kernel (``torch.ops.proxykern.fused_sample`` on CPU)
+* ``"torch"``  -- :mod:`proxykern.reference`, the spec in plain PyTorch
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+from .reference import STATUS_EMPTY, STATUS_NONFINITE
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Status bits beyond the kernels' own (reference.STATUS_*): a per-row parameter
+# tensor held a bad value. Found on the device, reported by the eager check.
+STATUS_BAD_ALPHA = 4
+STATUS_BAD_TEMPERATURE = 8
+STATUS_BAD_TOP_K = 16
+STATUS_BAD_TOP_P = 32
+STATUS_BAD_MIN_P = 64
+
+_STATUS_MESSAGES = {
+    STATUS_NONFINITE: "its combined logits hold NaN or +inf",
+    STATUS_EMPTY: "no token can be kept (every logit is -inf)",
+    STATUS_BAD_ALPHA: "alpha is not finite",
+    STATUS_BAD_TEMPERATURE: "temperature is negative or NaN",
+    STATUS_BAD_TOP_K: "top_k is negative",
+    STATUS_BAD_TOP_P: "top_p is outside (0, 1]",
+    STATUS_BAD_MIN_P: "min_p is outside [0, 1)",
+}
+
+
+class SampleOutput(NamedTuple):
+    """Result of :func:`proxy_sample`; each field has shape (B,)."""
+
+    tokens: torch.Tensor    # int64
+    logprobs: torch.Tensor  # float32, log_softmax(z')[token] before filtering
+    lse: torch.Tensor       # float32, logsumexp(z')
+
+
+# --------------------------------------------------------------------------- backends
+
+_ext_state: dict = {}
+
+
+def _extension():
+    """The compiled ``proxykern._C`` (which registers ``torch.ops.proxykern.fused_sample``), or None."""
+    if "module" not in _ext_state:
+        try:
+            from . import _C  # noqa: F401  (registers the ops on import)
+            _ext_state["module"] = _C
+        except ImportError as exc:  # not built: the torch backend still works
+            _ext_state["module"] = None
+            _ext_state["error"] = str(exc)
+    return _ext_state["module"]
+
+
+def _has_native_kernel(dispatch_key: str) -> bool:
+    return _extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "proxykern::fused_sample", dispatch_key)
+
+
+def _triton_kernels():
+    """The Triton backend module, or None when Triton cannot be imported."""
+    if "triton" not in _ext_state:
+        try:
+            from .kernels import proxy_sample_triton
+            _ext_state["triton"] = proxy_sample_triton
+        except ImportError as exc:
+            _ext_state["triton"] = None
+            _ext_state["triton_error"] = str(exc)
+    return _ext_state["triton"]
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors, the logits are on {device}"
+        if not _has_native_kernel("CPU"):
+            return "the C++ extension proxykern._C is not built (" + _ext_state.get("error", "no CPU kernel") + ")"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors, the logits are on {device}"
+        if not _has_native_kernel("CUDA"):
+            return "proxykern._C was built without its CUDA kernel"
+        return None
+    if backend == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device}"
+        if _triton_kernels() is None:
+            return "Triton cannot be imported (" + _ext_state.get("triton_error", "") + ")"
+        return None
+    raise AssertionError(backend)
+
+
+_AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_warned_fallbacks: set = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest available."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reason = backend_unavailable_reason(backend, device)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} is not available: {reason}")
+        return backend
+    preferred = _AUTO_PREFERENCE.get(device.type, ("torch",))
+    for candidate in preferred:
+        if backend_unavailable_reason(candidate, device) is None:
+            if candidate != preferred[0] and (device.type, candidate) not in _warned_fallbacks:
+                _warned_fallbacks.add((device.type, candidate))
+                warnings.warn(
+                    f"proxykern: backend {preferred[0]!r} is unavailable on {device.type} "
+                    f"({backend_unavailable_reason(preferred[0], device)}); using {candidate!r}",
+                    RuntimeWarning, stacklevel=5)
+            return candidate
+    raise AssertionError("the torch backend is always available")
+
+
+def _run_native(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size):
+    return torch.ops.proxykern.fused_sample(base, expert, anti, alpha, temperature, top_k, top_p,
+                                            min_p, seed, step, vocab_size)
+
+
+def _run_triton(*args):
+    return _triton_kernels().proxy_sample_triton(*args)
+
+
+_BACKEND_IMPLS = {
+    "cuda": _run_native,
+    "cpu": _run_native,
+    "triton": _run_triton,
+    "torch": reference.proxy_sample_reference,
+}
+
+
+@torch.library.custom_op("proxykern::proxy_sample", mutates_args=())
+def _proxy_sample_op(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
+                     alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                     step: torch.Tensor, vocab_size: int, backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered op on validated inputs: (tokens, logprobs, lse, status)."""
+    return _BACKEND_IMPLS[backend](base, expert, anti, alpha, temperature, top_k, top_p, min_p,
+                                   seed, step, vocab_size)
+
+
+@_proxy_sample_op.register_fake
+def _(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size, backend):
+    B = base.shape[0]
+    return (base.new_empty((B,), dtype=torch.int64), base.new_empty((B,), dtype=torch.float32),
+            base.new_empty((B,), dtype=torch.float32), base.new_empty((B,), dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_logits(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, vocab), got shape {tuple(t.shape)}")
+
+
+def _row_param(name, value, B, device, dtype, scalar_ok, rule):
+    """A (B,) tensor of ``dtype`` on ``device`` from a Python number or a 1-D tensor.
+
+    Python numbers are checked here; tensors are checked on the device (see
+    :func:`_bad_param_flags`), so passing them costs no host sync.
+    """
+    integral = not dtype.is_floating_point
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(B)
+        if value.dim() != 1 or value.shape[0] != B:
+            raise ValueError(f"{name} must be a Python number or a 1-D tensor of length {B} "
+                             f"(the batch size), got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        if value.dtype == torch.bool or value.is_complex() or (integral and value.is_floating_point()):
+            kind = "an integer" if integral else "a real"
+            raise TypeError(f"{name} must be {kind} tensor, got {value.dtype}")
+        return value.to(dtype).contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            integral and not isinstance(value, numbers.Integral)):
+        kind = "an int" if integral else "a real number"
+        raise TypeError(f"{name} must be {kind} or a 1-D tensor, got {type(value).__name__}")
+    if not scalar_ok(value):
+        raise ValueError(f"{name} {rule}, got {value!r}")
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+def _as_int64(name, value):
+    """Seeds and steps: any int that fits in 64 bits (unsigned ones wrap to int64)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+        if not -(2 ** 63) <= value < 2 ** 64:
+            raise ValueError(f"{name} must fit in 64 bits, got {value}")
+        return value - 2 ** 64 if value >= 2 ** 63 else value
+    return value
+
+
+def _bad_param_flags(params: dict) -> torch.Tensor | None:
+    """Device-side check of the parameters given as tensors: a status-bit tensor, or None."""
+    checks = {
+        "alpha": (STATUS_BAD_ALPHA, lambda t: ~torch.isfinite(t)),
+        "temperature": (STATUS_BAD_TEMPERATURE, lambda t: ~(t >= 0)),
+        "top_k": (STATUS_BAD_TOP_K, lambda t: t < 0),
+        "top_p": (STATUS_BAD_TOP_P, lambda t: ~((t > 0) & (t <= 1))),
+        "min_p": (STATUS_BAD_MIN_P, lambda t: ~((t >= 0) & (t < 1))),
+    }
+    flags = None
+    for name, tensor in params.items():
+        bit, is_bad = checks[name]
+        term = is_bad(tensor).to(torch.int32) * bit
+        flags = term if flags is None else flags | term
+    return flags
+
+
+def raise_on_bad_rows(status: torch.Tensor, params: dict | None = None) -> None:
+    """Raise ``ValueError`` naming the first row whose status is not 0 (syncs once)."""
+    bad = torch.nonzero(status).flatten().tolist()
+    if not bad:
+        return
+    row = bad[0]
+    code = int(status[row])
+    reasons = [msg for bit, msg in _STATUS_MESSAGES.items() if code & bit]
+    names = [n for n, bit in (("alpha", STATUS_BAD_ALPHA), ("temperature", STATUS_BAD_TEMPERATURE),
+                              ("top_k", STATUS_BAD_TOP_K), ("top_p", STATUS_BAD_TOP_P),
+                              ("min_p", STATUS_BAD_MIN_P)) if code & bit]
+    detail = ""
+    if names and params:
+        detail = " (" + ", ".join(f"{n}[{row}] = {params[n][row].item()!r}" for n in names) + ")"
+    more = f"; {len(bad) - 1} more bad row(s)" if len(bad) > 1 else ""
+    raise ValueError(f"row {row}: {'; '.join(reasons)}{detail}{more}")
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# --------------------------------------------------------------------------- public op
+
+def proxy_sample_with_status(base_logits, expert_logits, anti_logits, **kwargs):
+    """Like :func:`proxy_sample` but never syncs: returns (SampleOutput, status).
+
+    ``status`` (B,) int32 is 0 for a good row, else bit flags (``reference.STATUS_*``,
+    ``ops.STATUS_BAD_*``); such a row's token is -1. Made for captured decode steps.
+    """
+    out, status, _ = _sample(base_logits, expert_logits, anti_logits, **kwargs)
+    return out, status
+
+
+def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0.0, top_k=0,
+            top_p=1.0, min_p=0.0, seed=0, step=0, vocab_size=None, backend="auto"):
+    """Validate, run the registered op: (SampleOutput, status, the params given as tensors)."""
+    for name, t in (("base_logits", base_logits), ("expert_logits", expert_logits),
+                    ("anti_logits", anti_logits)):
+        _check_logits(name, t)
+    B = base_logits.shape[0]
+    device = base_logits.device
+    for name, t in (("expert_logits", expert_logits), ("anti_logits", anti_logits)):
+        if t.shape[0] != B:
+            raise ValueError(f"{name} has batch size {t.shape[0]} but base_logits has {B}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but base_logits is on {device}")
+    widest_common = min(base_logits.shape[1], expert_logits.shape[1], anti_logits.shape[1])
+    if vocab_size is None:
+        vocab_size = widest_common
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= widest_common:
+        raise ValueError(f"vocab_size must be in [1, {widest_common}] (the narrowest logits width), "
+                         f"got {vocab_size}")
+    resolved = resolve_backend(backend, device)
+
+    params = {
+        "alpha": _row_param("alpha", alpha, B, device, torch.float32, math.isfinite,
+                            "must be finite"),
+        "temperature": _row_param("temperature", temperature, B, device, torch.float32,
+                                  lambda v: v >= 0, "must be >= 0"),
+        "top_k": _row_param("top_k", top_k, B, device, torch.int64, lambda v: v >= 0,
+                            "must be >= 0 (0 keeps all tokens)"),
+        "top_p": _row_param("top_p", top_p, B, device, torch.float32, lambda v: 0 < v <= 1,
+                            "must be in (0, 1]"),
+        "min_p": _row_param("min_p", min_p, B, device, torch.float32, lambda v: 0 <= v < 1,
+                            "must be in [0, 1)"),
+    }
+    tensor_params = {n: params[n] for n, v in (("alpha", alpha), ("temperature", temperature),
+                                               ("top_k", top_k), ("top_p", top_p),
+                                               ("min_p", min_p)) if isinstance(v, torch.Tensor)}
+    seed_t = _row_param("seed", _as_int64("seed", seed), B, device, torch.int64,
+                        lambda v: True, "")
+    step_t = _row_param("step", _as_int64("step", step), B, device, torch.int64,
+                        lambda v: True, "")
+
+    def unit_stride(t):
+        return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+    tokens, logprobs, lse, status = torch.ops.proxykern.proxy_sample(
+        unit_stride(base_logits), unit_stride(expert_logits), unit_stride(anti_logits),
+        params["alpha"], params["temperature"], params["top_k"], params["top_p"],
+        params["min_p"], seed_t, step_t, int(vocab_size), resolved)
+    flags = _bad_param_flags(tensor_params)
+    if flags is not None:
+        status = status | flags
+        tokens = torch.where(flags != 0, torch.full_like(tokens, -1), tokens)
+    return SampleOutput(tokens, logprobs, lse), status, tensor_params
+
+
+def proxy_sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0.0,
+                 top_k=0, top_p=1.0, min_p=0.0, seed=0, step=0, vocab_size=None,
+                 backend="auto") -> SampleOutput:
+    """Combine three models' logits, normalise, filter and draw one token per row.
+
+    ``z = base + alpha * (expert - anti)`` in fp32 over columns ``[0, vocab_size)``
+    (default: the narrowest of the three widths); a token that is ``-inf`` in any
+    input is excluded. ``temperature == 0`` is greedy (argmax, lowest index on
+    ties); otherwise ``z' = z / temperature`` and the kept set is the ``top_k``
+    largest (ties at the threshold kept), then the smallest top-mass prefix reaching
+    ``top_p`` (ties kept, at least one token), then ``p >= min_p * p_max``. The draw
+    is Gumbel-max with counter-based Philox noise, a pure function of
+    ``(seed[row], step[row], token)`` (mapping in :mod:`proxykern.reference`), so
+    every backend and every batch gives the same token.
+
+    Every sampling parameter is a Python number or a 1-D tensor of length B on
+    the logits' device. Returns ``SampleOutput(tokens, logprobs, lse)``:
+    ``logprobs = log_softmax(z')[token]`` before filtering, ``lse = logsumexp(z')``.
+
+    Raises ``TypeError``/``ValueError`` naming the argument for bad input, and
+    ``ValueError`` naming the row for a row whose logits hold NaN/+inf, whose kept
+    set is empty, or whose per-row parameter is invalid (one host sync; skipped
+    under CUDA-graph capture, where such rows get token -1).
+
+    ``backend``: ``"auto"`` (fastest available: cuda > triton > torch on GPU,
+    cpu > torch on CPU, with one warning on fallback), ``"cuda"``, ``"triton"``,
+    ``"cpu"`` or ``"torch"`` (the reference).
+    """
+    out, status, tensor_params = _sample(
+        base_logits, expert_logits, anti_logits, alpha=alpha, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=step, vocab_size=vocab_size,
+        backend=backend)
+    if not _is_capturing(base_logits.device):
+        raise_on_bad_rows(status, tensor_params)
+    return out

@@ -1,0 +1,62 @@
+"""Builds proxykern._C: the C++ CPU kernel always; the CUDA sources (csrc/*.cu) too when
+torch is a CUDA build and nvcc is found (PROXYKERN_SKIP_CUDA=1 skips them).
+
+CUDA architectures: PROXYKERN_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else "9.0"
+(so a machine without a GPU still compiles and links the CUDA code, for CI).
+"""
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted() -> tuple[bool, str]:
+    if os.environ.get("PROXYKERN_SKIP_CUDA") == "1":
+        return False, "PROXYKERN_SKIP_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU build"
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(
+            os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"CUDA {torch.version.cuda}, nvcc in {cpp_extension.CUDA_HOME}"
+
+
+def _wheel_cuda_includes() -> list[str]:
+    """The CUDA headers that torch's cu13 wheels ship (cuBLAS, cuSPARSE, ...), if present."""
+    site = sysconfig.get_paths()["purelib"]
+    return [p for p in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(p)]
+
+
+def _extension():
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+                 "-Wall", "-Wno-unused-function"]
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    use_cuda, why = _cuda_wanted()
+    print(f"proxykern: CUDA kernels {'ON' if use_cuda else 'OFF'} ({why})", file=sys.stderr)
+    common = dict(name="proxykern._C", include_dirs=[os.path.join(ROOT, "csrc")],
+                  extra_link_args=["-fopenmp"])
+    if not use_cuda:
+        return cpp_extension.CppExtension(sources=sources,
+                                          extra_compile_args={"cxx": cxx_flags}, **common)
+    archs = os.environ.get("PROXYKERN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    common["include_dirs"] += _wheel_cuda_includes()
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-fmad=false" if os.environ.get("PROXYKERN_NO_FMAD") == "1" else "-fmad=true"]
+    return cpp_extension.CUDAExtension(
+        sources=sources + sorted(glob.glob("csrc/*.cu")),
+        extra_compile_args={"cxx": cxx_flags + ["-DPROXYKERN_WITH_CUDA"], "nvcc": nvcc_flags},
+        **common)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
