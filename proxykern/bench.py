@@ -98,7 +98,7 @@ def kernel_rows(device: torch.device, batches, vocabs, modes, *, dtype=torch.bfl
                                      speedup=naive_time / seconds))
                     if progress:
                         progress(rows[-1])
-            del sets
+            sets = None  # free this case's inputs before the next is made
     return rows
 
 

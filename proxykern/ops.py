@@ -63,10 +63,18 @@ def _extension():
         try:
             from . import _C  # noqa: F401  (registers the ops on import)
             _ext_state["module"] = _C
+            torch.library.register_fake("proxykern::fused_sample")(_fake_sample)
         except ImportError as exc:  # not built: the torch backend still works
             _ext_state["module"] = None
             _ext_state["error"] = str(exc)
     return _ext_state["module"]
+
+
+def _fake_sample(base, *_args):
+    """Shapes of (tokens, logprobs, lse, status) for tracing: each (B,)."""
+    B = base.shape[0]
+    return (base.new_empty((B,), dtype=torch.int64), base.new_empty((B,), dtype=torch.float32),
+            base.new_empty((B,), dtype=torch.float32), base.new_empty((B,), dtype=torch.int32))
 
 
 def _has_native_kernel(dispatch_key: str) -> bool:
@@ -167,11 +175,7 @@ def _proxy_sample_op(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tenso
                                    seed, step, vocab_size)
 
 
-@_proxy_sample_op.register_fake
-def _(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size, backend):
-    B = base.shape[0]
-    return (base.new_empty((B,), dtype=torch.int64), base.new_empty((B,), dtype=torch.float32),
-            base.new_empty((B,), dtype=torch.float32), base.new_empty((B,), dtype=torch.int32))
+_proxy_sample_op.register_fake(_fake_sample)
 
 
 # --------------------------------------------------------------------------- validation
