@@ -1,0 +1,304 @@
+"""Argument checks shared by ``fused_proxy_generate`` and ``naive_proxy_generate``.
+
+Both entry points take the same arguments and must reject the same bad input
+with the same ``ValueError``/``TypeError`` naming the argument, so the rules
+live here once. Everything runs before the first forward: a bad call fails
+fast, and the few host syncs it needs (mask and id ranges, per-row parameter
+tensors) happen once, not per step.
+
+Vocabulary rule (API.md leaves it open)
+---------------------------------------
+The three models' output widths (``lm_head`` rows, else ``config.vocab_size``)
+may differ by padding only: two widths count as one vocabulary padded
+differently when they differ by less than ``MAX_VOCAB_PADDING`` (1024, the
+largest padding multiple in use: 128 x 8-way tensor parallelism) *and* by at
+most an eighth of the narrower width (so tiny vocabularies stay meaningful).
+Generation uses the narrowest width (e.g. 151936 of Qwen2.5-0.5B vs 152064 of
+Qwen2.5-7B; a Llama-2 fine-tune with an added pad token, 32001 vs 32000). A
+larger gap is a different vocabulary and raises ``ValueError`` naming the model.
+Two different tokenizers of the same width cannot be told apart here.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops import resolve_backend
+from .runner import model_device
+
+MAX_VOCAB_PADDING = 1024
+MODEL_NAMES = ("base", "expert", "anti_expert")
+
+
+@dataclass
+class GenerationArgs:
+    """Validated, normalised inputs of one generation call (tensors on ``device``)."""
+
+    device: torch.device
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    expert_input_ids: torch.Tensor
+    expert_attention_mask: torch.Tensor
+    max_new_tokens: int
+    sampling: dict          # alpha, temperature, top_k, top_p, min_p, seed: numbers or (B,) tensors
+    greedy: bool            # temperature is the number 0
+    eos_token_ids: list     # [] = never stop early
+    pad_token_id: int
+    vocab_size: int         # the shared vocabulary: columns [0, vocab_size)
+    share_anti: bool        # anti-expert logits are the expert's (same model, same prompt)
+    backend: str            # the op's backend, resolved
+    streamer: object = None
+    return_logprobs: bool = False
+    return_model_logprobs: bool = False
+    eos_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+# --------------------------------------------------------------------------- pieces
+
+def _check_model(name, model):
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "forward", None)):
+        raise TypeError(f"{name} must be a Hugging Face causal LM (a torch.nn.Module), "
+                        f"got {type(model).__name__}")
+
+
+def output_width(model) -> int:
+    """Width of the model's logits: its output embedding rows, else ``config.vocab_size``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    width = getattr(config, "vocab_size", None)
+    if not isinstance(width, int):
+        raise ValueError("cannot tell the vocabulary width of a model without an output "
+                         "embedding or config.vocab_size")
+    return width
+
+
+def input_width(model) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def same_vocabulary(a: int, b: int) -> bool:
+    """True when widths ``a`` and ``b`` are one vocabulary padded differently (module doc)."""
+    gap = abs(a - b)
+    return gap < MAX_VOCAB_PADDING and gap <= min(a, b) // 8
+
+
+def shared_vocab_size(base, expert, anti_expert) -> int:
+    """The narrowest output width, after checking the widths differ by padding only."""
+    widths = dict(zip(MODEL_NAMES, (output_width(m) for m in (base, expert, anti_expert))))
+    for a, b in (("base", "expert"), ("base", "anti_expert"), ("expert", "anti_expert")):
+        if not same_vocabulary(widths[a], widths[b]):
+            raise ValueError(
+                f"{b} has a vocabulary of {widths[b]} tokens but {a} has {widths[a]}: more than "
+                f"padding apart (proxy tuning needs one shared vocabulary; widths may differ "
+                f"by less than {MAX_VOCAB_PADDING} and by at most 1/8)")
+    return min(widths.values())
+
+
+def _check_ids(name, ids, device):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, length), got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): every row needs a prompt")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _check_mask(name, mask, ids, ids_name, device):
+    """A 0/1 (B, T) mask with at least one token per row, left-padded."""
+    if mask is None:
+        return torch.ones_like(ids)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but {ids_name} has "
+                         f"{tuple(ids.shape)}")
+    mask = mask.to(device=device)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1")
+    mask = mask.to(torch.long)
+    empty = torch.nonzero(mask.sum(1) == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"{name} row {empty[0]} has no tokens: every row needs a prompt")
+    right = torch.nonzero(mask[:, -1] == 0).flatten().tolist()
+    if right:
+        raise ValueError(f"{name} row {right[0]} ends with padding: prompts must be left-padded")
+    return mask
+
+
+def _check_id_range(name, ids, models):
+    """Prompt ids must index every model that reads them (an out-of-range id is a device assert)."""
+    limits = [w for w in (input_width(m) for m in models) if w is not None]
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (limits and hi >= min(limits)):
+        raise ValueError(f"{name} holds token ids in [{lo}, {hi}] but the model's embedding "
+                         f"has {min(limits) if limits else '?'} rows")
+
+
+def _token_id_list(name, value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    values = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+        else list(value) if isinstance(value, (list, tuple, set)) else None
+    if values is None or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                             for v in values):
+        raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
+    if any(v < 0 for v in values):
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return [int(v) for v in values]
+
+
+_SCALAR_RULES = {
+    "alpha": (True, math.isfinite, "must be finite"),
+    "temperature": (True, lambda v: v >= 0, "must be >= 0"),
+    "top_k": (False, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
+    "top_p": (True, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "min_p": (True, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "seed": (False, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
+}
+
+
+def _check_sampling(name, value, B, device):
+    """A Python number, or a 1-D length-B tensor (moved to ``device``; values checked once)."""
+    real, ok, rule = _SCALAR_RULES[name]
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(B)
+        if value.dim() != 1 or value.shape[0] != B:
+            raise ValueError(f"{name} must be a number or a 1-D tensor of length {B} (the batch "
+                             f"size), got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex() or (
+                not real and value.is_floating_point()):
+            raise TypeError(f"{name} must be a {'real' if real else 'integer'} tensor, "
+                            f"got {value.dtype}")
+        value = value.to(device)
+        bad = [i for i, v in enumerate(value.tolist()) if not ok(v)]
+        if bad:
+            raise ValueError(f"{name}[{bad[0]}] {rule}, got {value[bad[0]].item()!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            not real and not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{name} must be {'a real number' if real else 'an int'} or a 1-D tensor, "
+                        f"got {type(value).__name__}")
+    if not ok(value):
+        raise ValueError(f"{name} {rule}, got {value!r}")
+    return value
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_cuda_graphs(cuda_graphs, device) -> bool:
+    """Whether to capture the decode step; for now always False (eager)."""
+    if cuda_graphs not in ("auto", True, False) or (isinstance(cuda_graphs, int)
+                                                     and not isinstance(cuda_graphs, bool)):
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    if cuda_graphs is True:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs models on a CUDA device, "
+                             f"they are on {device}")
+        raise ValueError("cuda_graphs=True: CUDA-graph decoding is not available yet in this "
+                         "version of proxykern; use cuda_graphs='auto' or False (eager)")
+    return False
+
+
+# --------------------------------------------------------------------------- entry
+
+def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, max_new_tokens,
+                       alpha, temperature, top_k, top_p, min_p, seed, eos_token_id, pad_token_id,
+                       expert_input_ids, expert_attention_mask, return_logprobs,
+                       return_model_logprobs, streamer, backend, cuda_graphs) -> GenerationArgs:
+    """Check every argument of a generation call; raise naming the first bad one."""
+    for name, model in zip(MODEL_NAMES, (base, expert, anti_expert)):
+        _check_model(name, model)
+    device = model_device(base)
+    for name, model in (("expert", expert), ("anti_expert", anti_expert)):
+        if model_device(model) != device:
+            raise ValueError(f"{name} is on {model_device(model)} but base is on {device}: "
+                             f"the three models must share one device")
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+    input_ids = _check_ids("input_ids", input_ids, device)
+    attention_mask = _check_mask("attention_mask", attention_mask, input_ids, "input_ids", device)
+    B = input_ids.shape[0]
+    if expert_input_ids is None:
+        if expert_attention_mask is not None:
+            raise ValueError("expert_attention_mask is given without expert_input_ids")
+        e_ids, e_mask = input_ids, attention_mask
+    else:
+        e_ids = _check_ids("expert_input_ids", expert_input_ids, device)
+        if e_ids.shape[0] != B:
+            raise ValueError(f"expert_input_ids has batch size {e_ids.shape[0]} but input_ids "
+                             f"has {B}")
+        e_mask = _check_mask("expert_attention_mask", expert_attention_mask, e_ids,
+                             "expert_input_ids", device)
+    base_readers = (base, anti_expert) if expert_input_ids is not None else (base, expert,
+                                                                              anti_expert)
+    _check_id_range("input_ids", input_ids, base_readers)
+    if expert_input_ids is not None:
+        _check_id_range("expert_input_ids", e_ids, (expert,))
+
+    vocab_size = shared_vocab_size(base, expert, anti_expert)
+    sampling = {name: _check_sampling(name, value, B, device) for name, value in (
+        ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+        ("min_p", min_p), ("seed", seed))}
+
+    gen_config = getattr(base, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_config, "eos_token_id", None)
+    eos = _token_id_list("eos_token_id", eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_config, "pad_token_id", None)
+        if isinstance(pad_token_id, (list, tuple)):
+            pad_token_id = pad_token_id[0] if pad_token_id else None
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0  # with no EOS nothing is ever padded
+    pads = _token_id_list("pad_token_id", pad_token_id)
+    if len(pads) != 1:
+        raise TypeError(f"pad_token_id must be one int, got {pad_token_id!r}")
+
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put() and end() (an HF BaseStreamer), "
+                        f"got {type(streamer).__name__}")
+    _check_bool("return_logprobs", return_logprobs)
+    _check_bool("return_model_logprobs", return_model_logprobs)
+    check_cuda_graphs(cuda_graphs, device)
+    backend = resolve_backend(backend, device)
+
+    temperature = sampling["temperature"]
+    return GenerationArgs(
+        device=device, input_ids=input_ids, attention_mask=attention_mask,
+        expert_input_ids=e_ids, expert_attention_mask=e_mask, max_new_tokens=int(max_new_tokens),
+        sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
+        eos_token_ids=eos, pad_token_id=pads[0], vocab_size=vocab_size,
+        share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
+        streamer=streamer, return_logprobs=return_logprobs,
+        return_model_logprobs=return_model_logprobs,
+        eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)

@@ -1,0 +1,164 @@
+"""Per-model decoding state for proxy tuning: KV cache, attention mask, positions, stream.
+
+One :class:`ModelRunner` drives one Hugging Face causal LM through a prompt
+prefill and then one token per step. It owns everything that differs between
+the three models (their prompts may have different lengths), so the decode
+loop in :mod:`proxykern.generate` stays model-agnostic. The state is laid out
+so a static cache and CUDA-graph capture can replace the eager path later:
+the attention mask is one preallocated buffer and positions live in a device
+tensor (no Python ints that would change shapes between steps).
+
+Positions come from the attention mask: ``position_ids = cumsum(mask) - 1``
+(padding clamped to 0), and each new token takes the next one. A left-padded
+row therefore sees exactly the positions it would see alone.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(forward_fn) -> frozenset:
+    return frozenset(inspect.signature(forward_fn).parameters)
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of ``model.forward``.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.2x keeps the old
+    name as a deprecated alias); asking the signature supports both without
+    warnings.
+    """
+    params = _forward_params(type(model).forward)
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in _forward_params(type(model).forward)
+
+
+def new_dynamic_cache(model):
+    """An empty HF ``DynamicCache`` laid out for ``model`` (sliding layers etc.)."""
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signature without ``config``
+        return DynamicCache()
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (``model.device`` for HF models)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) - 1`` clamped at 0: the position of every prompt column."""
+    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def forward_logits(model, input_ids, attention_mask, position_ids, cache, last_only=True):
+    """One cached forward; returns the logits of the last position (B, V), or all of them."""
+    kwargs = {cache_kwarg(model): cache}
+    if last_only and accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1  # the prefill needs one row of logits, not T
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, **kwargs)
+    logits = out.logits
+    return logits[:, -1, :] if last_only else logits
+
+
+class ModelRunner:
+    """One model's decode state: its KV cache, attention mask buffer and next positions.
+
+    ``prefill()`` runs the prompt and returns the last position's logits (B, V);
+    ``step(tokens)`` appends one token per row and returns the new logits. The
+    logits are the model's own tensor (its dtype, no copy). With ``stream``
+    (CUDA) the work is queued on that stream: call :meth:`launch_step` /
+    :meth:`launch_prefill` and then :meth:`join` on the consuming stream.
+
+    ``capacity`` is the number of new tokens planned (the mask buffer grows if
+    more come, e.g. under a Hugging Face ``generate`` of unknown length).
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 capacity: int = 0, stream=None):
+        self.model = model
+        self.stream = stream
+        self.input_ids = input_ids
+        self.batch_size, self.prompt_len = input_ids.shape
+        self.mask = attention_mask.new_zeros((self.batch_size, self.prompt_len + max(capacity, 1)))
+        self.mask[:, :self.prompt_len] = attention_mask
+        if stream is not None:  # made here, used on the side stream: free only after its work
+            self.mask.record_stream(stream)
+            input_ids.record_stream(stream)
+        self.length = 0          # columns of the mask (and KV cache) in use
+        self.next_pos = None     # (B, 1) int64, position of the next token per row
+        self.cache = None
+        self._done = None        # CUDA event recorded after the last launch on ``stream``
+        self._logits = None
+
+    # ------------------------------------------------------------------ eager calls
+
+    def prefill(self) -> torch.Tensor:
+        self.cache = new_dynamic_cache(self.model)
+        mask = self.mask[:, :self.prompt_len]
+        logits = forward_logits(self.model, self.input_ids, mask, positions_from_mask(mask),
+                                self.cache)
+        self.length = self.prompt_len
+        self.next_pos = mask.long().sum(-1, keepdim=True)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` (B,) to every row and return the logits for the next one."""
+        if self.length >= self.mask.shape[1]:
+            self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=1)
+        self.mask[:, self.length] = 1
+        self.length += 1
+        logits = forward_logits(self.model, tokens.reshape(-1, 1), self.mask[:, :self.length],
+                                self.next_pos, self.cache)
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Permute the batch (beam search): row i takes the state of row ``index[i]``."""
+        self.cache.reorder_cache(index)
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+    # ------------------------------------------------------------------ stream-aware calls
+
+    def _launch(self, fn, *args) -> None:
+        if self.stream is None:
+            self._logits = fn(*args)
+            return
+        producer = torch.cuda.current_stream()
+        self.stream.wait_stream(producer)  # the tokens (and prompt) are ready
+        for t in args:
+            t.record_stream(self.stream)   # keep them alive for the side stream
+        with torch.cuda.stream(self.stream):
+            self._logits = fn(*args)
+            self._done = torch.cuda.Event()
+            self._done.record(self.stream)
+
+    def launch_prefill(self) -> None:
+        self._launch(self.prefill)
+
+    def launch_step(self, tokens: torch.Tensor) -> None:
+        self._launch(self.step, tokens)
+
+    def join(self) -> torch.Tensor:
+        """The logits of the last launch, safe to read on the current stream."""
+        logits, self._logits = self._logits, None
+        if self.stream is not None:
+            consumer = torch.cuda.current_stream()
+            consumer.wait_event(self._done)
+            logits.record_stream(consumer)
+        return logits
