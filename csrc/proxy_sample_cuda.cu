@@ -1,0 +1,1086 @@
+// CUDA backend of proxykern::fused_sample. Semantics: proxykern/reference.py (the spec).
+//
+// Design
+// ------
+// Two launches on the current stream, no host sync, no allocation besides one at::empty
+// workspace (so the op is safe inside CUDA-graph capture):
+//
+// K1 slice_kernel, grid = batch * num_slices blocks of 256 threads, row-major.
+//    Each row's vocabulary is cut into fixed slices of kSliceSize = 4096 columns (the
+//    slicing depends on the vocabulary only, never on the batch, so a row's result is
+//    bitwise the same alone or in any batch). A block reads its slice once: three inputs
+//    with 16-byte vector loads when every pointer and row stride allows (scalar loads
+//    otherwise, and for the masked tail), combines z = base + alpha * (expert - anti) and
+//    z' = z / T in fp32 with separately rounded operations, and writes one SlicePartial:
+//      max z', sum exp(z' - max), argmax z' (greedy), NaN / +inf / "any z > -inf" flags,
+//      and for sampling rows the slice's Gumbel-max winner (key z' + g, index, z').
+//    Rows with an active filter (top_k, top_p or min_p) also select the slice's top
+//    candidates: an exact block radix select (8-bit digits, warp-aggregated shared
+//    histograms) finds a key bound t_s with at most kCandPerSlice values above it, and
+//    the block stores every value with key > t_s (z', column). t_s = 0 means "every
+//    finite value of the slice is stored". Candidates are written in any order: every
+//    later use is order independent (integer histograms, lexicographic arg-max).
+//
+// K2 merge_kernel, grid = batch blocks of 512 threads (one per row).
+//    Warp 0 merges the row's partials in a fixed order (lane-strided, then a fixed
+//    xor-shuffle tree): max, lse = max + log(sum_s sum_s * exp(max_s - max)), greedy
+//    token, unfiltered Gumbel winner, status, t* = max_s t_s. Bad rows (status != 0),
+//    greedy rows and unfiltered sampling rows are finished here.
+//    Filtered rows: the candidate set C is complete above t* (every value with key > t*
+//    of the whole row is in C). Thresholds are searched in C when that is provably
+//    exact, else in the whole row (the fallback, re-reading the inputs):
+//      top_k: radix select of the k-th largest key (exact if k <= |C above t*|);
+//      top_p: radix search over (count, mass) histograms, masses exp(z' - max) in
+//             64-bit fixed point (deterministic in any order), total mass = the top_k
+//             set's (or, for C without top_k, the fp32 sum of K1); first value in
+//             descending order whose cumulative mass reaches top_p * total;
+//      min_p: exp(z' - max) >= min_p, tested per value as the reference does.
+//    If the unfiltered winner passes the final kept test it is the answer (the arg-max
+//    over a subset holding the global arg-max). Otherwise one Gumbel-max pass over the
+//    kept values: over C when the kept set is provably inside C, else over the row.
+//
+// Passes over the inputs per row: greedy / temperature: 1. Filters: 1 in the common
+// case (thresholds and draw from the candidates); fallback (the kept set or the
+// threshold does not fit the candidates, e.g. huge top_k, tiny min_p or a flat
+// distribution with top_p): one more read per radix level (at most 4 for top_k, 4 for
+// top_p) plus at most one draw pass, by the row's K2 block alone.
+//
+// Exactness notes. Keys are the monotone uint32 image of the float (with -0 mapped to
+// +0, so ties compare as floats do). The Gumbel draw skips a value x when
+// fl(x + 17) < fl(m - 3), m the max of the values in the same arg-max (always one of
+// them): g is in [-2.82, 16.64], so such an x can never reach the max's key (rounding
+// is monotone). Ties in every reduction go to the lowest column.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "fused_sample_op.h"
+#include "philox.h"
+#include "proxy_sample.h"
+
+namespace proxykern {
+namespace {
+
+// ----------------------------------------------------------------------------- constants
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr int kChunk = 8;                 // columns per chunk: one 16-byte load of 16-bit data
+constexpr int kSliceThreads = 256;        // K1 block
+constexpr int kSliceWarps = kSliceThreads / 32;
+constexpr int kChunksPerThread = 2;
+constexpr int kElemsPerThread = kChunk * kChunksPerThread;         // 16
+constexpr int kSliceSize = kSliceThreads * kElemsPerThread;        // 4096 columns
+constexpr int kCandPerSlice = 64;         // candidates kept per slice for filtered rows
+constexpr int kMergeThreads = 512;        // K2 block
+constexpr int kMergeWarps = kMergeThreads / 32;
+constexpr int kCandStage = 2048;          // candidates staged in K2 shared memory
+constexpr int kRowUnroll = 2;             // chunks in flight per thread in a K2 row pass
+constexpr int kNoIndex = INT_MAX;         // "no element" in arg-max records
+constexpr float kGumbelHi = 17.0f;        // strict bounds of g = -log(-log(u)), u in [2^-24, 1 - 2^-24]
+constexpr float kGumbelLo = -3.0f;
+
+constexpr uint32_t kFlagNan = 1u;         // some z is NaN
+constexpr uint32_t kFlagPosInf = 2u;      // some z is +inf
+constexpr uint32_t kFlagLive = 4u;        // some z > -inf
+
+static_assert(kSliceThreads >= 256 && kMergeThreads >= 256, "the radix scan uses 256 threads");
+static_assert(kSliceThreads % 32 == 0 && kMergeThreads % 32 == 0, "whole warps only");
+
+// ----------------------------------------------------------------------------- records
+
+struct SlicePartial {
+  float max;          // max z' of the slice (NaN ignored), -inf if none
+  float sum;          // sum of exp(z' - max) over the slice's z' > -inf
+  float best_x;       // greedy: max z', lowest column
+  int32_t best_idx;
+  float gkey;         // sampling: max z' + g over the slice, lowest column
+  int32_t gidx;
+  float gx;           // z' of that column
+  uint32_t flags;     // kFlag*
+  uint32_t tkey;      // filtered rows: candidates hold every key > tkey (0: every finite z')
+  int32_t ncand;
+};
+
+struct alignas(8) Cand {
+  float x;            // z'
+  int32_t idx;        // column
+};
+
+struct KernelArgs {
+  LogitsView base, expert, anti;
+  RowParams params;
+  SampleResult result;
+  int64_t vocab;
+  int32_t num_slices;
+  float mass_scale;   // 2^F: masses exp(z' - max) in [0, 1] are stored as round(e * 2^F)
+  SlicePartial* partials;   // [batch][num_slices]
+  Cand* cands;              // [batch][num_slices][kCandPerSlice]
+};
+
+struct Best {
+  float key;
+  int32_t idx;
+  float x;
+};
+
+__device__ __forceinline__ Best no_best() { return Best{-INFINITY, kNoIndex, -INFINITY}; }
+
+// a beats b: larger key, or the same key at a lower column. NaN keys never win.
+__device__ __forceinline__ bool better(const Best& a, const Best& b) {
+  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+}
+
+// ----------------------------------------------------------------------------- loads
+
+__device__ __forceinline__ float bf16_bits(uint32_t b) { return __uint_as_float(b << 16); }
+__device__ __forceinline__ float f16_bits(uint32_t b) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
+}
+
+struct F32 {
+  using raw = unsigned int;
+  __device__ static float cvt(unsigned int b) { return __uint_as_float(b); }
+};
+struct BF16 {
+  using raw = unsigned short;
+  __device__ static float cvt(unsigned int b) { return bf16_bits(b); }
+};
+struct F16 {
+  using raw = unsigned short;
+  __device__ static float cvt(unsigned int b) { return f16_bits(b); }
+};
+
+// The three inputs of one row, all of dtype D. kVec: every base pointer and row stride is
+// 16-byte aligned, so a full chunk (8 columns starting at a multiple of 8) is 1 (16-bit)
+// or 2 (fp32) uint4 loads per input.
+template <class D, bool kVec>
+struct UniformLoader {
+  using raw = typename D::raw;
+  const raw* p[3];
+
+  __device__ UniformLoader(const KernelArgs& a, int64_t row) {
+    p[0] = static_cast<const raw*>(a.base.data) + row * a.base.row_stride;
+    p[1] = static_cast<const raw*>(a.expert.data) + row * a.expert.row_stride;
+    p[2] = static_cast<const raw*>(a.anti.data) + row * a.anti.row_stride;
+  }
+
+  // v[input][j] for columns col0 + j, j < n (n <= 8; entries j >= n are left at 0).
+  __device__ __forceinline__ void load8(int64_t col0, int n, float (&v)[3][kChunk]) const {
+    if (kVec && n == kChunk) {
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+        if constexpr (sizeof(raw) == 2) {
+          const uint4 q = __ldg(reinterpret_cast<const uint4*>(p[i] + col0));
+          const unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            v[i][2 * t] = D::cvt(w[t] & 0xFFFFu);
+            v[i][2 * t + 1] = D::cvt(w[t] >> 16);
+          }
+        } else {
+          const uint4 q0 = __ldg(reinterpret_cast<const uint4*>(p[i] + col0));
+          const uint4 q1 = __ldg(reinterpret_cast<const uint4*>(p[i] + col0 + 4));
+          v[i][0] = D::cvt(q0.x); v[i][1] = D::cvt(q0.y); v[i][2] = D::cvt(q0.z); v[i][3] = D::cvt(q0.w);
+          v[i][4] = D::cvt(q1.x); v[i][5] = D::cvt(q1.y); v[i][6] = D::cvt(q1.z); v[i][7] = D::cvt(q1.w);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) v[i][j] = j < n ? D::cvt(__ldg(p[i] + col0 + j)) : 0.0f;
+      }
+    }
+  }
+};
+
+// Any mix of dtypes: per-element loads with a (grid-uniform) dtype switch. Slower; only
+// used when the three inputs do not share one dtype.
+struct DynLoader {
+  const char* p[3];
+  int dt[3];
+
+  __device__ void init(int i, const LogitsView& view, int64_t row) {
+    dt[i] = static_cast<int>(view.dtype);
+    const int64_t bytes = view.dtype == LogitsDtype::kFloat32 ? 4 : 2;
+    p[i] = static_cast<const char*>(view.data) + row * view.row_stride * bytes;
+  }
+  __device__ DynLoader(const KernelArgs& a, int64_t row) {
+    init(0, a.base, row);
+    init(1, a.expert, row);
+    init(2, a.anti, row);
+  }
+  __device__ __forceinline__ float load1(int i, int64_t col) const {
+    switch (dt[i]) {
+      case static_cast<int>(LogitsDtype::kFloat32):
+        return __uint_as_float(__ldg(reinterpret_cast<const unsigned int*>(p[i]) + col));
+      case static_cast<int>(LogitsDtype::kBFloat16):
+        return bf16_bits(__ldg(reinterpret_cast<const unsigned short*>(p[i]) + col));
+      default:
+        return f16_bits(__ldg(reinterpret_cast<const unsigned short*>(p[i]) + col));
+    }
+  }
+  __device__ __forceinline__ void load8(int64_t col0, int n, float (&v)[3][kChunk]) const {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+#pragma unroll
+      for (int i = 0; i < 3; ++i) v[i][j] = j < n ? load1(i, col0 + j) : 0.0f;
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------- math
+
+// z = base + alpha * (expert - anti), each operation rounded separately (no FMA), as the
+// CPU and torch backends do; -inf in any input excludes the token.
+__device__ __forceinline__ float combine_logit(float b, float e, float a, float alpha) {
+  if (b == -INFINITY || e == -INFINITY || a == -INFINITY) return -INFINITY;
+  return __fadd_rn(b, __fmul_rn(alpha, __fsub_rn(e, a)));
+}
+
+__device__ __forceinline__ float scale_logit(float z, float temperature, bool sampling) {
+  return sampling ? __fdiv_rn(z, temperature) : z;
+}
+
+__device__ __forceinline__ float gumbel_from_bits(uint32_t bits) {
+  return -logf(-logf(uniform_from_bits(bits)));  // accurate logf, as the other backends
+}
+
+__device__ __forceinline__ uint32_t philox_word(const Philox4& r, int j) {
+  return j == 0 ? r.w[0] : j == 1 ? r.w[1] : j == 2 ? r.w[2] : r.w[3];
+}
+
+// Monotone uint32 image of a float (larger float, larger key; -0 and +0 share a key).
+__device__ __forceinline__ uint32_t float_key(float x) {
+  uint32_t b = __float_as_uint(x);
+  if (x == 0.0f) b = 0u;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// ----------------------------------------------------------------------------- row params
+
+struct RowFilter {
+  bool top_k_on, top_p_on, min_p_on;
+  uint32_t k;   // valid when top_k_on (0 < k < vocab)
+  float top_p, min_p;
+  __device__ bool any() const { return top_k_on || top_p_on || min_p_on; }
+};
+
+// top_k <= 0 or >= vocab: all; top_p >= 1 (or NaN): all; min_p <= 0 (or NaN): all. The
+// Python layer flags NaN and out-of-range values (their rows get token -1).
+__device__ __forceinline__ RowFilter read_filter(const RowParams& rp, int64_t row, int64_t vocab) {
+  RowFilter f;
+  const int64_t k = rp.top_k[row];
+  f.top_k_on = k > 0 && k < vocab;
+  f.k = f.top_k_on ? static_cast<uint32_t>(k) : 0u;
+  f.top_p = rp.top_p[row];
+  f.top_p_on = f.top_p < 1.0f;
+  f.min_p = rp.min_p[row];
+  f.min_p_on = f.min_p > 0.0f;
+  return f;
+}
+
+// ----------------------------------------------------------------------------- warp/block
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+// Xor butterfly: every lane ends with the same, order-fixed sum (addition commutes).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+__device__ __forceinline__ uint32_t warp_or(uint32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+__device__ __forceinline__ uint32_t warp_umax(uint32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = umax(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+__device__ __forceinline__ Best warp_best(Best b) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const Best other{__shfl_xor_sync(kFullMask, b.key, o), __shfl_xor_sync(kFullMask, b.idx, o),
+                     __shfl_xor_sync(kFullMask, b.x, o)};
+    if (better(other, b)) b = other;
+  }
+  return b;
+}
+
+// Block-wide arg-max; every thread gets the result. red holds NT / 32 entries.
+template <int NT>
+__device__ __forceinline__ Best block_best(Best b, Best* red) {
+  b = warp_best(b);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = b;
+  __syncthreads();
+  Best r = no_best();
+#pragma unroll
+  for (int w = 0; w < NT / 32; ++w) {
+    const Best o = red[w];
+    if (better(o, r)) r = o;
+  }
+  __syncthreads();  // red may be reused
+  return r;
+}
+
+// ----------------------------------------------------------------------------- radix search
+
+struct RadixSmem {
+  uint32_t cnt[256];
+  unsigned long long mass[256];
+  uint32_t wcnt[8];
+  unsigned long long wmass[8];
+  uint32_t first;
+  uint32_t sel_cnt, sel_above_cnt;
+  unsigned long long sel_mass, sel_above_mass;
+};
+
+enum class SearchMode { kRank, kMass };
+
+struct SearchSpec {
+  SearchMode mode;
+  uint32_t need;        // kRank: the rank (1 = largest) of the value searched
+  uint32_t dom_lo;      // only finite values with key >= dom_lo take part
+  bool with_mass;       // build mass histograms (required by kMass)
+  float p;              // kMass: fraction of the total mass
+  bool use_t_ext;       // kMass: total = t_ext, else the domain's own total mass
+  double t_ext;
+};
+
+struct SearchOut {
+  bool found;
+  uint32_t key_lo, key_hi;   // key range of the bin holding the value searched
+  uint32_t cnt_ge;           // values in the domain with key >= key_lo
+  unsigned long long mass_ge;
+};
+
+struct MassCtx {
+  float m;       // the row's max z'
+  float scale;   // 2^F
+  // round(exp(x - m) * 2^F): exact scaling, one rounding; NaN or out-of-range -> clamp.
+  __device__ __forceinline__ unsigned long long q(float x) const {
+    float e = expf(__fsub_rn(x, m));
+    e = e >= 0.0f ? (e <= 1.0f ? e : 1.0f) : 0.0f;
+    return __float2ull_rn(__fmul_rn(e, scale));
+  }
+};
+
+// All 32 lanes must call this together (the sources call back in warp-uniform loops).
+__device__ __forceinline__ void warp_hist_add(uint32_t* cnt, bool active, uint32_t d) {
+  const unsigned peers = __match_any_sync(kFullMask, active ? d : 0xFFFFFFFFu);
+  if (active && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
+    atomicAdd(&cnt[d], static_cast<uint32_t>(__popc(peers)));
+  }
+}
+
+// Radix search over the keys of a source, 8 bits per level from the top, early exit as
+// soon as the searched value's bin is settled. A source is a callable taking f and
+// calling f(bool active, float x, int32_t column) for its values, in loops whose trip
+// count is the same for every thread of the block.
+//   kRank: the need-th largest key (with multiplicity). Exact: the domain values with
+//          key >= key_lo are exactly those >= that value; at most need - 1 are > key_hi.
+//   kMass: the first value v in descending order at which the cumulative mass reaches
+//          p * total, i.e. !(cum < p * total) (the reference's n_below rule). The domain
+//          values with key >= key_lo are exactly those >= v.
+// found = false: fewer than need values (kRank) or the mass never reaches the target.
+// Block-uniform result. Integer histograms: the result does not depend on the order in
+// which the source lists its values.
+template <int NT, class Src>
+__device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
+                                                  const SearchSpec& spec, const MassCtx& mc) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  SearchOut out{false, 0u, 0u, 0u, 0ull};
+  uint32_t prefix = 0, above_cnt = 0;
+  unsigned long long above_mass = 0;
+  double target = 0.0;
+  for (int level = 0; level < 4; ++level) {
+    const int shift = 24 - 8 * level;
+    for (int i = tid; i < 256; i += NT) {
+      sm.cnt[i] = 0u;
+      sm.mass[i] = 0ull;
+    }
+    __syncthreads();
+    src([&](bool active, float x, int32_t) {
+      uint32_t k = 0u;
+      if (active && isfinite(x)) {
+        k = float_key(x);
+        active = k >= spec.dom_lo && (level == 0 || (k >> (shift + 8)) == prefix);
+      } else {
+        active = false;
+      }
+      const uint32_t d = (k >> shift) & 255u;
+      warp_hist_add(sm.cnt, active, d);
+      if (spec.with_mass && active) atomicAdd(&sm.mass[d], mc.q(x));
+    });
+    __syncthreads();
+    // Thread t < 256 owns bin 255 - t: inclusive scans run from the top bin down.
+    uint32_t c = 0u;
+    unsigned long long ms = 0ull;
+    if (tid < 256) {
+      c = sm.cnt[255 - tid];
+      ms = sm.mass[255 - tid];
+    }
+    uint32_t ci = c;
+    unsigned long long mi = ms;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t tc = __shfl_up_sync(kFullMask, ci, o);
+      const unsigned long long tm = __shfl_up_sync(kFullMask, mi, o);
+      if (lane >= o) {
+        ci += tc;
+        mi += tm;
+      }
+    }
+    if (tid < 256 && lane == 31) {
+      sm.wcnt[warp] = ci;
+      sm.wmass[warp] = mi;
+    }
+    if (tid == 0) sm.first = 0xFFFFFFFFu;
+    __syncthreads();
+    uint32_t pre_c = 0u;
+    unsigned long long pre_m = 0ull, tot_m = 0ull;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      const uint32_t wc = sm.wcnt[w];
+      const unsigned long long wm = sm.wmass[w];
+      if (w < warp) {
+        pre_c += wc;
+        pre_m += wm;
+      }
+      tot_m += wm;
+    }
+    if (level == 0 && spec.mode == SearchMode::kMass) {
+      target = static_cast<double>(spec.p) *
+               (spec.use_t_ext ? spec.t_ext : static_cast<double>(tot_m));
+    }
+    const uint32_t inc_c = above_cnt + pre_c + ci;
+    const unsigned long long inc_m = above_mass + pre_m + mi;
+    bool qualifies = false;
+    if (tid < 256 && c > 0u) {
+      qualifies = spec.mode == SearchMode::kRank ? inc_c >= spec.need
+                                                 : !(static_cast<double>(inc_m) < target);
+    }
+    if (qualifies) atomicMin(&sm.first, static_cast<uint32_t>(tid));
+    __syncthreads();
+    const uint32_t first = sm.first;
+    if (first == 0xFFFFFFFFu) return out;  // block-uniform
+    if (static_cast<uint32_t>(tid) == first) {
+      sm.sel_cnt = c;
+      sm.sel_mass = ms;
+      sm.sel_above_cnt = inc_c - c;
+      sm.sel_above_mass = inc_m - ms;
+    }
+    __syncthreads();
+    const uint32_t sel_cnt = sm.sel_cnt;
+    above_cnt = sm.sel_above_cnt;
+    above_mass = sm.sel_above_mass;
+    prefix = (prefix << 8) | (255u - first);
+    const bool done = level == 3 || sel_cnt == 1u ||
+                      (spec.mode == SearchMode::kRank && above_cnt + sel_cnt == spec.need);
+    if (done) {
+      out.found = true;
+      out.key_lo = prefix << shift;
+      out.key_hi = out.key_lo | ((1u << shift) - 1u);
+      out.cnt_ge = above_cnt + sel_cnt;
+      out.mass_ge = above_mass + sm.sel_mass;
+      return out;
+    }
+    // The next level's first writes to sm (cnt, mass) follow reads that all threads
+    // finished before the last barrier; sel_* and first are rewritten only after two
+    // more barriers.
+  }
+  return out;
+}
+
+// ----------------------------------------------------------------------------- K1
+
+template <class Loader>
+__global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a) {
+  __shared__ RadixSmem rs;
+  __shared__ float r1_max[kSliceWarps];
+  __shared__ uint32_t r1_flags[kSliceWarps];
+  __shared__ Best r1_best[kSliceWarps];
+  __shared__ float r2_sum[kSliceWarps];
+  __shared__ Best r2_g[kSliceWarps];
+  __shared__ uint32_t s_ncand;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / a.num_slices;
+  const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - row * a.num_slices);
+  const int64_t vocab = a.vocab;
+  const float alpha = a.params.alpha[row];
+  const float temperature = a.params.temperature[row];
+  const bool sampling = !(temperature == 0.0f);
+  const RowFilter rf = read_filter(a.params, row, vocab);
+  const bool filtered = sampling && rf.any();
+  const Loader ld(a, row);
+  const int64_t slice0 = static_cast<int64_t>(slice) * kSliceSize;
+
+  // Thread tid owns chunks tid and tid + 256 of the slice (coalesced 16-byte loads).
+  int64_t col0[kChunksPerThread];
+  int nvalid[kChunksPerThread];
+  float x[kElemsPerThread];
+  uint32_t flags = 0u;
+  float mx = -INFINITY;
+  Best best = no_best();
+  {
+    float v[kChunksPerThread][3][kChunk];
+#pragma unroll
+    for (int c = 0; c < kChunksPerThread; ++c) {
+      col0[c] = slice0 + static_cast<int64_t>(c * kSliceThreads + tid) * kChunk;
+      const int64_t left = vocab - col0[c];
+      nvalid[c] = left <= 0 ? 0 : (left >= kChunk ? kChunk : static_cast<int>(left));
+      ld.load8(col0[c], nvalid[c], v[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < kChunksPerThread; ++c) {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        const int e = c * kChunk + j;
+        if (j < nvalid[c]) {
+          const float z = combine_logit(v[c][0][j], v[c][1][j], v[c][2][j], alpha);
+          flags |= (z != z) ? kFlagNan : 0u;
+          flags |= (z == INFINITY) ? kFlagPosInf : 0u;
+          flags |= (z > -INFINITY) ? kFlagLive : 0u;
+          const float xp = scale_logit(z, temperature, sampling);
+          x[e] = xp;
+          mx = fmaxf(mx, xp);
+          const Best cand{xp, static_cast<int32_t>(col0[c] + j), xp};
+          if (better(cand, best)) best = cand;
+        } else {
+          x[e] = -INFINITY;
+        }
+      }
+    }
+  }
+
+  // Round 1: max, flags, greedy arg-max.
+  mx = warp_max(mx);
+  flags = warp_or(flags);
+  best = warp_best(best);
+  if (lane == 0) {
+    r1_max[warp] = mx;
+    r1_flags[warp] = flags;
+    r1_best[warp] = best;
+  }
+  if (tid == 0) s_ncand = 0u;
+  __syncthreads();
+  float m = -INFINITY;
+  uint32_t slice_flags = 0u;
+  Best slice_best = no_best();
+#pragma unroll
+  for (int w = 0; w < kSliceWarps; ++w) {
+    m = fmaxf(m, r1_max[w]);
+    slice_flags |= r1_flags[w];
+    if (better(r1_best[w], slice_best)) slice_best = r1_best[w];
+  }
+
+  // Round 2: sum of exp(z' - m), Gumbel winner.
+  float sum = 0.0f;
+  if (m > -INFINITY) {
+#pragma unroll
+    for (int e = 0; e < kElemsPerThread; ++e) {
+      if (x[e] > -INFINITY) sum = __fadd_rn(sum, expf(__fsub_rn(x[e], m)));
+    }
+  }
+  Best g = no_best();
+  if (sampling) {
+    const int64_t seed = a.params.seed[row], step = a.params.step[row];
+    const float floor_key = __fadd_rn(m, kGumbelLo);
+#pragma unroll
+    for (int c = 0; c < kChunksPerThread; ++c) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        bool need = false;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int e = c * kChunk + h * 4 + j;
+          need |= (h * 4 + j < nvalid[c]) && !(__fadd_rn(x[e], kGumbelHi) < floor_key);
+        }
+        if (need) {
+          const Philox4 r =
+              philox_for_group(seed, step, static_cast<uint32_t>((col0[c] >> 2) + h));
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int e = c * kChunk + h * 4 + j;
+            if ((h * 4 + j < nvalid[c]) && !(__fadd_rn(x[e], kGumbelHi) < floor_key)) {
+              const Best cand{__fadd_rn(x[e], gumbel_from_bits(r.w[j])),
+                              static_cast<int32_t>(col0[c] + h * 4 + j), x[e]};
+              if (better(cand, g)) g = cand;
+            }
+          }
+        }
+      }
+    }
+  }
+  sum = warp_sum(sum);
+  g = warp_best(g);
+  if (lane == 0) {
+    r2_sum[warp] = sum;
+    r2_g[warp] = g;
+  }
+  __syncthreads();
+  float slice_sum = 0.0f;
+  Best slice_g = no_best();
+#pragma unroll
+  for (int w = 0; w < kSliceWarps; ++w) {
+    slice_sum = __fadd_rn(slice_sum, r2_sum[w]);
+    if (better(r2_g[w], slice_g)) slice_g = r2_g[w];
+  }
+
+  // Filtered rows: the slice's candidates (every key above tkey, at most kCandPerSlice).
+  uint32_t tkey = 0u;
+  int32_t ncand = 0;
+  if (filtered) {
+    auto src = [&](auto&& f) {
+#pragma unroll
+      for (int c = 0; c < kChunksPerThread; ++c) {
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          f(j < nvalid[c], x[c * kChunk + j], static_cast<int32_t>(col0[c] + j));
+        }
+      }
+    };
+    SearchSpec spec{SearchMode::kRank, kCandPerSlice + 1, 0u, false, 0.0f, false, 0.0};
+    const SearchOut so = radix_search<kSliceThreads>(src, rs, spec, MassCtx{m, 1.0f});
+    // At most kCandPerSlice values lie above key_hi; fewer than kCandPerSlice + 1 finite
+    // values: store them all (tkey 0).
+    tkey = so.found ? so.key_hi : 0u;
+    Cand* out = a.cands + (row * a.num_slices + slice) * kCandPerSlice;
+#pragma unroll
+    for (int c = 0; c < kChunksPerThread; ++c) {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        const float xv = x[c * kChunk + j];
+        if (j < nvalid[c] && isfinite(xv) && float_key(xv) > tkey) {
+          const uint32_t slot = atomicAdd(&s_ncand, 1u);
+          if (slot < static_cast<uint32_t>(kCandPerSlice)) {
+            out[slot] = Cand{xv, static_cast<int32_t>(col0[c] + j)};
+          }
+        }
+      }
+    }
+    __syncthreads();
+    ncand = s_ncand < static_cast<uint32_t>(kCandPerSlice) ? static_cast<int32_t>(s_ncand)
+                                                           : kCandPerSlice;
+    for (int i = ncand + tid; i < kCandPerSlice; i += kSliceThreads) out[i] = Cand{-INFINITY, 0};
+  }
+
+  if (tid == 0) {
+    SlicePartial p;
+    p.max = m;
+    p.sum = slice_sum;
+    p.best_x = slice_best.key;
+    p.best_idx = slice_best.idx;
+    p.gkey = slice_g.key;
+    p.gidx = slice_g.idx;
+    p.gx = slice_g.x;
+    p.flags = slice_flags;
+    p.tkey = tkey;
+    p.ncand = ncand;
+    a.partials[row * a.num_slices + slice] = p;
+  }
+}
+
+// ----------------------------------------------------------------------------- K2 sources
+
+// Candidates (global or shared memory); only finite values with key >= dom_lo are active.
+template <int NT>
+struct CandSource {
+  const Cand* p;
+  int n;
+  uint32_t dom_lo;
+  template <class F>
+  __device__ __forceinline__ void operator()(F&& f) const {
+    for (int base = 0; base < n; base += NT) {
+      const int i = base + static_cast<int>(threadIdx.x);
+      Cand c{-INFINITY, 0};
+      bool active = false;
+      if (i < n) {
+        c = p[i];
+        active = isfinite(c.x) && float_key(c.x) >= dom_lo;
+      }
+      f(active, c.x, c.idx);
+    }
+  }
+};
+
+// The whole row, recomputed from the inputs (the same z' as K1, bit for bit).
+template <class Loader, int NT>
+struct RowSource {
+  Loader ld;
+  float alpha, temperature;
+  bool sampling;
+  int64_t vocab;
+  template <class F>
+  __device__ __forceinline__ void operator()(F&& f) const {
+    const int64_t nchunks = (vocab + kChunk - 1) / kChunk;
+    for (int64_t base = 0; base < nchunks; base += static_cast<int64_t>(NT) * kRowUnroll) {
+      float v[kRowUnroll][3][kChunk];
+      int n[kRowUnroll];
+      int64_t col0[kRowUnroll];
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        col0[u] = (base + static_cast<int64_t>(u) * NT + threadIdx.x) * kChunk;
+        const int64_t left = vocab - col0[u];
+        n[u] = left <= 0 ? 0 : (left >= kChunk ? kChunk : static_cast<int>(left));
+        ld.load8(col0[u], n[u], v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          const bool valid = j < n[u];
+          const float xp =
+              valid ? scale_logit(combine_logit(v[u][0][j], v[u][1][j], v[u][2][j], alpha),
+                                  temperature, sampling)
+                    : -INFINITY;
+          f(valid, xp, static_cast<int32_t>(col0[u] + j));
+        }
+      }
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------- K2 filters
+
+struct FilterCtx {
+  RowFilter rf;
+  float m;             // the row's max z'
+  float scale;         // 2^F
+  double t_ext;        // K1's total mass sum exp(z' - m), in fixed-point units
+  int64_t seed, step;
+};
+
+__device__ __forceinline__ bool is_kept(float x, uint32_t thr, const FilterCtx& fc) {
+  if (!isfinite(x) || float_key(x) < thr) return false;
+  return !fc.rf.min_p_on || expf(__fsub_rn(x, fc.m)) >= fc.rf.min_p;
+}
+
+// The key threshold thr (keep key >= thr) of top_k then top_p over a source that holds
+// every value of the row with key >= dom_lo (complete: every finite value). Returns false
+// when the source cannot decide (fewer than k values, or the top_p mass is not reached).
+template <int NT, class Src>
+__device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& fc,
+                               uint32_t dom_lo, bool complete, uint32_t& thr_out) {
+  const MassCtx mc{fc.m, fc.scale};
+  uint32_t thr = dom_lo;
+  bool bounded = false;  // the top_k set lies inside the source
+  if (fc.rf.top_k_on) {
+    const SearchSpec spec{SearchMode::kRank, fc.rf.k, dom_lo, false, 0.0f, false, 0.0};
+    const SearchOut so = radix_search<NT>(src, rs, spec, mc);
+    if (so.found) {
+      thr = umax(so.key_lo, dom_lo);
+      bounded = true;
+    } else if (!complete) {
+      return false;
+    }
+  }
+  if (fc.rf.top_p_on) {
+    // The total is the top_k set's mass (or every value's) when the source holds it.
+    const bool internal = complete || bounded;
+    const SearchSpec spec{SearchMode::kMass, 0u, thr, true, fc.rf.top_p, !internal, fc.t_ext};
+    const SearchOut so = radix_search<NT>(src, rs, spec, mc);
+    if (so.found) {
+      thr = umax(so.key_lo, thr);
+    } else if (!internal) {
+      return false;
+    }
+    // internal and not found: the reference's clamp to the last top_k value (no cut).
+  }
+  thr_out = thr;
+  return true;
+}
+
+template <int NT, class Src>
+__device__ Best block_draw(const Src& src, const FilterCtx& fc, uint32_t thr, Best* red) {
+  Best b = no_best();
+  const float floor_key = __fadd_rn(fc.m, kGumbelLo);
+  src([&](bool active, float x, int32_t idx) {
+    if (!active || !is_kept(x, thr, fc)) return;
+    if (__fadd_rn(x, kGumbelHi) < floor_key) return;  // cannot beat the (kept) max
+    const Philox4 r = philox_for_group(fc.seed, fc.step, static_cast<uint32_t>(idx) >> 2);
+    const Best cand{__fadd_rn(x, gumbel_from_bits(philox_word(r, idx & 3))), idx, x};
+    if (better(cand, b)) b = cand;
+  });
+  return block_best<NT>(b, red);
+}
+
+template <class Loader>
+__device__ float zprime_at(const Loader& ld, int64_t col, float alpha, float temperature,
+                           bool sampling) {
+  float v[3][kChunk];
+  ld.load8(col, 1, v);
+  return scale_logit(combine_logit(v[0][0], v[1][0], v[2][0], alpha), temperature, sampling);
+}
+
+// ----------------------------------------------------------------------------- K2
+
+struct MergeState {
+  float m, sum;
+  uint32_t flags, tstar;
+  Best greedy, gumbel;
+};
+
+template <class Loader>
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a) {
+  constexpr int NT = kMergeThreads;
+  __shared__ RadixSmem rs;
+  __shared__ MergeState st;
+  __shared__ Best red[kMergeWarps];
+  __shared__ Cand stage[kCandStage];
+  __shared__ uint32_t s_nstage;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row = blockIdx.x;
+  const int S = a.num_slices;
+  const int64_t vocab = a.vocab;
+  const float alpha = a.params.alpha[row];
+  const float temperature = a.params.temperature[row];
+  const bool sampling = !(temperature == 0.0f);
+  const RowFilter rf = read_filter(a.params, row, vocab);
+  const bool filtered = sampling && rf.any();
+  const Loader ld(a, row);
+
+  if (warp == 0) {
+    const SlicePartial* P = a.partials + row * S;
+    float mx = -INFINITY;
+    uint32_t fl = 0u, tstar = 0u;
+    Best gb = no_best(), gg = no_best();
+    for (int s = lane; s < S; s += 32) {
+      const SlicePartial q = P[s];
+      mx = fmaxf(mx, q.max);
+      fl |= q.flags;
+      tstar = umax(tstar, q.tkey);
+      const Best b1{q.best_x, q.best_idx, q.best_x};
+      if (better(b1, gb)) gb = b1;
+      const Best b2{q.gkey, q.gidx, q.gx};
+      if (better(b2, gg)) gg = b2;
+    }
+    mx = warp_max(mx);
+    fl = warp_or(fl);
+    tstar = warp_umax(tstar);
+    gb = warp_best(gb);
+    gg = warp_best(gg);
+    float sum = 0.0f;
+    if (mx > -INFINITY) {
+      for (int s = lane; s < S; s += 32) {
+        const float ms = P[s].max, ss = P[s].sum;
+        if (ms > -INFINITY) sum = __fadd_rn(sum, __fmul_rn(ss, expf(__fsub_rn(ms, mx))));
+      }
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      st.m = mx;
+      st.sum = sum;
+      st.flags = fl;
+      st.tstar = tstar;
+      st.greedy = gb;
+      st.gumbel = gg;
+    }
+  }
+  if (tid == 0) s_nstage = 0u;
+  __syncthreads();
+
+  const float m = st.m;
+  const float lse = m > -INFINITY ? __fadd_rn(m, logf(st.sum)) : -INFINITY;
+  const uint32_t flags = st.flags;
+  const int32_t status = ((flags & (kFlagNan | kFlagPosInf)) ? kStatusNonfinite : 0) |
+                         ((flags & kFlagLive) ? 0 : kStatusEmpty);
+  const SampleResult& out = a.result;
+
+  if (status != 0) {
+    if (tid == 0) {
+      const float l = (flags & kFlagNan) ? NAN : ((flags & kFlagPosInf) ? INFINITY : lse);
+      out.tokens[row] = -1;
+      out.lse[row] = l;
+      out.logprobs[row] = __fsub_rn(zprime_at(ld, 0, alpha, temperature, sampling), l);
+      out.status[row] = status;
+    }
+    return;
+  }
+
+  Best result;
+  if (!sampling) {
+    result = st.greedy;
+  } else if (!filtered) {
+    result = st.gumbel;
+  } else {
+    FilterCtx fc;
+    fc.rf = rf;
+    fc.m = m;
+    fc.scale = a.mass_scale;
+    fc.t_ext = static_cast<double>(st.sum) * static_cast<double>(a.mass_scale);
+    fc.seed = a.params.seed[row];
+    fc.step = a.params.step[row];
+
+    const uint32_t tstar = st.tstar;
+    // tstar == 0xFFFFFFFF (keys of NaN patterns) leaves no usable candidate.
+    const bool use_c = tstar != 0xFFFFFFFFu;
+    const bool c_complete = tstar == 0u;
+    const uint32_t c_lo = c_complete ? 0u : tstar + 1u;
+    const Cand* gc = a.cands + row * S * kCandPerSlice;
+    const int ntot = S * kCandPerSlice;
+    CandSource<NT> csrc{gc, ntot, c_lo};
+    bool staged = false;
+    // Copies the candidates above tstar into shared memory when they fit (block-uniform).
+    auto stage_candidates = [&]() {
+      if (staged) return;
+      staged = true;
+      for (int i = tid; i < ntot; i += NT) {
+        const Cand c = gc[i];
+        if (isfinite(c.x) && float_key(c.x) >= c_lo) {
+          const uint32_t slot = atomicAdd(&s_nstage, 1u);
+          if (slot < static_cast<uint32_t>(kCandStage)) stage[slot] = c;
+        }
+      }
+      __syncthreads();
+      const uint32_t n = s_nstage;
+      if (n <= static_cast<uint32_t>(kCandStage)) csrc = CandSource<NT>{stage, static_cast<int>(n), 0u};
+    };
+    const RowSource<Loader, NT> rsrc{ld, alpha, temperature, sampling, vocab};
+
+    // 1. Thresholds of top_k / top_p: from the candidates when they decide, else the row.
+    uint32_t thr = 0u;
+    bool have_thr = !(rf.top_k_on || rf.top_p_on);
+    if (!have_thr && use_c) {
+      stage_candidates();
+      have_thr = find_threshold<NT>(csrc, rs, fc, c_lo, c_complete, thr);
+    }
+    if (!have_thr) find_threshold<NT>(rsrc, rs, fc, 0u, true, thr);
+
+    // 2. The unfiltered winner, if kept, is the answer.
+    const Best gw = st.gumbel;
+    if (gw.idx != kNoIndex && is_kept(gw.x, thr, fc)) {
+      result = gw;
+    } else {
+      // 3. Gumbel-max over the kept set: from the candidates when it provably lies inside
+      //    them (every value with key > tstar is a candidate).
+      const bool c_holds_kept =
+          use_c && (c_complete || thr > tstar ||
+                    (rf.min_p_on && expf(__fsub_rn(key_value(tstar), m)) < rf.min_p));
+      if (c_holds_kept) {
+        stage_candidates();
+        result = block_draw<NT>(csrc, fc, thr, red);
+      } else {
+        result = block_draw<NT>(rsrc, fc, thr, red);
+      }
+    }
+  }
+
+  if (tid == 0) {
+    int64_t token = result.idx;
+    float x = result.x;
+    if (result.idx == kNoIndex) {  // nothing kept (or every key NaN): the reference's argmax -> 0
+      token = 0;
+      x = zprime_at(ld, 0, alpha, temperature, sampling);
+    }
+    out.tokens[row] = token;
+    out.logprobs[row] = __fsub_rn(x, lse);
+    out.lse[row] = lse;
+    out.status[row] = 0;
+  }
+}
+
+// ----------------------------------------------------------------------------- launcher
+
+template <class Loader>
+void launch(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
+  const int64_t blocks = batch * args.num_slices;
+  slice_kernel<Loader><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_kernel<Loader><<<static_cast<unsigned>(batch), kMergeThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool vec_aligned(const LogitsView& v, int64_t batch) {
+  const int64_t bytes = v.dtype == LogitsDtype::kFloat32 ? 4 : 2;
+  return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 &&
+         (batch <= 1 || (v.row_stride * bytes) % 16 == 0);
+}
+
+SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert,
+                                const at::Tensor& anti, const at::Tensor& alpha,
+                                const at::Tensor& temperature, const at::Tensor& top_k,
+                                const at::Tensor& top_p, const at::Tensor& min_p,
+                                const at::Tensor& seed, const at::Tensor& step,
+                                int64_t vocab_size) {
+  TORCH_CHECK(base.is_cuda(), "base must be a CUDA tensor for the cuda kernel");
+  const c10::cuda::CUDAGuard guard(base.device());
+  FusedSampleArgs fa = prepare_fused_sample(base, expert, anti, alpha, temperature, top_k, top_p,
+                                            min_p, seed, step, vocab_size);
+  if (fa.batch == 0) return fa.outputs;
+  TORCH_CHECK(fa.vocab <= INT32_MAX, "vocab_size must be < 2^31 for the cuda kernel, got ",
+              fa.vocab);
+  const int64_t num_slices = (fa.vocab + kSliceSize - 1) / kSliceSize;
+  TORCH_CHECK(fa.batch * num_slices <= INT32_MAX && fa.batch <= INT32_MAX,
+              "batch * ceil(vocab_size / ", kSliceSize, ") must be < 2^31 for the cuda kernel");
+
+  // Workspace: partials, then candidates (both 8-byte aligned; the allocator gives 256).
+  const int64_t n_part = fa.batch * num_slices;
+  const int64_t part_bytes = ((n_part * static_cast<int64_t>(sizeof(SlicePartial)) + 255) / 256) * 256;
+  const int64_t cand_bytes = n_part * kCandPerSlice * static_cast<int64_t>(sizeof(Cand));
+  at::Tensor workspace = at::empty({part_bytes + cand_bytes}, base.options().dtype(at::kByte));
+  uint8_t* ws = workspace.data_ptr<uint8_t>();
+
+  KernelArgs args;
+  args.base = fa.base;
+  args.expert = fa.expert;
+  args.anti = fa.anti;
+  args.params = fa.params;
+  args.result = fa.result;
+  args.vocab = fa.vocab;
+  args.num_slices = static_cast<int32_t>(num_slices);
+  // F fractional bits with vocab * 2^F <= 2^62: fixed-point mass sums never overflow.
+  int bits = 0;
+  while (bits < 63 && (int64_t{1} << bits) <= fa.vocab) ++bits;  // bit length of vocab
+  args.mass_scale = std::ldexp(1.0f, 62 - bits);
+  args.partials = reinterpret_cast<SlicePartial*>(ws);
+  args.cands = reinterpret_cast<Cand*>(ws + part_bytes);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LogitsDtype dt = fa.base.dtype;
+  const bool same = fa.expert.dtype == dt && fa.anti.dtype == dt;
+  const bool vec = vec_aligned(fa.base, fa.batch) && vec_aligned(fa.expert, fa.batch) &&
+                   vec_aligned(fa.anti, fa.batch);
+  if (!same) {
+    launch<DynLoader>(args, fa.batch, stream);
+  } else if (dt == LogitsDtype::kFloat32) {
+    vec ? launch<UniformLoader<F32, true>>(args, fa.batch, stream)
+        : launch<UniformLoader<F32, false>>(args, fa.batch, stream);
+  } else if (dt == LogitsDtype::kBFloat16) {
+    vec ? launch<UniformLoader<BF16, true>>(args, fa.batch, stream)
+        : launch<UniformLoader<BF16, false>>(args, fa.batch, stream);
+  } else {
+    vec ? launch<UniformLoader<F16, true>>(args, fa.batch, stream)
+        : launch<UniformLoader<F16, false>>(args, fa.batch, stream);
+  }
+  return fa.outputs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(proxykern, CUDA, m) { m.impl("fused_sample", &fused_sample_cuda); }
+
+}  // namespace proxykern

@@ -1,0 +1,381 @@
+"""The CUDA backend (csrc/proxy_sample_cuda.cu) against the reference, on a GPU.
+
+Every test here is ``@pytest.mark.cuda`` (skipped without a GPU). The kernel's design
+(slices, per-slice candidates, the row fallback) is described at the top of the .cu
+file; some tests below aim at one path each (noted in their docstrings).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from proxykern import ops, reference
+from op_cases import TOLERANCES, run
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BATCHES = [1, 3, 99, 256]
+VOCABS = [111, 1000, 32000, 128256, 151936]
+SAMPLING_MODES = {
+    "temperature": dict(temperature=0.9),
+    "top_k": dict(temperature=1.0, top_k=50),
+    "top_p": dict(temperature=1.1, top_p=0.9),
+    "min_p": dict(temperature=1.0, min_p=0.05),
+    "top_k+top_p": dict(temperature=1.0, top_k=50, top_p=0.9),
+    "all": dict(temperature=0.8, top_k=200, top_p=0.8, min_p=0.02),
+    # Kept sets too large for the per-slice candidates: the row fallback.
+    "big_top_k": dict(temperature=1.0, top_k=5000),
+    "wide_top_p": dict(temperature=4.0, top_p=0.99),
+    "tiny_min_p": dict(temperature=2.0, min_p=1e-4),
+}
+
+
+def _cuda_ready():
+    return torch.cuda.is_available() and ops.backend_unavailable_reason("cuda", torch.device("cuda")) is None
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_kernel():
+    if not _cuda_ready():
+        pytest.skip("the cuda backend is not available: "
+                    + str(ops.backend_unavailable_reason("cuda", torch.device("cuda"))))
+
+
+def gpu_logits(batch, vocab, dtype, *, seed, scale=3.0, width=None):
+    """Three (batch, width) matrices drawn on the GPU (fast for the large sizes)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    width = width or vocab
+    return tuple((torch.randn(batch, width, generator=gen, device="cuda") * scale).to(dtype)
+                 for _ in range(3))
+
+
+def check_close(got, ref, dtype, rows=None):
+    rtol, atol = TOLERANCES[dtype]
+    g, r = got.cpu(), ref.cpu()
+    if rows is not None:
+        g, r = g[rows], r[rows]
+    torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
+def compare(inputs, dtype, min_agree=0.99, **kwargs):
+    """Runs cuda and the reference; checks status, lse, and the tokens' agreement."""
+    ref = run("torch", *inputs, **kwargs)
+    got = run("cuda", *inputs, **kwargs)
+    assert torch.equal(got[3].cpu(), ref[3].cpu())
+    check_close(got[2], ref[2], dtype)
+    same = got[0].cpu() == ref[0].cpu()
+    assert same.float().mean().item() >= min_agree, f"{int(same.sum())}/{same.numel()} tokens agree"
+    check_close(got[1], ref[1], dtype, rows=same)
+    return ref, got
+
+
+# --------------------------------------------------------------------------- accuracy
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_against_reference(batch, vocab, dtype):
+    inputs = gpu_logits(batch, vocab, dtype, seed=batch * 7 + vocab)
+    # Greedy: exact tokens.
+    ref, got = compare(inputs, dtype, min_agree=1.0, alpha=0.7)
+    assert torch.equal(got[0].cpu(), ref[0].cpu())
+    # Sampling with every filter on.
+    seed = torch.arange(batch, device="cuda") * 1000 + 17
+    compare(inputs, dtype, alpha=1.3, temperature=0.7, top_k=40, top_p=0.9, min_p=0.01,
+            seed=seed, step=5)
+    # Plain temperature sampling.
+    compare(inputs, dtype, alpha=0.5, temperature=1.0, seed=seed, step=6)
+
+
+@pytest.mark.parametrize("mode", list(SAMPLING_MODES))
+@pytest.mark.parametrize("vocab", [1000, 4099, 32000, 151936])
+def test_filter_modes_across_seeds(mode, vocab):
+    """>= 99.5% of draws agree with the reference over many seeds, in every filter mode."""
+    batch = 64
+    inputs = gpu_logits(batch, vocab, torch.float32, seed=vocab, scale=2.0)
+    matches = total = 0
+    for step in range(4):
+        kwargs = dict(SAMPLING_MODES[mode], seed=torch.arange(batch, device="cuda") * 7919 + step,
+                      step=step)
+        ref = run("torch", *inputs, **kwargs)
+        got = run("cuda", *inputs, **kwargs)
+        assert torch.equal(got[3].cpu(), ref[3].cpu())
+        check_close(got[2], ref[2], torch.float32)
+        matches += int((ref[0].cpu() == got[0].cpu()).sum())
+        total += batch
+    assert matches / total >= 0.995, f"{mode}: {matches}/{total} draws agree"
+
+
+@pytest.mark.parametrize("case", ["clustered", "ties", "max_ties", "flat", "sparse", "signed_zeros"])
+def test_hard_distributions(case):
+    """Top values packed into one slice, exact ties, > 64 copies of the max in one slice
+    (the candidates cannot hold them: row fallback), near-uniform rows, mostly -inf rows."""
+    batch, vocab = 8, 20000
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    base = torch.randn(batch, vocab, generator=gen, device="cuda")
+    expert = torch.zeros_like(base)
+    anti = torch.zeros_like(base)
+    if case == "clustered":
+        base[:, :300] += 8
+    elif case == "ties":
+        base = (base * 2).round()
+    elif case == "max_ties":
+        base[:, 100:300] = 5.0
+    elif case == "flat":
+        base = base * 0.05
+    elif case == "sparse":
+        base[torch.rand(batch, vocab, generator=gen, device="cuda") < 0.97] = float("-inf")
+    elif case == "signed_zeros":
+        base.zero_()
+        base[:, ::2] = -0.0
+        base[:, 5] = 1.0
+    matches = total = 0
+    for name, mode in SAMPLING_MODES.items():
+        for step in range(3):
+            kwargs = dict(mode, seed=torch.arange(batch, device="cuda") + 11 * step, step=step)
+            ref = run("torch", base, expert, anti, **kwargs)
+            got = run("cuda", base, expert, anti, **kwargs)
+            assert torch.equal(got[3].cpu(), ref[3].cpu())
+            same = int((got[0].cpu() == ref[0].cpu()).sum())
+            assert same >= batch - 1, (case, name, step, got[0].tolist(), ref[0].tolist())
+            matches += same
+            total += batch
+    # A logic error disagrees often; fp32-vs-fp64 mass rounding only at rare near-ties.
+    assert matches >= total - 2, f"{case}: {matches}/{total} draws agree"
+
+
+def test_greedy_ties_take_the_lowest_index():
+    base = torch.zeros(4, 9000, device="cuda")
+    base[:, [8100, 4500, 4096, 8191]] = 2.0  # ties across slices
+    zeros = torch.zeros_like(base)
+    got = run("cuda", base, zeros, zeros)
+    assert got[0].tolist() == [4096] * 4
+
+
+def test_mixed_per_row_parameters():
+    """Greedy rows, plain rows and filtered rows side by side, each as if alone."""
+    batch, vocab = 6, 5777
+    inputs = gpu_logits(batch, vocab, torch.bfloat16, seed=9)
+    d = "cuda"
+    kwargs = dict(alpha=torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, -1.0], device=d),
+                  temperature=torch.tensor([0.0, 0.7, 0.0, 1.0, 1.3, 0.5], device=d),
+                  top_k=torch.tensor([0, 5, 0, 0, 100, 1], device=d),
+                  top_p=torch.tensor([1.0, 1.0, 0.5, 0.9, 0.7, 1.0], device=d),
+                  min_p=torch.tensor([0.0, 0.0, 0.3, 0.0, 0.1, 0.0], device=d),
+                  seed=torch.tensor([1, 2, 3, -4, 2 ** 40, 2 ** 62], device=d),
+                  step=torch.tensor([0, 1, 2, 3, 2 ** 33, 5], device=d))
+    ref = run("torch", *inputs, **kwargs)
+    got = run("cuda", *inputs, **kwargs)
+    assert torch.equal(got[0].cpu(), ref[0].cpu())
+    for row in range(batch):
+        single = {k: v[row:row + 1] for k, v in kwargs.items()}
+        alone = run("cuda", *(t[row:row + 1] for t in inputs), **single)
+        assert alone[0].item() == got[0][row].item()
+
+
+@pytest.mark.parametrize("vocab", [1000, 151936])
+def test_batch_invariance(vocab):
+    """A row gives bitwise the same token, logprob, lse and status alone as in any batch."""
+    batch = 9
+    base, expert, anti = gpu_logits(batch, vocab, torch.bfloat16, seed=5)
+    d = "cuda"
+    kwargs = dict(temperature=torch.linspace(0.0, 1.5, batch, device=d), top_p=0.95,
+                  top_k=torch.tensor([0, 0, 50, 0, 7, 0, 0, 3000, 0], device=d),
+                  min_p=torch.tensor([0, 0, 0, 0.1, 0, 0, 0, 0, 1e-4], device=d),
+                  seed=torch.arange(batch, device=d) + 100, step=3)
+    full = run("cuda", base, expert, anti, **kwargs)
+    bigger = [torch.cat([t, t.flip(0)]) for t in (base, expert, anti)]
+    big_kwargs = {k: (torch.cat([v, v.flip(0)]) if isinstance(v, torch.Tensor) else v)
+                  for k, v in kwargs.items()}
+    big = run("cuda", *bigger, **big_kwargs)
+    for row in range(batch):
+        single = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        alone = run("cuda", base[row:row + 1], expert[row:row + 1], anti[row:row + 1], **single)
+        for a, b, c in zip(alone, full, big):
+            assert torch.equal(a[0], b[row]) and torch.equal(a[0], c[row])
+
+
+def test_deterministic_across_runs():
+    inputs = gpu_logits(32, 32000, torch.bfloat16, seed=21)
+    kwargs = dict(temperature=1.0, top_k=100, top_p=0.9, seed=7, step=1)
+    first = run("cuda", *inputs, **kwargs)
+    for _ in range(5):
+        again = run("cuda", *inputs, **kwargs)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def test_mixed_dtypes():
+    vocab = 32000
+    b32, e32, a32 = gpu_logits(5, vocab, torch.float32, seed=31)
+    inputs = (b32.to(torch.bfloat16), e32, a32.to(torch.float16))
+    for kwargs in (dict(), dict(temperature=0.8, seed=3), dict(temperature=1.0, top_p=0.9, seed=4)):
+        ref = run("torch", *inputs, **kwargs)
+        got = run("cuda", *inputs, **kwargs)
+        assert torch.equal(got[0].cpu(), ref[0].cpu())
+        check_close(got[2], ref[2], torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_and_strided_inputs(dtype):
+    """A view starting at column 1 (no 16-byte alignment), an odd row stride, and a
+    vocab_size smaller than the width: the scalar-load path gives the same answer."""
+    vocab = 4099
+    wide = gpu_logits(7, vocab + 14, dtype, seed=41)
+    views = [t[:, 1:] for t in wide]                      # misaligned start, odd stride 4113
+    packed = [v[:, :vocab].contiguous() for v in views]    # aligned copies
+    for kwargs in (dict(), dict(temperature=0.9, top_k=30, seed=2), dict(temperature=1.2, top_p=0.8, seed=5)):
+        a = run("cuda", *views, vocab_size=vocab, **kwargs)
+        b = run("cuda", *packed, **kwargs)
+        ref = run("torch", *packed, **kwargs)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        assert torch.equal(a[0].cpu(), ref[0].cpu())
+
+
+def test_non_contiguous_rows():
+    base, expert, anti = gpu_logits(8, 2000, torch.float16, seed=2)
+    strided = [t[::2] for t in (base, expert, anti)]
+    packed = [t.contiguous() for t in strided]
+    a = run("cuda", *strided, temperature=0.5, seed=3)
+    b = run("cuda", *packed, temperature=0.5, seed=3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_neg_inf_inputs_are_excluded():
+    vocab = 5000
+    base, expert, anti = gpu_logits(6, vocab, torch.float32, seed=3)
+    allowed = torch.zeros(6, vocab, dtype=torch.bool, device="cuda")
+    allowed[:, [17, 250, 4999]] = True
+    for i, t in enumerate((base, expert, anti)):
+        t[(~allowed) & (torch.arange(vocab, device="cuda") % 3 == i)] = float("-inf")
+    for kwargs in (dict(), dict(temperature=2.0), dict(temperature=1.0, top_p=0.5, top_k=2),
+                   dict(temperature=1.0, min_p=0.5)):
+        for seed in range(10):
+            got = run("cuda", base, expert, anti, seed=seed, **kwargs)
+            assert allowed.gather(1, got[0][:, None]).all()
+            assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+            ref = run("torch", base, expert, anti, seed=seed, **kwargs)
+            assert torch.equal(got[0].cpu(), ref[0].cpu())
+
+
+def test_bad_rows_status():
+    base, expert, anti = gpu_logits(4, 30000, torch.float32, seed=4)
+    base[1, 20000] = float("nan")
+    expert[2, 7] = float("inf")
+    base[3] = float("-inf")
+    for kwargs in (dict(), dict(temperature=1.0, top_p=0.5, seed=1)):
+        out, status = ops.proxy_sample_with_status(base, expert, anti, backend="cuda", **kwargs)
+        assert status.tolist() == [0, reference.STATUS_NONFINITE, reference.STATUS_NONFINITE,
+                                   reference.STATUS_EMPTY]
+        assert out.tokens[1:].tolist() == [-1, -1, -1] and out.tokens[0] >= 0
+        assert torch.isnan(out.lse[1]) and out.lse[3] == float("-inf")
+
+
+def test_empty_batch():
+    base = torch.randn(0, 10, device="cuda")
+    out = ops.proxy_sample_with_status(base, base, base, temperature=1.0, backend="cuda")[0]
+    assert out.tokens.shape == (0,)
+
+
+def test_opcheck():
+    base, expert, anti = gpu_logits(3, 257, torch.bfloat16, seed=13)
+    B, d = 3, "cuda"
+    args = (base, expert, anti, torch.full((B,), 0.8, device=d), torch.full((B,), 0.9, device=d),
+            torch.full((B,), 20, dtype=torch.long, device=d), torch.full((B,), 0.9, device=d),
+            torch.full((B,), 0.01, device=d), torch.arange(B, dtype=torch.long, device=d),
+            torch.zeros(B, dtype=torch.long, device=d), 257)
+    torch.library.opcheck(torch.ops.proxykern.proxy_sample.default, args + ("cuda",))
+
+
+# --------------------------------------------------------------------------- capture
+
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=50, top_p=0.9), dict(min_p=1e-4, top_p=0.99)])
+def test_cuda_graph_capture_and_replay(filters):
+    """Captured once, replayed with seed/step updated in place: the tokens of eager runs."""
+    batch, vocab = 8, 32000
+    base, expert, anti = gpu_logits(batch, vocab, torch.bfloat16, seed=51)
+    seed = torch.arange(batch, dtype=torch.long, device="cuda") * 3 + 1
+    step = torch.zeros(batch, dtype=torch.long, device="cuda")
+    kwargs = dict(temperature=1.0, **filters)
+
+    def sample():
+        out, status = ops.proxy_sample_with_status(base, expert, anti, seed=seed, step=step,
+                                                   backend="cuda", **kwargs)
+        return out.tokens, out.logprobs, status
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            sample()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = sample()
+    drawn = []
+    for i in range(5):
+        seed.add_(1000)
+        step.fill_(i + 1)
+        graph.replay()
+        eager = sample()
+        for a, b in zip(static, eager):
+            assert torch.equal(a, b)
+        assert (static[2] == 0).all()
+        drawn.append(static[0].clone())
+    # Each replay read the updated seed and step: the draws differ somewhere.
+    assert any(not torch.equal(drawn[0], d) for d in drawn[1:])
+
+
+# --------------------------------------------------------------------------- sanitizer
+
+_SANITIZER_SCRIPT = textwrap.dedent("""
+    import torch
+    from proxykern import ops
+    torch.manual_seed(0)
+    def go(b, e, a, **kw):
+        out, status = ops.proxy_sample_with_status(b, e, a, backend="cuda", **kw)
+        torch.cuda.synchronize()
+    for dtype in (torch.float32, torch.bfloat16):
+        b, e, a = (torch.randn(3, 5003, device="cuda").to(dtype) for _ in range(3))
+        go(b, e, a)
+        go(b, e, a, temperature=0.9, seed=1)
+        go(b, e, a, temperature=0.9, top_k=40, top_p=0.9, min_p=0.01, seed=2)
+        go(b * 0.01, e * 0.01, a * 0.01, temperature=5.0, top_p=0.99, min_p=1e-5, seed=3)  # fallback
+        go(b, e, a, temperature=1.0, top_k=3000, seed=4)                                   # fallback
+        w = [torch.randn(3, 5010, device="cuda").to(dtype) for _ in range(3)]
+        go(*(t[:, 1:] for t in w), vocab_size=5003, temperature=1.0, top_p=0.5, seed=5)  # unaligned
+    go(b.float(), e.half(), a, temperature=1.0, top_p=0.9, seed=6)                          # mixed
+    b[1, 3] = float("nan")
+    go(b, e, a, temperature=1.0, top_p=0.9, seed=7)
+    print("SANITIZER-SCRIPT-OK")
+""")
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck", "initcheck"])
+def test_compute_sanitizer(tool, tmp_path):
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    script = tmp_path / "run.py"
+    script.write_text(_SANITIZER_SCRIPT)
+    # Without the caching allocator, memcheck sees every allocation's true bounds.
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    cmd = [exe, "--tool", tool, "--error-exitcode", "1"]
+    if tool == "initcheck":  # only our kernels: torch's own may read padding on purpose
+        cmd += ["--kernel-name", "kns=proxykern"]
+    cmd += [sys.executable, str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "SANITIZER-SCRIPT-OK" in proc.stdout, (
+        proc.stdout[-4000:] + proc.stderr[-4000:])
