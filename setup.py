@@ -36,6 +36,7 @@ def _wheel_cuda_includes() -> list[str]:
 
 def _extension():
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+                 "-fno-ipa-modref",  # insurance against a GCC 12 wrong-code bug (see csrc/proxy_sample_cpu.cpp)
                  "-Wall", "-Wno-unused-function"]
     sources = sorted(glob.glob("csrc/*.cpp"))
     use_cuda, why = _cuda_wanted()
