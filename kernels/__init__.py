@@ -1,0 +1,1 @@
+"""Triton kernels of proxykern (installed as ``proxykern.kernels``)."""
