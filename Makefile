@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 PYTEST_ARGS ?=
 
-.PHONY: test demo build bench-cpu clean
+.PHONY: test demo bench build bench-cpu clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: build
+	$(VENV)/bin/proxykern demo
+
+bench: build
 	$(VENV)/bin/proxykern bench kernel
 
 bench-cpu: build

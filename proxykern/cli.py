@@ -7,8 +7,8 @@ text to stdout. ``--chat-expert`` gives the expert its own prompt: the expert
 tokenizer's chat template applied to TEXT as one user turn (with the
 generation prompt); the expert's EOS ids then also stop generation.
 
-``proxykern bench [...]`` runs :func:`proxykern.bench.main` with the remaining
-arguments (imported only then: it pulls in benchmark-only code).
+``proxykern bench [...]`` runs :func:`proxykern.bench.main` and ``proxykern demo [...]``
+:func:`proxykern.demo.main` with the remaining arguments (imported only then).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxykern", description="Fast proxy tuning "
                                      "(Liu et al. 2024): base + alpha * (expert - anti-expert).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,demo}")
 
     gen = sub.add_parser("generate", help="proxy-tuned generation, streamed to stdout")
     gen.add_argument("--base", required=True, help="base model (folder or hub name)")
@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False,
                    help="kernel and generation benchmarks against the naive baseline "
                         "(arguments go to proxykern.bench)")
+    sub.add_parser("demo", add_help=False,
+                   help="the shipped trio's answers side by side, and tokens/s (proxykern.demo)")
     return parser
 
 
@@ -123,6 +125,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         from . import bench  # benchmark code loads only when asked for
         return bench.main(argv[1:]) or 0
+    if argv and argv[0] == "demo":
+        from . import demo
+        return demo.main(argv[1:]) or 0
     args = parser.parse_args(argv)
     try:
         return generate_main(args)

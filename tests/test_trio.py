@@ -1,0 +1,50 @@
+"""The shipped trio (examples/trio/models) shows the proxy-tuning effect on held-out items.
+
+Measured when it was made (first 90 held-out items, greedy, CPU fp32): the base alone is
+right on 30, the proxy-tuned base (alpha 1) on 57, through both generation paths. The test
+asks for a margin of at least 15 items and equal answers from the two paths.
+"""
+import os
+
+import pytest
+import torch
+
+import proxykern
+from proxykern.demo import DEFAULT_TRIO, first_value, load_trio
+
+ITEMS = 90
+MARGIN = 15
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(DEFAULT_TRIO), reason="no shipped trio")
+
+
+@pytest.fixture(scope="module")
+def trio():
+    return load_trio(DEFAULT_TRIO, torch.device("cpu"))
+
+
+def _right_answers(trio, generate, proxy: bool):
+    tok, base, expert, anti, heldout = trio
+    items = heldout["items"][:ITEMS]
+    enc = tok([it["prompt"] for it in items], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    models = (base, expert, anti) if proxy else (base, base, base)
+    out = generate(*models, enc.input_ids, enc.attention_mask, max_new_tokens=10,
+                   alpha=1.0 if proxy else 0.0, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
+    return [first_value(t, heldout["values"][it["attribute"]]) == it["answer"]
+            for t, it in zip(texts, items)]
+
+
+@pytest.mark.parametrize("generate", [proxykern.fused_proxy_generate,
+                                      proxykern.naive_proxy_generate], ids=["fused", "naive"])
+def test_proxy_tuned_base_beats_the_base(trio, generate):
+    base_right = _right_answers(trio, generate, proxy=False)
+    proxy_right = _right_answers(trio, generate, proxy=True)
+    assert sum(proxy_right) >= sum(base_right) + MARGIN, (sum(base_right), sum(proxy_right))
+
+
+def test_fused_and_naive_agree(trio):
+    assert (_right_answers(trio, proxykern.fused_proxy_generate, proxy=True)
+            == _right_answers(trio, proxykern.naive_proxy_generate, proxy=True))
