@@ -171,14 +171,18 @@ def main(argv=None):
     times["pretrain_small"] = train(small, corpus, cfg["pre_epochs_small"], 3e-3, "small")
 
     os.makedirs(args.out, exist_ok=True)
+    def save(model, name):  # each model folder also loads its tokenizer, as on a hub
+        model.save_pretrained(os.path.join(args.out, name))
+        tok.save_pretrained(os.path.join(args.out, name))
+
     tok.save_pretrained(os.path.join(args.out, "tokenizer"))
-    large.save_pretrained(os.path.join(args.out, "base"))
-    small.save_pretrained(os.path.join(args.out, "anti_expert"))
+    save(large, "base")
+    save(small, "anti_expert")
     # Tune copies: the pretrained models stay as base / anti-expert.
     times["tune_expert"] = train(small, task, cfg["tune_epochs"], 1e-3, "expert")
-    small.save_pretrained(os.path.join(args.out, "expert"))
+    save(small, "expert")
     times["tune_base"] = train(large, task, cfg["tune_epochs"], 1e-3, "tuned_base")
-    large.save_pretrained(os.path.join(args.out, "tuned_base"))
+    save(large, "tuned_base")
 
     write_heldout(args.out, qa_heldout)
     meta = dict(seed=args.seed, settings=cfg, vocab=V, training_seconds=times,
