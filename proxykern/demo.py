@@ -2,7 +2,8 @@
 
 With a trio folder made by ``examples/trio/make_trio.py`` (default: the shipped
 ``examples/trio/models``) it asks held-out questions and prints the base's, the expert's
-and the proxy-tuned base's greedy answers with whether each is right. Then it times
+and the proxy-tuned base's greedy answers with whether each is right, and how many of the
+first ``--scored`` held-out questions each gets right. Then it times
 ``naive_proxy_generate`` against ``fused_proxy_generate`` on the same batch.
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _tokens_per_second(fn, out_lengths_of, repeats=3):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="proxykern demo", description=__doc__)
     parser.add_argument("--trio", default=DEFAULT_TRIO, help="folder made by make_trio.py")
-    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--questions", type=int, default=6, help="questions shown")
+    parser.add_argument("--scored", type=int, default=90, help="questions scored")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -72,21 +74,25 @@ def main(argv=None) -> int:
     tok, base, expert, anti, heldout = load_trio(args.trio, device)
     items = heldout["items"][:args.questions]
     values = heldout["values"]
-    prompts = [it["prompt"] for it in items]
+    scored = heldout["items"][:max(args.scored, args.questions)]
+    prompts = [it["prompt"] for it in scored]
 
     columns = {
         "base": _answers(tok, base, base, base, prompts, 0.0)[1],
         "expert": _answers(tok, expert, expert, expert, prompts, 0.0)[1],
         f"proxy (alpha {args.alpha:g})": _answers(tok, base, expert, anti, prompts, args.alpha)[1],
     }
+    right = {name: [first_value(t, values[it["attribute"]]) == it["answer"]
+                    for t, it in zip(texts, scored)] for name, texts in columns.items()}
     print(f"proxy tuning on {args.trio} ({device}): held-out questions, greedy answers\n")
     for i, it in enumerate(items):
         print(f"Q: {it['prompt']}   [truth: {it['answer']}]")
         for name, texts in columns.items():
             answer = texts[i].split(".")[0].strip() + " ."
-            ok = first_value(texts[i], values[it["attribute"]]) == it["answer"]
-            print(f"   {name:<16} {'RIGHT' if ok else 'wrong':<6} {answer}")
+            print(f"   {name:<16} {'RIGHT' if right[name][i] else 'wrong':<6} {answer}")
         print()
+    print(f"right answers over the first {len(scored)} held-out questions: " + ", ".join(
+        f"{name} {sum(r)}/{len(r)}" for name, r in right.items()) + "\n")
 
     batch = [it["prompt"] for it in heldout["items"][:32]]
     enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
