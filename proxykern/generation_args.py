@@ -20,13 +20,12 @@ Two different tokenizers of the same width cannot be told apart here.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-from .ops import resolve_backend
+from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend
 from .runner import model_device
 
 MAX_VOCAB_PADDING = 1024
@@ -168,40 +167,16 @@ def _token_id_list(name, value) -> list:
     return [int(v) for v in values]
 
 
-_SCALAR_RULES = {
-    "alpha": (True, math.isfinite, "must be finite"),
-    "temperature": (True, lambda v: v >= 0, "must be >= 0"),
-    "top_k": (False, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
-    "top_p": (True, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "min_p": (True, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "seed": (False, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
-}
-
-
 def _check_sampling(name, value, B, device):
-    """A Python number, or a 1-D length-B tensor (moved to ``device``; values checked once)."""
-    real, ok, rule = _SCALAR_RULES[name]
+    """A Python number, or a 1-D length-B tensor moved to ``device`` whose values are
+    checked here, once per call (the op's own rules: :data:`proxykern.ops.SAMPLING_RULES`)."""
+    value = check_sampling_arg(name, value, B)
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            value = value.reshape(1).expand(B)
-        if value.dim() != 1 or value.shape[0] != B:
-            raise ValueError(f"{name} must be a number or a 1-D tensor of length {B} (the batch "
-                             f"size), got shape {tuple(value.shape)}")
-        if value.dtype == torch.bool or value.is_complex() or (
-                not real and value.is_floating_point()):
-            raise TypeError(f"{name} must be a {'real' if real else 'integer'} tensor, "
-                            f"got {value.dtype}")
         value = value.to(device)
-        bad = [i for i, v in enumerate(value.tolist()) if not ok(v)]
+        _integral, valid, rule = SAMPLING_RULES[name]
+        bad = [i for i, v in enumerate(value.tolist()) if not valid(v)]
         if bad:
             raise ValueError(f"{name}[{bad[0]}] {rule}, got {value[bad[0]].item()!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
-            not real and not isinstance(value, numbers.Integral)):
-        raise TypeError(f"{name} must be {'a real number' if real else 'an int'} or a 1-D tensor, "
-                        f"got {type(value).__name__}")
-    if not ok(value):
-        raise ValueError(f"{name} {rule}, got {value!r}")
     return value
 
 

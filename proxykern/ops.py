@@ -189,42 +189,59 @@ def _check_logits(name: str, t) -> None:
         raise ValueError(f"{name} must be 2-D (batch, vocab), got shape {tuple(t.shape)}")
 
 
-def _row_param(name, value, B, device, dtype, scalar_ok, rule):
-    """A (B,) tensor of ``dtype`` on ``device`` from a Python number or a 1-D tensor.
+# name -> (integral, valid(number), rule): the one set of rules for every entry point.
+SAMPLING_RULES = {
+    "alpha": (False, math.isfinite, "must be finite"),
+    "temperature": (False, lambda v: v >= 0, "must be >= 0"),
+    "top_k": (True, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
+    "top_p": (False, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "min_p": (False, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "seed": (True, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
+    "step": (True, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
+}
 
-    Python numbers are checked here; tensors are checked on the device (see
-    :func:`_bad_param_flags`), so passing them costs no host sync.
+
+def check_sampling_arg(name: str, value, B: int):
+    """Check a sampling parameter's form; return it (a 0-d tensor expanded to (B,)).
+
+    A Python number must satisfy its rule in :data:`SAMPLING_RULES`; a tensor must be
+    1-D of length B (or 0-d) and of a real (integer for top_k/seed/step) dtype. Its
+    values are not read here: that would cost a host sync.
     """
-    integral = not dtype.is_floating_point
+    integral, valid, rule = SAMPLING_RULES[name]
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(B)
         if value.dim() != 1 or value.shape[0] != B:
             raise ValueError(f"{name} must be a Python number or a 1-D tensor of length {B} "
                              f"(the batch size), got shape {tuple(value.shape)}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
         if value.dtype == torch.bool or value.is_complex() or (integral and value.is_floating_point()):
-            kind = "an integer" if integral else "a real"
-            raise TypeError(f"{name} must be {kind} tensor, got {value.dtype}")
-        return value.to(dtype).contiguous()
+            raise TypeError(f"{name} must be {'an integer' if integral else 'a real'} tensor, "
+                            f"got {value.dtype}")
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
             integral and not isinstance(value, numbers.Integral)):
-        kind = "an int" if integral else "a real number"
-        raise TypeError(f"{name} must be {kind} or a 1-D tensor, got {type(value).__name__}")
-    if not scalar_ok(value):
+        raise TypeError(f"{name} must be {'an int' if integral else 'a real number'} or a 1-D "
+                        f"tensor, got {type(value).__name__}")
+    if not valid(value):
         raise ValueError(f"{name} {rule}, got {value!r}")
-    return torch.full((B,), value, dtype=dtype, device=device)
-
-
-def _as_int64(name, value):
-    """Seeds and steps: any int that fits in 64 bits (unsigned ones wrap to int64)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = int(value)
-        if not -(2 ** 63) <= value < 2 ** 64:
-            raise ValueError(f"{name} must fit in 64 bits, got {value}")
-        return value - 2 ** 64 if value >= 2 ** 63 else value
     return value
+
+
+def _row_param(name, value, B, device, dtype):
+    """A (B,) tensor of ``dtype`` on ``device`` from a Python number or a 1-D tensor.
+
+    Python numbers are checked here; tensors are checked on the device (see
+    :func:`_bad_param_flags`), so passing them costs no host sync.
+    """
+    value = check_sampling_arg(name, value, B)
+    if isinstance(value, torch.Tensor):
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        return value.to(dtype).contiguous()
+    if name in ("seed", "step") and value >= 2 ** 63:
+        value -= 2 ** 64  # unsigned 64-bit values wrap to the same bits in int64
+    return torch.full((B,), value, dtype=dtype, device=device)
 
 
 def _bad_param_flags(params: dict) -> torch.Tensor | None:
@@ -301,33 +318,20 @@ def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0
                          f"got {vocab_size}")
     resolved = resolve_backend(backend, device)
 
-    params = {
-        "alpha": _row_param("alpha", alpha, B, device, torch.float32, math.isfinite,
-                            "must be finite"),
-        "temperature": _row_param("temperature", temperature, B, device, torch.float32,
-                                  lambda v: v >= 0, "must be >= 0"),
-        "top_k": _row_param("top_k", top_k, B, device, torch.int64, lambda v: v >= 0,
-                            "must be >= 0 (0 keeps all tokens)"),
-        "top_p": _row_param("top_p", top_p, B, device, torch.float32, lambda v: 0 < v <= 1,
-                            "must be in (0, 1]"),
-        "min_p": _row_param("min_p", min_p, B, device, torch.float32, lambda v: 0 <= v < 1,
-                            "must be in [0, 1)"),
-    }
+    params = {name: _row_param(name, value, B, device, dtype) for name, value, dtype in (
+        ("alpha", alpha, torch.float32), ("temperature", temperature, torch.float32),
+        ("top_k", top_k, torch.int64), ("top_p", top_p, torch.float32),
+        ("min_p", min_p, torch.float32), ("seed", seed, torch.int64), ("step", step, torch.int64))}
     tensor_params = {n: params[n] for n, v in (("alpha", alpha), ("temperature", temperature),
                                                ("top_k", top_k), ("top_p", top_p),
                                                ("min_p", min_p)) if isinstance(v, torch.Tensor)}
-    seed_t = _row_param("seed", _as_int64("seed", seed), B, device, torch.int64,
-                        lambda v: True, "")
-    step_t = _row_param("step", _as_int64("step", step), B, device, torch.int64,
-                        lambda v: True, "")
-
     def unit_stride(t):
         return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
     tokens, logprobs, lse, status = torch.ops.proxykern.proxy_sample(
         unit_stride(base_logits), unit_stride(expert_logits), unit_stride(anti_logits),
         params["alpha"], params["temperature"], params["top_k"], params["top_p"],
-        params["min_p"], seed_t, step_t, int(vocab_size), resolved)
+        params["min_p"], params["seed"], params["step"], int(vocab_size), resolved)
     flags = _bad_param_flags(tensor_params)
     if flags is not None:
         status = status | flags
