@@ -42,13 +42,24 @@ def first_value(text: str, values) -> str | None:
     return None
 
 
-def _answers(tok, base, expert, anti, prompts, alpha, generate=fused_proxy_generate,
-             max_new_tokens=10):
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
-    out = generate(base, expert, anti, enc.input_ids, enc.attention_mask,
-                   max_new_tokens=max_new_tokens, alpha=alpha, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id)
-    return out, tok.batch_decode(out.tokens, skip_special_tokens=True)
+def right_answers(texts, items, values) -> list[bool]:
+    """Per held-out item (a heldout.json entry), whether its generated text is right."""
+    return [first_value(t, values[it["attribute"]]) == it["answer"] for t, it in zip(texts, items)]
+
+
+@torch.no_grad()
+def answers(tok, base, expert, anti, prompts, alpha, *, generate=fused_proxy_generate,
+            batch_size=128, max_new_tokens=10) -> list[str]:
+    """Greedy answers (decoded new text) of ``base`` steered by (expert, anti) at ``alpha``."""
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(base.device)
+        out = generate(base, expert, anti, enc.input_ids, enc.attention_mask,
+                       max_new_tokens=max_new_tokens, alpha=alpha,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts += tok.batch_decode(out.tokens, skip_special_tokens=True)
+    return texts
 
 
 def _tokens_per_second(fn, out_lengths_of, repeats=3):
@@ -78,12 +89,11 @@ def main(argv=None) -> int:
     prompts = [it["prompt"] for it in scored]
 
     columns = {
-        "base": _answers(tok, base, base, base, prompts, 0.0)[1],
-        "expert": _answers(tok, expert, expert, expert, prompts, 0.0)[1],
-        f"proxy (alpha {args.alpha:g})": _answers(tok, base, expert, anti, prompts, args.alpha)[1],
+        "base": answers(tok, base, base, base, prompts, 0.0),
+        "expert": answers(tok, expert, expert, expert, prompts, 0.0),
+        f"proxy (alpha {args.alpha:g})": answers(tok, base, expert, anti, prompts, args.alpha),
     }
-    right = {name: [first_value(t, values[it["attribute"]]) == it["answer"]
-                    for t, it in zip(texts, scored)] for name, texts in columns.items()}
+    right = {name: right_answers(texts, scored, values) for name, texts in columns.items()}
     print(f"proxy tuning on {args.trio} ({device}): held-out questions, greedy answers\n")
     for i, it in enumerate(items):
         print(f"Q: {it['prompt']}   [truth: {it['answer']}]")

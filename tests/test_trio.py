@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import proxykern
-from proxykern.demo import DEFAULT_TRIO, first_value, load_trio
+from proxykern.demo import DEFAULT_TRIO, answers, load_trio, right_answers
 
 ITEMS = 90
 MARGIN = 15
@@ -26,15 +26,10 @@ def trio():
 def _right_answers(trio, generate, proxy: bool):
     tok, base, expert, anti, heldout = trio
     items = heldout["items"][:ITEMS]
-    enc = tok([it["prompt"] for it in items], return_tensors="pt", padding=True,
-              add_special_tokens=False)
     models = (base, expert, anti) if proxy else (base, base, base)
-    out = generate(*models, enc.input_ids, enc.attention_mask, max_new_tokens=10,
-                   alpha=1.0 if proxy else 0.0, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
-    return [first_value(t, heldout["values"][it["attribute"]]) == it["answer"]
-            for t, it in zip(texts, items)]
+    texts = answers(tok, *models, [it["prompt"] for it in items], 1.0 if proxy else 0.0,
+                    generate=generate)
+    return right_answers(texts, items, heldout["values"])
 
 
 @pytest.mark.parametrize("generate", [proxykern.fused_proxy_generate,

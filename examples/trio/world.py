@@ -122,12 +122,3 @@ def all_words() -> list[str]:
         for text in templates + [question, prefix, quiz]:
             words.update(w for w in text.split() if w not in ("{n}", "{v}"))
     return sorted(words)
-
-
-def answer_of(text: str, attr: str) -> str | None:
-    """The value of ``attr`` named in the first sentence of a generated answer, or None."""
-    values = set(ATTRIBUTES[attr][0])
-    for word in text.split(".")[0].split():
-        if word in values:
-            return word
-    return None
