@@ -189,16 +189,23 @@ def _check_logits(name: str, t) -> None:
         raise ValueError(f"{name} must be 2-D (batch, vocab), got shape {tuple(t.shape)}")
 
 
-# name -> (integral, valid(number), rule): the one set of rules for every entry point.
+# name -> (integral, valid(value), rule): the one set of rules for every entry point.
+# Each valid() works on a Python number and, elementwise, on a tensor (NaN is invalid in
+# both), so the same rule checks scalars on the host and per-row tensors on the device.
 SAMPLING_RULES = {
-    "alpha": (False, math.isfinite, "must be finite"),
+    "alpha": (False, lambda v: abs(v) < math.inf, "must be finite"),
     "temperature": (False, lambda v: v >= 0, "must be >= 0"),
     "top_k": (True, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
-    "top_p": (False, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "min_p": (False, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "top_p": (False, lambda v: (0 < v) & (v <= 1), "must be in (0, 1]"),
+    "min_p": (False, lambda v: (0 <= v) & (v < 1), "must be in [0, 1)"),
     "seed": (True, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
     "step": (True, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
 }
+
+# The status bit of each parameter checked on the device (see _bad_param_flags).
+_PARAM_STATUS_BITS = {"alpha": STATUS_BAD_ALPHA, "temperature": STATUS_BAD_TEMPERATURE,
+                      "top_k": STATUS_BAD_TOP_K, "top_p": STATUS_BAD_TOP_P,
+                      "min_p": STATUS_BAD_MIN_P}
 
 
 def check_sampling_arg(name: str, value, B: int):
@@ -246,17 +253,10 @@ def _row_param(name, value, B, device, dtype):
 
 def _bad_param_flags(params: dict) -> torch.Tensor | None:
     """Device-side check of the parameters given as tensors: a status-bit tensor, or None."""
-    checks = {
-        "alpha": (STATUS_BAD_ALPHA, lambda t: ~torch.isfinite(t)),
-        "temperature": (STATUS_BAD_TEMPERATURE, lambda t: ~(t >= 0)),
-        "top_k": (STATUS_BAD_TOP_K, lambda t: t < 0),
-        "top_p": (STATUS_BAD_TOP_P, lambda t: ~((t > 0) & (t <= 1))),
-        "min_p": (STATUS_BAD_MIN_P, lambda t: ~((t >= 0) & (t < 1))),
-    }
     flags = None
     for name, tensor in params.items():
-        bit, is_bad = checks[name]
-        term = is_bad(tensor).to(torch.int32) * bit
+        _integral, valid, _rule = SAMPLING_RULES[name]
+        term = (~valid(tensor)).to(torch.int32) * _PARAM_STATUS_BITS[name]
         flags = term if flags is None else flags | term
     return flags
 
@@ -269,9 +269,7 @@ def raise_on_bad_rows(status: torch.Tensor, params: dict | None = None) -> None:
     row = bad[0]
     code = int(status[row])
     reasons = [msg for bit, msg in _STATUS_MESSAGES.items() if code & bit]
-    names = [n for n, bit in (("alpha", STATUS_BAD_ALPHA), ("temperature", STATUS_BAD_TEMPERATURE),
-                              ("top_k", STATUS_BAD_TOP_K), ("top_p", STATUS_BAD_TOP_P),
-                              ("min_p", STATUS_BAD_MIN_P)) if code & bit]
+    names = [n for n, bit in _PARAM_STATUS_BITS.items() if code & bit]
     detail = ""
     if names and params:
         detail = " (" + ", ".join(f"{n}[{row}] = {params[n][row].item()!r}" for n in names) + ")"
