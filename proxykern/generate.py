@@ -142,7 +142,7 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
                          min_p=0.0, seed=0, eos_token_id=None, pad_token_id=None,
                          expert_input_ids=None, expert_attention_mask=None,
                          return_logprobs=False, return_model_logprobs=False, streamer=None,
-                         backend="auto", cuda_graphs="auto") -> ProxyGenerateOutput:
+                         num_return_sequences=1, backend="auto", cuda_graphs="auto") -> ProxyGenerateOutput:
     """Proxy-tuned generation: ``z = base + alpha * (expert - anti_expert)`` each step.
 
     ``input_ids`` / ``attention_mask`` (B, T): the left-padded prompt of the base and
@@ -150,8 +150,20 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     when given (its own length), else the same prompt. Each model keeps its own KV
     cache; positions come from the masks, so a padded row gets what it would alone
     (``attention_mask=None``: no padding).
-    Sampling follows :func:`proxykern.proxy_sample` (``seed``; the RNG step of a
-    row is the index of the token being generated). Rows stop at any
+    Sampling follows :func:`proxykern.proxy_sample`; the RNG step of a row is the
+    index of the token being generated. ``num_return_sequences=n`` returns n
+    sequences per prompt: rows ``i*n .. i*n+n-1`` of the output belong to prompt
+    ``i`` (as in HF ``generate``). ``alpha``, ``temperature``, ``top_k``, ``top_p``,
+    ``min_p`` and ``seed`` take a number or a 1-D tensor with one value per prompt
+    (length B) or per returned row (length B * n).
+
+    Seeds: a number gives every returned row its own seed
+    (``proxykern.reference.row_seeds(seed, row)``, SplitMix64), so duplicated
+    prompts and the n samples of a prompt are independent draws. A tensor per
+    returned row is used exactly as given; a tensor per prompt is used as given
+    when n = 1, else sample j of prompt i gets ``row_seeds(seed[i], j)``. With
+    per-row (or per-prompt) seeds a row's tokens do not depend on the batch it
+    sits in. Rows stop at any
     ``eos_token_id`` (default ``base.generation_config``) and are padded with
     ``pad_token_id`` (default: generation config, else the first EOS). Models whose
     vocabularies differ by padding only share the narrowest width (the rule is in
@@ -168,7 +180,7 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, expert_input_ids=expert_input_ids,
         expert_attention_mask=expert_attention_mask, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
-        cuda_graphs=cuda_graphs)
+        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
     feed = TokenFeed(args.streamer, args) if args.streamer is not None else None
     try:
         with torch.no_grad():

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend
+from .reference import row_seeds
 from .runner import model_device
 
 MAX_VOCAB_PADDING = 1024
@@ -42,13 +43,15 @@ class GenerationArgs:
     expert_input_ids: torch.Tensor
     expert_attention_mask: torch.Tensor
     max_new_tokens: int
-    sampling: dict          # alpha, temperature, top_k, top_p, min_p, seed: numbers or (B,) tensors
+    sampling: dict          # alpha, temperature, top_k, top_p, min_p: numbers or (B,) tensors;
+                            # seed: always a (B,) int64 tensor (derived, see generation_seeds)
     greedy: bool            # temperature is the number 0
     eos_token_ids: list     # [] = never stop early
     pad_token_id: int
     vocab_size: int         # the shared vocabulary: columns [0, vocab_size)
     share_anti: bool        # anti-expert logits are the expert's (same model, same prompt)
     backend: str            # the op's backend, resolved
+    num_return_sequences: int = 1   # B = prompts * num_return_sequences (rows already expanded)
     streamer: object = None
     return_logprobs: bool = False
     return_model_logprobs: bool = False
@@ -167,10 +170,23 @@ def _token_id_list(name, value) -> list:
     return [int(v) for v in values]
 
 
-def _check_sampling(name, value, B, device):
-    """A Python number, or a 1-D length-B tensor moved to ``device`` whose values are
-    checked here, once per call (the op's own rules: :data:`proxykern.ops.SAMPLING_RULES`)."""
-    value = check_sampling_arg(name, value, B)
+def _check_sampling(name, value, n_prompts, n_samples, device):
+    """A Python number, or a (rows,) tensor on ``device`` whose values are checked here,
+    once per call (the op's own rules: :data:`proxykern.ops.SAMPLING_RULES`).
+
+    A tensor may give one value per prompt (length ``n_prompts``, repeated for each of
+    its ``n_samples`` sequences) or one per returned row (``n_prompts * n_samples``).
+    """
+    rows = n_prompts * n_samples
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == n_prompts \
+            and n_samples > 1:
+        value = value.repeat_interleave(n_samples)
+    elif isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] not in (rows,):
+        per = f"{n_prompts} (one per prompt) or {rows} (one per returned sequence)" \
+            if n_samples > 1 else f"{rows} (the batch size)"
+        raise ValueError(f"{name} must be a Python number or a 1-D tensor of length {per}, "
+                         f"got shape {tuple(value.shape)}")
+    value = check_sampling_arg(name, value, rows)
     if isinstance(value, torch.Tensor):
         value = value.to(device)
         _integral, valid, rule = SAMPLING_RULES[name]
@@ -178,6 +194,31 @@ def _check_sampling(name, value, B, device):
         if bad:
             raise ValueError(f"{name}[{bad[0]}] {rule}, got {value[bad[0]].item()!r}")
     return value
+
+
+def generation_seeds(seed, n_prompts: int, n_samples: int, device) -> torch.Tensor:
+    """The (n_prompts * n_samples,) int64 seeds of a generation call, derived once.
+
+    A Python number (or 0-d tensor): every returned row gets its own,
+    ``row_seeds(seed, row)``. A
+    tensor with one seed per returned row: used exactly as given. A tensor with one
+    seed per prompt: used as given when ``n_samples == 1``, else sample ``j`` of
+    prompt ``i`` gets ``row_seeds(seed[i], j)`` (so a prompt's samples do not depend
+    on the batch either way).
+    """
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0:  # a number held in a tensor
+        check_sampling_arg("seed", seed, 1)
+        return row_seeds(seed.to(device=device, dtype=torch.int64),
+                         torch.arange(n_prompts * n_samples, device=device))
+    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and seed.shape[0] == n_prompts \
+            and n_samples > 1:
+        seed = _check_sampling("seed", seed, n_prompts, 1, device)
+        sample = torch.arange(n_samples, device=device).repeat(n_prompts)
+        return row_seeds(seed.to(torch.int64).repeat_interleave(n_samples), sample)
+    seed = _check_sampling("seed", seed, n_prompts, n_samples, device)
+    if isinstance(seed, torch.Tensor):
+        return seed.to(torch.int64).contiguous()
+    return row_seeds(seed, torch.arange(n_prompts * n_samples, device=device))
 
 
 def _check_bool(name, value):
@@ -204,7 +245,8 @@ def check_cuda_graphs(cuda_graphs, device) -> bool:
 def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, max_new_tokens,
                        alpha, temperature, top_k, top_p, min_p, seed, eos_token_id, pad_token_id,
                        expert_input_ids, expert_attention_mask, return_logprobs,
-                       return_model_logprobs, streamer, backend, cuda_graphs) -> GenerationArgs:
+                       return_model_logprobs, streamer, backend, cuda_graphs,
+                       num_return_sequences=1) -> GenerationArgs:
     """Check every argument of a generation call; raise naming the first bad one."""
     for name, model in zip(MODEL_NAMES, (base, expert, anti_expert)):
         _check_model(name, model)
@@ -240,9 +282,20 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         _check_id_range("expert_input_ids", e_ids, (expert,))
 
     vocab_size = shared_vocab_size(base, expert, anti_expert)
-    sampling = {name: _check_sampling(name, value, B, device) for name, value in (
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences,
+                                                                 numbers.Integral):
+        raise TypeError(f"num_return_sequences must be an int, "
+                        f"got {type(num_return_sequences).__name__}")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+    n = int(num_return_sequences)
+    sampling = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-        ("min_p", min_p), ("seed", seed))}
+        ("min_p", min_p))}
+    sampling["seed"] = generation_seeds(seed, B, n, device)
+    if n > 1:  # rows i*n .. i*n+n-1 are prompt i's samples, as in HF generate
+        input_ids, attention_mask, e_ids, e_mask = (
+            t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
 
     gen_config = getattr(base, "generation_config", None)
     if eos_token_id is None:
@@ -274,6 +327,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
         eos_token_ids=eos, pad_token_id=pads[0], vocab_size=vocab_size,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
+        num_return_sequences=n,
         streamer=streamer, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs,
         eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)

@@ -241,12 +241,18 @@ def _row_param(name, value, B, device, dtype):
     Python numbers are checked here; tensors are checked on the device (see
     :func:`_bad_param_flags`), so passing them costs no host sync.
     """
+    if name == "seed" and isinstance(value, torch.Tensor) and value.dim() == 0:
+        check_sampling_arg(name, value, B)  # a number held in a tensor: mixed per row
+        return reference.row_seeds(value.to(device=device, dtype=torch.int64),
+                                   torch.arange(B, device=device))
     value = check_sampling_arg(name, value, B)
     if isinstance(value, torch.Tensor):
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
         return value.to(dtype).contiguous()
-    if name in ("seed", "step") and value >= 2 ** 63:
+    if name == "seed":  # each row its own seed, derived on the device (reference.row_seeds)
+        return reference.row_seeds(value, torch.arange(B, device=device))
+    if name == "step" and value >= 2 ** 63:
         value -= 2 ** 64  # unsigned 64-bit values wrap to the same bits in int64
     return torch.full((B,), value, dtype=dtype, device=device)
 
@@ -350,7 +356,12 @@ def proxy_sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperat
     ``top_p`` (ties kept, at least one token), then ``p >= min_p * p_max``. The draw
     is Gumbel-max with counter-based Philox noise, a pure function of
     ``(seed[row], step[row], token)`` (mapping in :mod:`proxykern.reference`), so
-    every backend and every batch gives the same token.
+    every backend gives the same token.
+
+    ``seed``: a per-row int64 tensor is used exactly as given (a row's token then
+    does not depend on the batch it sits in). A Python number (or 0-d tensor) gives row ``r`` its
+    own seed ``reference.row_seeds(seed, r)`` (SplitMix64, documented there), so
+    identical rows of one call are independent draws, as with ``torch.multinomial``.
 
     Every sampling parameter is a Python number or a 1-D tensor of length B on
     the logits' device. Returns ``SampleOutput(tokens, logprobs, lse)``:

@@ -17,6 +17,22 @@ so one Philox call serves four neighbouring tokens. Philox4x32-10 is the
 generator behind ``tl.rand``/``tl.randint4x`` (Salmon et al., 2011): round
 multipliers 0xD2511F53 / 0xCD9E8D57, key bumps 0x9E3779B9 / 0xBB67AE85.
 
+Row seeds (the same in every backend; derived once, before any kernel runs)
+----------------------------------------------------------------------------
+A per-row ``seed`` tensor is used exactly as given. A Python-number ``seed``
+gives row ``r`` its own seed, the ``(r + 1)``-th output of SplitMix64 started at
+``seed`` (Steele et al., 2014; all arithmetic mod 2**64)::
+
+    x = seed + (r + 1) * 0x9E3779B97F4A7C15
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+    row_seed = x ^ (x >> 31)                  # as int64: the same 64 bits
+
+So identical rows of one call are independent draws (as with
+``torch.multinomial``), and a row's draw depends on its index in the batch only
+through its seed: give seeds per row for batch invariance. :func:`row_seeds`
+computes it on the device (no host sync, capturable).
+
 Sampling semantics (where the contract is silent, the choices are written here)
 --------------------------------------------------------------------------------
     z  = base + alpha * (expert - anti)       fp32; -inf in any input -> z = -inf
@@ -97,6 +113,42 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Te
     """Standard Gumbel noise g = -log(-log(u)), fp32, shape (B, vocab)."""
     u = uniform_noise(seed, step, vocab)
     return -torch.log(-torch.log(u))
+
+
+SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX64_MUL_A = 0xBF58476D1CE4E5B9
+SPLITMIX64_MUL_B = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """An unsigned 64-bit value as the signed int64 with the same bits."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding 64-bit patterns."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output mix of int64 tensors (wrapping arithmetic: the bits of mod 2**64)."""
+    x = (x ^ _shr(x, 30)) * _as_int64(SPLITMIX64_MUL_A)
+    x = (x ^ _shr(x, 27)) * _as_int64(SPLITMIX64_MUL_B)
+    return x ^ _shr(x, 31)
+
+
+def row_seeds(seed, index: torch.Tensor) -> torch.Tensor:
+    """Derived per-row seeds (int64): ``splitmix64(seed + (index + 1) * 0x9E3779B97F4A7C15)``.
+
+    ``seed`` is a Python int (any value that fits 64 bits, signed or unsigned) or an
+    int64 tensor broadcastable to ``index``; ``index`` holds the row numbers (or,
+    for several samples of one prompt, the sample number). See the module docstring.
+    """
+    base = _as_int64(int(seed)) if not isinstance(seed, torch.Tensor) else seed.to(torch.int64)
+    # int64 arithmetic wraps like uint64 mod 2**64, so the bits are SplitMix64's.
+    return splitmix64((index.to(torch.int64) + 1) * _as_int64(SPLITMIX64_GAMMA) + base)
 
 
 def combine_logits(base, expert, anti, alpha, vocab_size: int) -> torch.Tensor:
@@ -180,7 +232,7 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
                          min_p=0.0, seed=0, eos_token_id=None, pad_token_id=None,
                          expert_input_ids=None, expert_attention_mask=None,
                          return_logprobs=False, return_model_logprobs=False, streamer=None,
-                         backend="auto", cuda_graphs="auto"):
+                         num_return_sequences=1, backend="auto", cuda_graphs="auto"):
     """The baseline: proxy-tuned decoding the way the paper's reference code does it.
 
     Each step runs the three models one after the other (eager, each with its own
@@ -203,7 +255,7 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, expert_input_ids=expert_input_ids,
         expert_attention_mask=expert_attention_mask, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
-        cuda_graphs=cuda_graphs)
+        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
     B, dev, V = args.batch_size, args.device, args.vocab_size
     if streamer is not None:
         streamer.put(args.input_ids.cpu())

@@ -207,7 +207,8 @@ def test_logprobs_with_alpha_and_base_alone():
 def test_seeded_sampling_reproducible_batch_invariant_and_equal_to_naive():
     base, expert, anti = trio("llama")
     ids, mask = ragged_batch()
-    kw = dict(max_new_tokens=10, eos_token_id=[], seed=1234, return_logprobs=True, **SAMPLING)
+    seeds = torch.tensor([1234, -5, 2 ** 40])  # per-row seeds: each row's draw is its own
+    kw = dict(max_new_tokens=10, eos_token_id=[], seed=seeds, return_logprobs=True, **SAMPLING)
     one = fused_proxy_generate(base, expert, anti, ids, mask, **kw)
     two = fused_proxy_generate(base, expert, anti, ids, mask, **kw)
     naive = naive_proxy_generate(base, expert, anti, ids, mask, **kw)
@@ -217,11 +218,11 @@ def test_seeded_sampling_reproducible_batch_invariant_and_equal_to_naive():
     greedy = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=10,
                                   eos_token_id=[])
     assert not torch.equal(one.tokens, greedy.tokens)
-    other = fused_proxy_generate(base, expert, anti, ids, mask, **{**kw, "seed": 99})
+    other = fused_proxy_generate(base, expert, anti, ids, mask, **{**kw, "seed": seeds + 1})
     assert not torch.equal(one.tokens, other.tokens)
     for i in range(3):
         row = ids[i][mask[i].bool()][None]
-        alone = fused_proxy_generate(base, expert, anti, row, **kw)
+        alone = fused_proxy_generate(base, expert, anti, row, **{**kw, "seed": seeds[i:i + 1]})
         assert torch.equal(alone.tokens[0], one.tokens[i])
 
 
@@ -239,7 +240,7 @@ def test_per_row_parameters():
     assert torch.equal(batch.tokens, naive.tokens)
     for i in range(3):
         row = ids[i][mask[i].bool()][None]
-        alone = fused_proxy_generate(base, expert, anti, row, seed=int(seeds[i]),
+        alone = fused_proxy_generate(base, expert, anti, row, seed=seeds[i:i + 1],
                                      alpha=float(alphas[i]), temperature=float(temps[i]), **kw)
         assert torch.equal(alone.tokens[0], batch.tokens[i])
 
