@@ -3,9 +3,15 @@
 ``proxykern generate --base B --expert E --anti-expert A --prompt TEXT [...]``
 loads three HF causal LMs (local folders or hub names) and the base's
 tokenizer, runs :func:`proxykern.fused_proxy_generate` and streams the new
-text to stdout. ``--chat-expert`` gives the expert its own prompt: the expert
-tokenizer's chat template applied to TEXT as one user turn (with the
-generation prompt); the expert's EOS ids then also stop generation.
+text to stdout as it is generated (with ``--num-return-sequences n > 1`` the n
+samples are printed one after another). ``--chat-expert`` gives the expert its
+own prompt: the expert tokenizer's chat template applied to TEXT as one user
+turn (with the generation prompt); the expert's EOS ids then also stop generation.
+
+``proxykern generate ... --input prompts.jsonl --output results.jsonl`` is the
+file mode (:mod:`proxykern.jsonl_generate` documents the line format).
+Errors (bad arguments, a bad input line, a model that cannot load) print
+``proxykern: error: ...`` and exit with status 1.
 
 ``proxykern bench [...]`` runs :func:`proxykern.bench.main` and ``proxykern demo [...]``
 :func:`proxykern.demo.main` with the remaining arguments (imported only then).
@@ -28,7 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", required=True, help="base model (folder or hub name)")
     gen.add_argument("--expert", required=True, help="tuned expert model")
     gen.add_argument("--anti-expert", required=True, help="untuned anti-expert model")
-    gen.add_argument("--prompt", required=True, help="prompt text")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; its text is streamed to stdout")
+    src.add_argument("--input", metavar="PROMPTS.jsonl",
+                     help="a JSON-lines file of prompts (file mode; needs --output)")
+    gen.add_argument("--output", metavar="RESULTS.jsonl",
+                     help="file mode: where the input lines go, each with its completion")
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="file mode: prompts per generation call (sorted by length)")
+    gen.add_argument("--skip-bad-lines", action="store_true",
+                     help="file mode: report malformed lines on stderr and go on")
+    gen.add_argument("--logprobs", action="store_true",
+                     help="file mode: add the log-probability of every new token")
+    gen.add_argument("--num-return-sequences", type=int, default=1,
+                     help="samples per prompt (use a temperature > 0 for distinct ones)")
     gen.add_argument("--chat-expert", action="store_true",
                      help="give the expert the prompt in its tokenizer's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -86,35 +105,66 @@ def _eos_ids(*models) -> list:
     return ids
 
 
+def _expert_encoder(args, tokenizer, expert_tokenizer):
+    """prompt record -> the expert's token ids (its own prompt or the chat template), or
+    None when the expert reads the base prompt."""
+    if args.chat_expert and not getattr(expert_tokenizer, "chat_template", None):
+        raise ValueError(f"--chat-expert: the tokenizer of {args.expert!r} has no chat template")
+
+    def encode(record: dict) -> list | None:
+        if "expert_prompt" in record:
+            return (expert_tokenizer or tokenizer)(record["expert_prompt"])["input_ids"]
+        if not args.chat_expert:
+            return None  # the expert reads the base prompt
+        text = expert_tokenizer.apply_chat_template(
+            [{"role": "user", "content": record["prompt"]}], tokenize=False,
+            add_generation_prompt=True)
+        return expert_tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode
+
+
 def generate_main(args) -> int:
     from transformers import TextStreamer
 
     from .generate import fused_proxy_generate
+    from .jsonl_generate import generate_file, left_pad
 
+    if (args.input is None) != (args.output is None):
+        raise ValueError("--input and --output go together (file mode)")
     base, expert, anti, tokenizer, expert_tokenizer = _load(args)
     device = base.device
-    enc = tokenizer(args.prompt, return_tensors="pt")
-    expert_ids = expert_mask = None
-    eos = _eos_ids(base)
-    if args.chat_expert:
-        if not getattr(expert_tokenizer, "chat_template", None):
-            raise ValueError(f"--chat-expert: the tokenizer of {args.expert!r} has no "
-                             f"chat template")
-        text = expert_tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
-        e_enc = expert_tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        expert_ids, expert_mask = e_enc["input_ids"].to(device), e_enc["attention_mask"].to(device)
-        eos = _eos_ids(base, expert)  # a chat expert ends its turn with its own EOS
+    encode_expert = _expert_encoder(args, tokenizer, expert_tokenizer)
+    # A chat expert ends its turn with its own EOS.
+    eos = _eos_ids(base, expert) if args.chat_expert else _eos_ids(base)
     pad = base.generation_config.pad_token_id
     if pad is None:
-        pad = tokenizer.pad_token_id
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    fused_proxy_generate(
-        base, expert, anti, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    if args.input is not None:
+        generate_file(args, (base, expert, anti), tokenizer, encode_expert, eos, pad, device)
+        return 0
+
+    n = args.num_return_sequences
+    record = {"prompt": args.prompt}
+    ids, mask = left_pad([tokenizer(args.prompt)["input_ids"]], pad)
+    e_row = encode_expert(record)
+    e_ids, e_mask = left_pad([e_row], pad) if e_row is not None else (None, None)
+    # One sequence streams as it is generated; n > 1 are printed one after another.
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) \
+        if n == 1 else None
+    out = fused_proxy_generate(
+        base, expert, anti, ids.to(device), mask.to(device),
         max_new_tokens=args.max_new_tokens, alpha=args.alpha, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        eos_token_id=eos or None, pad_token_id=pad, expert_input_ids=expert_ids,
-        expert_attention_mask=expert_mask, streamer=streamer, backend=args.backend)
+        eos_token_id=eos or None, pad_token_id=pad,
+        expert_input_ids=e_ids.to(device) if e_ids is not None else None,
+        expert_attention_mask=e_mask.to(device) if e_mask is not None else None,
+        streamer=streamer, backend=args.backend,
+        num_return_sequences=n)
+    if streamer is None:
+        for j in range(n):
+            text = tokenizer.decode(out.tokens[j, :int(out.lengths[j])].tolist(),
+                                    skip_special_tokens=True)
+            print(f"--- sequence {j + 1} of {n} ---\n{text}", flush=True)
     return 0
 
 
