@@ -1,9 +1,20 @@
-"""proxykern: fast proxy tuning (Liu et al. 2024) -- a fused sampling op and generation."""
-from .generate import ProxyGenerateOutput, fused_proxy_generate
+"""proxykern: fast proxy tuning (Liu et al. 2024) -- a fused sampling op and generation.
+
+``import proxykern`` loads torch and the op; transformers is imported only when a
+generation entry point or the logits processor is used.
+"""
+from .baseline import naive_proxy_generate
+from .generate import fused_proxy_generate
 from .ops import SampleOutput, proxy_sample
-from .processor import ProxyTuningLogitsProcessor
-from .reference import naive_proxy_generate
+from .outputs import ProxyGenerateOutput
 
 __all__ = ["SampleOutput", "proxy_sample", "ProxyGenerateOutput", "fused_proxy_generate",
            "naive_proxy_generate", "ProxyTuningLogitsProcessor"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "ProxyTuningLogitsProcessor":  # subclasses transformers' LogitsProcessor
+        from .processor import ProxyTuningLogitsProcessor
+        return ProxyTuningLogitsProcessor
+    raise AttributeError(f"module 'proxykern' has no attribute {name!r}")

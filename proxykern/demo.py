@@ -16,7 +16,7 @@ import time
 import torch
 
 from .generate import fused_proxy_generate
-from .reference import naive_proxy_generate
+from .baseline import naive_proxy_generate
 
 DEFAULT_TRIO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "examples", "trio", "models")

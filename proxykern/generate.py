@@ -1,15 +1,16 @@
 """``fused_proxy_generate``: proxy-tuned decoding with one fused sampling op per step.
 
-Decode loop (one screen, on purpose)::
+Decode loop (one screen, on purpose; the step is :class:`proxykern.engine.ProxyStep`)::
 
-    prefill   expert, anti-expert (own CUDA streams), base (current stream); join
-    step t    op(base, expert, anti) -> token t       # proxy_sample_with_status, no sync
-              write token/logprobs into preallocated (B, max_new_tokens) buffers
-              finished |= token in eos; status |= op status      (device flags)
-              every FINISHED_CHECK_INTERVAL steps: one host read of (all finished, any bad)
-              launch the three forwards of token t: side streams first, then base; join
+    prepare   check every argument once; per-row sampling tensors, seeds derived
+    prefill   expert, anti-expert (own CUDA streams), base (current stream); join; token 0
+    step t    every FINISHED_CHECK_INTERVAL steps: one host read of (all finished, any bad)
+              advance: the three forwards of token t (side streams, then base), join,
+              the fused op -> token t + 1, bookkeeping on the device -- replayed as one
+              CUDA graph when graphs are on, else run eagerly
+    trim      to N = max(lengths)
 
-Choices where API.md is silent:
+Choices where the contract is silent:
 
 * Finished rows keep running (their tokens are discarded and written as
   ``pad_token_id``); the host learns they are done at the next check, so the
@@ -25,56 +26,26 @@ Choices where API.md is silent:
   as CPU tensors until every row has finished (so a B = 1 stream ends at its
   EOS), then ``end()`` -- as ``GenerationMixin.generate`` does. On CUDA the
   copy is asynchronous and the streamer runs one step behind the GPU.
-* ``cuda_graphs``: ``"auto"`` and ``False`` decode eagerly for now; ``True``
-  raises ``ValueError`` until CUDA-graph decoding lands (see runner.py).
+* KV caches: HF ``StaticCache`` sized for prompt + ``max_new_tokens`` for every
+  model whose family supports one (on any device), else HF's dynamic cache.
+* ``cuda_graphs``: ``"auto"`` captures the step on CUDA when all three models
+  support a static cache and otherwise decodes eagerly, saying why in one
+  warning; ``True`` raises ``ValueError`` naming what is missing; ``False`` (and
+  any CPU run) decodes eagerly. The streamer stays outside the graph.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import NamedTuple
 
 import torch
 
+from .engine import ProxyStep
 from .generation_args import GenerationArgs, prepare_generation
-from .ops import proxy_sample_with_status, raise_on_bad_rows
-from .runner import ModelRunner
+from .ops import raise_on_bad_rows
+from .outputs import ProxyGenerateOutput, empty_output
 
 #: Steps between host checks of the finished/bad-row flags on an accelerator (one sync each).
 FINISHED_CHECK_INTERVAL = 8
-
-
-class ProxyGenerateOutput(NamedTuple):
-    """Result of :func:`fused_proxy_generate` / :func:`naive_proxy_generate`.
-
-    ``sequences`` (B, T + N) int64, ``tokens`` (B, N) int64 (``pad_token_id`` after a
-    row's EOS), ``lengths`` (B,) int64 (new tokens per row, EOS included),
-    ``logprobs`` (B, N) float32 or None, ``model_logprobs`` dict
-    ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None.
-    """
-
-    sequences: torch.Tensor
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    logprobs: torch.Tensor | None
-    model_logprobs: dict | None
-
-
-def own_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A model's own log-softmax (T = 1, fp32) over ``[0, vocab_size)`` at ``tokens``."""
-    logp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
-    return logp.gather(1, tokens.clamp(0, vocab_size - 1).reshape(-1, 1)).squeeze(1)
-
-
-def empty_output(args: GenerationArgs) -> ProxyGenerateOutput:
-    """The result of ``max_new_tokens=0``: no forward runs."""
-    B, dev = args.batch_size, args.device
-    empty = torch.empty((B, 0), dtype=torch.float32, device=dev)
-    return ProxyGenerateOutput(
-        sequences=args.input_ids.clone(), tokens=torch.empty((B, 0), dtype=torch.long, device=dev),
-        lengths=torch.zeros(B, dtype=torch.long, device=dev),
-        logprobs=empty.clone() if args.return_logprobs else None,
-        model_logprobs={n: empty.clone() for n in ("base", "expert", "anti_expert")}
-        if args.return_model_logprobs else None)
 
 
 class TokenFeed:
@@ -172,7 +143,7 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     Returns :class:`ProxyGenerateOutput`. Bad arguments raise ``ValueError`` /
     ``TypeError`` naming the argument; a row whose combined logits hold NaN/+inf
     raises ``ValueError`` naming the row. See the module docstring for the loop
-    and the choices API.md leaves open.
+    and the choices the contract leaves open.
     """
     args = prepare_generation(
         base, expert, anti_expert, input_ids, attention_mask, max_new_tokens=max_new_tokens,
@@ -192,73 +163,25 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
 
 
 def _decode(base, expert, anti_expert, args: GenerationArgs, feed) -> ProxyGenerateOutput:
-    B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
-    if n_max == 0:
+    if args.max_new_tokens == 0:
         if feed is not None:
             feed.close()
         return empty_output(args)
-
-    side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
-    b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max)
-    e_run = ModelRunner(expert, args.expert_input_ids, args.expert_attention_mask, n_max, side())
-    a_run = None if args.share_anti else ModelRunner(anti_expert, args.input_ids,
-                                                     args.attention_mask, n_max, side())
-    runners = [r for r in (e_run, a_run, b_run) if r is not None]  # side streams first
-
-    def join():
-        b, e = b_run.join(), e_run.join()
-        return b, e, (a_run.join() if a_run is not None else e)
-
-    pad = torch.tensor(args.pad_token_id, dtype=torch.long, device=dev)
-    tokens = torch.full((B, n_max), args.pad_token_id, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((B, n_max), device=dev) if args.return_logprobs else None
-    model_lp = ({n: torch.zeros((B, n_max), device=dev) for n in ("base", "expert", "anti_expert")}
-                if args.return_model_logprobs else None)
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    lengths = torch.zeros(B, dtype=torch.long, device=dev)
-    status_seen = torch.zeros(B, dtype=torch.int32, device=dev)
-    interval, last_check = _check_interval(dev), -1
-
-    for r in runners:
-        r.launch_prefill()
-    logits = join()
-    for t in range(n_max):
-        out, status = proxy_sample_with_status(*logits, **args.sampling, step=t, vocab_size=V,
-                                               backend=args.backend)
-        alive = ~finished
-        status_seen |= status.masked_fill(finished, 0)  # a finished row's garbage is ignored
-        tok = torch.where(alive, out.tokens, pad)
-        tokens[:, t] = tok
-        if logprobs is not None:
-            logprobs[:, t] = out.logprobs.masked_fill(finished, 0.0)
-        if model_lp is not None:
-            for name, lg in zip(("base", "expert", "anti_expert"), logits):
-                model_lp[name][:, t] = own_logprobs(lg, tok, V).masked_fill(finished, 0.0)
-        lengths += alive
-        if args.eos_tensor is not None:  # a broadcast compare: no sync, whatever the sizes
-            finished = finished | (tok[:, None] == args.eos_tensor).any(1)
+    step = ProxyStep(base, expert, anti_expert, args, graphs=args.cuda_graphs)
+    interval, last_check = _check_interval(args.device), -1
+    step.prefill()                                    # prompts; token 0
+    for t in range(args.max_new_tokens):
         if feed is not None:
-            feed.push(t, tok)
-
-        if t + 1 == n_max or t - last_check >= interval or (feed is not None and feed.all_done):
-            all_done, any_bad = torch.stack((finished.all(), status_seen.any())).tolist()
+            feed.push(t, step.last_token)
+        if t + 1 == args.max_new_tokens or t - last_check >= interval or (
+                feed is not None and feed.all_done):
+            all_done, any_bad = step.flags()          # the only host sync
             if any_bad:
-                _raise_bad_rows(status_seen, last_check + 1, t)
+                _raise_bad_rows(step.status, last_check + 1, t)
             last_check = t
-            if all_done or t + 1 == n_max:
+            if all_done or t + 1 == args.max_new_tokens:
                 break
-        # Feed the sampled token even to finished rows (always < vocab_size, so in range
-        # for every model); bad rows (token -1) get 0 and raise at the next check.
-        nxt = out.tokens.clamp(min=0)
-        for r in runners:
-            r.launch_step(nxt)
-        logits = join()
-
+        step.advance()                                # token t + 1: replayed graph or eager
     if feed is not None:
         feed.close()
-    n = int(lengths.max())
-    tokens = tokens[:, :n]
-    return ProxyGenerateOutput(
-        sequences=torch.cat([args.input_ids, tokens], dim=1), tokens=tokens, lengths=lengths,
-        logprobs=logprobs[:, :n] if logprobs is not None else None,
-        model_logprobs={k: v[:, :n] for k, v in model_lp.items()} if model_lp is not None else None)
+    return step.output()

@@ -21,6 +21,7 @@ Two different tokenizers of the same width cannot be told apart here.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,7 @@ class GenerationArgs:
     share_anti: bool        # anti-expert logits are the expert's (same model, same prompt)
     backend: str            # the op's backend, resolved
     num_return_sequences: int = 1   # B = prompts * num_return_sequences (rows already expanded)
+    cuda_graphs: bool = False       # capture the decode step (resolved from "auto")
     streamer: object = None
     return_logprobs: bool = False
     return_model_logprobs: bool = False
@@ -226,17 +228,26 @@ def _check_bool(name, value):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def check_cuda_graphs(cuda_graphs, device) -> bool:
-    """Whether to capture the decode step; for now always False (eager)."""
+_warned_eager: set = set()
+
+
+def check_cuda_graphs(cuda_graphs, device, models) -> bool:
+    """Whether to capture the decode step in a CUDA graph (rules in generate.py's docstring)."""
     if cuda_graphs not in ("auto", True, False) or (isinstance(cuda_graphs, int)
                                                      and not isinstance(cuda_graphs, bool)):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    if cuda_graphs is False or (cuda_graphs == "auto" and device.type != "cuda"):
+        return False
+    from .engine import graph_unsupported_reason
+    reason = graph_unsupported_reason(models, device)
+    if reason is None:
+        return True
     if cuda_graphs is True:
-        if device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs models on a CUDA device, "
-                             f"they are on {device}")
-        raise ValueError("cuda_graphs=True: CUDA-graph decoding is not available yet in this "
-                         "version of proxykern; use cuda_graphs='auto' or False (eager)")
+        raise ValueError(f"cuda_graphs=True cannot be honoured: {reason}")
+    if reason not in _warned_eager:
+        _warned_eager.add(reason)
+        warnings.warn(f"proxykern: decoding without CUDA graphs: {reason}", RuntimeWarning,
+                      stacklevel=4)
     return False
 
 
@@ -317,7 +328,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
                         f"got {type(streamer).__name__}")
     _check_bool("return_logprobs", return_logprobs)
     _check_bool("return_model_logprobs", return_model_logprobs)
-    check_cuda_graphs(cuda_graphs, device)
+    use_graphs = check_cuda_graphs(cuda_graphs, device, (base, expert, anti_expert))
     backend = resolve_backend(backend, device)
 
     temperature = sampling["temperature"]
@@ -327,7 +338,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
         eos_token_ids=eos, pad_token_id=pads[0], vocab_size=vocab_size,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
-        num_return_sequences=n,
+        num_return_sequences=n, cuda_graphs=use_graphs,
         streamer=streamer, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs,
         eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)

@@ -283,6 +283,32 @@ def raise_on_bad_rows(status: torch.Tensor, params: dict | None = None) -> None:
     raise ValueError(f"row {row}: {'; '.join(reasons)}{detail}{more}")
 
 
+#: The op's per-row parameters and the dtype each is held in.
+PARAM_DTYPES = {"alpha": torch.float32, "temperature": torch.float32, "top_k": torch.int64,
+                "top_p": torch.float32, "min_p": torch.float32, "seed": torch.int64,
+                "step": torch.int64}
+
+
+def row_params(sampling: dict, B: int, device: torch.device) -> dict:
+    """(B,) tensors of the sampling parameters in ``sampling`` (numbers or tensors whose
+    values were already checked), built once per generation for :func:`sample_rows`."""
+    return {name: _row_param(name, value, B, device, PARAM_DTYPES[name])
+            for name, value in sampling.items()}
+
+
+def sample_rows(base, expert, anti, params: dict, step: torch.Tensor, vocab_size: int,
+                backend: str):
+    """The decode step's entry to the op: no checks, no host sync, no parameter tensors built.
+
+    ``params`` from :func:`row_params`, ``step`` a (B,) int64 tensor, ``backend``
+    resolved, logits with unit stride along the vocabulary. Returns
+    (tokens, logprobs, lse, status); a bad row has token -1 and status != 0.
+    """
+    return torch.ops.proxykern.proxy_sample(
+        base, expert, anti, params["alpha"], params["temperature"], params["top_k"],
+        params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend)
+
+
 def _is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -322,20 +348,19 @@ def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0
                          f"got {vocab_size}")
     resolved = resolve_backend(backend, device)
 
-    params = {name: _row_param(name, value, B, device, dtype) for name, value, dtype in (
-        ("alpha", alpha, torch.float32), ("temperature", temperature, torch.float32),
-        ("top_k", top_k, torch.int64), ("top_p", top_p, torch.float32),
-        ("min_p", min_p, torch.float32), ("seed", seed, torch.int64), ("step", step, torch.int64))}
+    given = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 seed=seed, step=step)
+    params = {name: _row_param(name, given[name], B, device, dtype)
+              for name, dtype in PARAM_DTYPES.items()}
     tensor_params = {n: params[n] for n, v in (("alpha", alpha), ("temperature", temperature),
                                                ("top_k", top_k), ("top_p", top_p),
                                                ("min_p", min_p)) if isinstance(v, torch.Tensor)}
     def unit_stride(t):
         return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
-    tokens, logprobs, lse, status = torch.ops.proxykern.proxy_sample(
+    tokens, logprobs, lse, status = sample_rows(
         unit_stride(base_logits), unit_stride(expert_logits), unit_stride(anti_logits),
-        params["alpha"], params["temperature"], params["top_k"], params["top_p"],
-        params["min_p"], params["seed"], params["step"], int(vocab_size), resolved)
+        params, params["step"], int(vocab_size), resolved)
     flags = _bad_param_flags(tensor_params)
     if flags is not None:
         status = status | flags

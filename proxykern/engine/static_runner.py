@@ -1,0 +1,114 @@
+"""A capture-ready runner for one model: HF ``StaticCache`` and every input in a fixed buffer.
+
+Laid out the way gpt-fast decodes: the KV cache is sized once for the prompt and
+``max_new_tokens``; the attention mask is one full-width (B, L) buffer whose
+column ``cache_position`` is set to 1 in place before each step; ``position_ids``
+(B, 1) and ``cache_position`` (1,) are device tensors advanced in place; the
+logits land in one (B, V) buffer. A step therefore has the same shapes and
+addresses every time, reads no Python state that changes, and can be captured
+in a CUDA graph and replayed.
+
+Positions come from the attention mask (``cumsum(mask) - 1`` over the prompt,
+then one more per token), so a left-padded row sees the positions it would see
+alone; cache slots are shared by the batch (slot ``T + t`` holds token ``t`` of
+every row), and the padding slots of a row are masked out.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..runner import _forward_params, accepts_logits_to_keep, cache_kwarg, positions_from_mask
+
+
+def static_cache_unsupported_reason(model) -> str | None:
+    """Why ``model`` cannot decode with a static KV cache here (None when it can)."""
+    name = type(model).__name__
+    if not getattr(type(model), "_can_compile_fullgraph", False):
+        return (f"{name} does not support a static KV cache (transformers marks it "
+                f"_can_compile_fullgraph=False)")
+    params = _forward_params(type(model).forward)
+    if "cache_position" not in params and not any(
+            p.kind == inspect.Parameter.VAR_KEYWORD
+            for p in inspect.signature(type(model).forward).parameters.values()):
+        return f"{name}.forward takes no cache_position"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model"
+    return None
+
+
+class StaticRunner:
+    """One model's static decode state; same calls as :class:`proxykern.runner.ModelRunner`.
+
+    ``launch_prefill()`` runs the prompt, ``launch_step(tokens)`` appends one token per
+    row; both write the logits of the next token into :attr:`logits` (B, V), and
+    ``join()`` returns that buffer once it is safe to read on the current stream.
+    With ``stream`` (CUDA) the work runs there after waiting on the current stream.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 capacity: int, stream=None):
+        from transformers import StaticCache
+
+        self.model = model
+        self.stream = stream
+        self.batch_size, self.prompt_len = input_ids.shape
+        self.max_len = self.prompt_len + max(int(capacity), 1)
+        device = input_ids.device
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        self.input_ids = input_ids
+        self.mask = attention_mask.new_zeros((self.batch_size, self.max_len))
+        self.mask[:, :self.prompt_len] = attention_mask
+        self.tokens = torch.zeros((self.batch_size, 1), dtype=torch.long, device=device)
+        self.position_ids = attention_mask.long().sum(-1, keepdim=True)
+        self.cache_position = torch.full((1,), self.prompt_len, dtype=torch.long, device=device)
+        self.logits = None  # (B, V), allocated by the prefill in the model's output dtype
+        self._cache_arg = cache_kwarg(model)
+        self._done = None
+
+    def _forward(self, input_ids, position_ids, cache_position, **extra):
+        out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids,
+                         cache_position=cache_position, use_cache=True,
+                         **{self._cache_arg: self.cache}, **extra)
+        return out.logits[:, -1, :]
+
+    def prefill(self) -> torch.Tensor:
+        mask = self.mask[:, :self.prompt_len]
+        extra = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+        logits = self._forward(self.input_ids, positions_from_mask(mask),
+                               torch.arange(self.prompt_len, device=self.input_ids.device),
+                               **extra)
+        self.logits = logits.clone()
+        return self.logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` (B,) at slot ``cache_position``; logits of the next token (in place)."""
+        self.tokens.copy_(tokens.reshape(-1, 1))
+        self.mask.index_fill_(1, self.cache_position, 1)
+        self.logits.copy_(self._forward(self.tokens, self.position_ids, self.cache_position))
+        self.position_ids.add_(1)
+        self.cache_position.add_(1)
+        return self.logits
+
+    # The same stream protocol as ModelRunner: launch on the side stream, join on the consumer.
+    def _launch(self, fn, *args) -> None:
+        if self.stream is None:
+            fn(*args)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())  # the tokens are ready
+        with torch.cuda.stream(self.stream):
+            fn(*args)
+            self._done = torch.cuda.Event()
+            self._done.record(self.stream)
+
+    def launch_prefill(self) -> None:
+        self._launch(self.prefill)
+
+    def launch_step(self, tokens: torch.Tensor) -> None:
+        self._launch(self.step, tokens)
+
+    def join(self) -> torch.Tensor:
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_event(self._done)
+        return self.logits

@@ -1,0 +1,162 @@
+"""The proxy decode step: three models, the fused op and the bookkeeping, in place.
+
+:class:`ProxyStep` owns a runner per model (a static KV cache where the model
+family supports one, else HF's dynamic cache), two side streams on CUDA, the
+per-row sampling tensors (built once), the output buffers and a device-side step
+counter. :meth:`ProxyStep.prefill` runs the prompts and draws token 0;
+:meth:`ProxyStep.advance` feeds the last token to the three models and draws the
+next one:
+
+    expert, anti-expert forwards   on their side streams, after waiting on the main stream
+    base forward                   on the main stream; then join
+    op(base, expert, anti)         -> token, logprob, status     (ops.sample_rows: no checks)
+    tokens[:, t] = token (pad after EOS); finished |= token in eos; lengths += alive;
+    status |= op status; t += 1                                   (all on the device)
+
+Nothing in ``advance`` syncs with the host or builds Python-side state, so with
+static runners on CUDA it is captured once as a CUDA graph (after one eager
+warm-up step on a side stream) and replayed for every later step.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..outputs import MODEL_NAMES, ProxyGenerateOutput, own_logprobs
+from ..runner import ModelRunner
+from .static_runner import StaticRunner, static_cache_unsupported_reason
+
+
+def graph_unsupported_reason(models, device: torch.device) -> str | None:
+    """Why the decode step of ``models`` cannot be captured in a CUDA graph (None if it can)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need models on a CUDA device, they are on {device}"
+    for name, model in zip(MODEL_NAMES, models):
+        reason = static_cache_unsupported_reason(model)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def make_runner(model, input_ids, attention_mask, capacity, stream, static: bool):
+    """A static runner when asked and supported, else the dynamic-cache runner."""
+    if static and static_cache_unsupported_reason(model) is None:
+        return StaticRunner(model, input_ids, attention_mask, capacity, stream)
+    return ModelRunner(model, input_ids, attention_mask, capacity, stream)
+
+
+class ProxyStep:
+    """Decode state of one generation call (``args``: validated :class:`GenerationArgs`).
+
+    ``static``: use static KV caches where supported (required for ``graphs``).
+    ``graphs``: capture :meth:`advance` once and replay it (CUDA, static runners).
+    """
+
+    def __init__(self, base, expert, anti_expert, args, *, static: bool = True,
+                 graphs: bool = False):
+        B, n_max, dev = args.batch_size, args.max_new_tokens, args.device
+        self.args, self.batch_size, self.vocab_size = args, B, args.vocab_size
+        side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
+        self.base = make_runner(base, args.input_ids, args.attention_mask, n_max, None, static)
+        self.expert = make_runner(expert, args.expert_input_ids, args.expert_attention_mask,
+                                  n_max, side(), static)
+        self.anti = None if args.share_anti else make_runner(
+            anti_expert, args.input_ids, args.attention_mask, n_max, side(), static)
+        self.runners = [r for r in (self.expert, self.anti, self.base) if r is not None]
+        self.use_graphs = graphs
+        self.graph = None
+        self._warm = False
+
+        self.params = ops.row_params(args.sampling, B, dev)
+        self.backend = args.backend
+        self.step_rows = torch.zeros(B, dtype=torch.long, device=dev)   # RNG step of every row
+        self.column = torch.zeros(1, dtype=torch.long, device=dev)      # the same, as an index
+        self.pad = torch.full((B,), args.pad_token_id, dtype=torch.long, device=dev)
+        self.eos = args.eos_tensor
+        self.tokens = torch.full((B, n_max), args.pad_token_id, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros((B, n_max), device=dev) if args.return_logprobs else None
+        self.model_logprobs = ({n: torch.zeros((B, n_max), device=dev) for n in MODEL_NAMES}
+                               if args.return_model_logprobs else None)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        self.status = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.last_token = torch.zeros(B, dtype=torch.long, device=dev)  # token t (pad after EOS)
+        self.next_input = torch.zeros(B, dtype=torch.long, device=dev)  # what the models read next
+
+    # ------------------------------------------------------------------ the step
+
+    def _join(self):
+        b, e = self.base.join(), self.expert.join()
+        return b, e, (self.anti.join() if self.anti is not None else e)
+
+    def _sample(self, logits) -> None:
+        """Draw token t from the three logit rows and record it (device only)."""
+        tok, lp, _, status = ops.sample_rows(*logits, self.params, self.step_rows,
+                                             self.vocab_size, self.backend)
+        finished = self.finished
+        self.status.bitwise_or_(status.masked_fill(finished, 0))  # a finished row's garbage is ignored
+        token = torch.where(finished, self.pad, tok)
+        column = self.column.view(1, 1).expand(self.batch_size, 1)
+        self.tokens.scatter_(1, column, token[:, None])
+        if self.logprobs is not None:
+            self.logprobs.scatter_(1, column, lp.masked_fill(finished, 0.0)[:, None])
+        if self.model_logprobs is not None:
+            for name, lg in zip(MODEL_NAMES, logits):
+                own = own_logprobs(lg, token, self.vocab_size).masked_fill(finished, 0.0)
+                self.model_logprobs[name].scatter_(1, column, own[:, None])
+        self.lengths.add_(~finished)
+        if self.eos is not None:  # a broadcast compare: no sync, whatever the sizes
+            self.finished.logical_or_((token[:, None] == self.eos).any(1))
+        self.last_token.copy_(token)
+        # Finished rows are fed their sampled token (always < vocab_size, so in range for
+        # every model); a bad row (token -1) reads 0 and raises at the next host check.
+        self.next_input.copy_(tok.clamp(min=0))
+        self.step_rows.add_(1)
+        self.column.add_(1)
+
+    def prefill(self) -> None:
+        """Run the three prompts (side streams first) and draw token 0."""
+        for r in self.runners:
+            r.launch_prefill()
+        self._sample(self._join())
+
+    def _advance_eager(self) -> None:
+        for r in self.runners:
+            r.launch_step(self.next_input)
+        self._sample(self._join())
+
+    def advance(self) -> None:
+        """Feed the last token to the three models and draw the next one."""
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.use_graphs:
+            self._advance_eager()
+        elif not self._warm:  # one real step on a side stream: lazy inits happen outside capture
+            self._warm = True
+            stream = torch.cuda.Stream(self.args.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._advance_eager()
+            torch.cuda.current_stream().wait_stream(stream)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the step; the replay below runs it
+                self._advance_eager()
+            self.graph.replay()
+
+    # ------------------------------------------------------------------ host side
+
+    def flags(self) -> tuple[bool, bool]:
+        """(every row finished, some row bad): one host sync."""
+        done, bad = torch.stack((self.finished.all(), self.status.any())).tolist()
+        return bool(done), bool(bad)
+
+    def output(self) -> ProxyGenerateOutput:
+        n = int(self.lengths.max())
+        tokens = self.tokens[:, :n]
+        return ProxyGenerateOutput(
+            sequences=torch.cat([self.args.input_ids, tokens], dim=1), tokens=tokens,
+            lengths=self.lengths,
+            logprobs=self.logprobs[:, :n] if self.logprobs is not None else None,
+            model_logprobs={k: v[:, :n] for k, v in self.model_logprobs.items()}
+            if self.model_logprobs is not None else None)

@@ -1,0 +1,42 @@
+"""What generation returns: :class:`ProxyGenerateOutput` and the helpers that fill it."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+MODEL_NAMES = ("base", "expert", "anti_expert")
+
+
+class ProxyGenerateOutput(NamedTuple):
+    """Result of :func:`fused_proxy_generate` / :func:`naive_proxy_generate`.
+
+    ``sequences`` (B, T + N) int64, ``tokens`` (B, N) int64 (``pad_token_id`` after a
+    row's EOS), ``lengths`` (B,) int64 (new tokens per row, EOS included),
+    ``logprobs`` (B, N) float32 or None, ``model_logprobs`` dict
+    ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None.
+    """
+
+    sequences: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    logprobs: torch.Tensor | None
+    model_logprobs: dict | None
+
+
+def own_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A model's own log-softmax (T = 1, fp32) over ``[0, vocab_size)`` at ``tokens``."""
+    logp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
+    return logp.gather(1, tokens.clamp(0, vocab_size - 1).reshape(-1, 1)).squeeze(1)
+
+
+def empty_output(args) -> ProxyGenerateOutput:
+    """The result of ``max_new_tokens=0``: no forward runs."""
+    B, dev = args.batch_size, args.device
+    empty = torch.empty((B, 0), dtype=torch.float32, device=dev)
+    return ProxyGenerateOutput(
+        sequences=args.input_ids.clone(), tokens=torch.empty((B, 0), dtype=torch.long, device=dev),
+        lengths=torch.zeros(B, dtype=torch.long, device=dev),
+        logprobs=empty.clone() if args.return_logprobs else None,
+        model_logprobs={n: empty.clone() for n in ("base", "expert", "anti_expert")}
+        if args.return_model_logprobs else None)
