@@ -188,6 +188,20 @@ def test_import_proxykern_does_not_import_transformers():
     assert out.stdout.strip() == "False"
 
 
+def test_bench_generate_runs_on_cpu(tmp_path):
+    """The generation benchmark's plumbing (tiny config on CPU; the real run is on a GPU)."""
+    script = os.path.join(os.path.dirname(PACKAGE), "benchmarks", "bench_generate.py")
+    out = subprocess.run([sys.executable, script, "--configs", "tiny", "--batches", "2",
+                          "--prompt-len", "8", "--new-tokens", "6", "--naive-tokens", "3",
+                          "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| tiny | 2 |" in out.stdout
+    import json
+    rows = json.load(open(tmp_path / "generate.json"))["rows"]
+    assert rows[0]["naive"] > 0 and rows[0]["eager"] > 0
+
+
 # --------------------------------------------------------------------------- CUDA
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

@@ -140,7 +140,9 @@ class ProxyStep:
             torch.cuda.current_stream().wait_stream(stream)
         else:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the step; the replay below runs it
+            # Records the step (the replay below runs it); thread_local: other threads of
+            # the host program (a streamer's consumer, a server) may use CUDA meanwhile.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self._advance_eager()
             self.graph.replay()
 
