@@ -6,7 +6,7 @@ live here once. Everything runs before the first forward: a bad call fails
 fast, and the few host syncs it needs (mask and id ranges, per-row parameter
 tensors) happen once, not per step.
 
-Vocabulary rule (API.md leaves it open)
+Vocabulary rule (a choice; docs/api.md states it)
 ---------------------------------------
 The three models' output widths (``lm_head`` rows, else ``config.vocab_size``)
 may differ by padding only: two widths count as one vocabulary padded

@@ -1,7 +1,7 @@
 """The spec of proxykern in plain PyTorch: the oracle every backend is tested against.
 
 Nothing here is tuned for speed; every step is written the way the contract
-(``shared/design/API.md`` section 1) states it.
+(``docs/api.md``, section 1) states it.
 
 Noise mapping (the same in every backend)
 -----------------------------------------
