@@ -14,8 +14,11 @@ PYTEST_ARGS ?=
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -qq "$(TORCH_SPEC)"
-	$(PIP) install -qq "setuptools>=68" wheel ninja "numpy>=1.26" "transformers>=5.17,<6" \
-		"tokenizers>=0.21" "triton>=3.6" "pytest>=8" "pytest-benchmark>=4" "scipy>=1.11"
+	# pyproject.toml is the one list: build requirements, dependencies and the dev extra.
+	$(PY) -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); p = d["project"]; \
+		print("\n".join(d["build-system"]["requires"] + p["dependencies"] + p["optional-dependencies"]["dev"]))' \
+		> $(VENV)/requirements.txt
+	$(PIP) install -qq -r $(VENV)/requirements.txt
 	touch $@
 
 build: $(VENV)/.deps
