@@ -49,7 +49,9 @@ class ProxyGenerateOutput(NamedTuple):
     ``sequences`` (B, T + N) int64, ``tokens`` (B, N) int64 (``pad_token_id`` after a
     row's EOS), ``lengths`` (B,) int64 (new tokens per row, EOS included),
     ``logprobs`` (B, N) float32 or None, ``model_logprobs`` dict
-    ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None.
+    ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None. ``stats``:
+    a :class:`proxykern.speculative.SpeculativeStats` (acceptance rate, base
+    forwards per token) when ``num_draft_tokens > 0``, else None.
     """
 
     sequences: torch.Tensor
@@ -57,6 +59,7 @@ class ProxyGenerateOutput(NamedTuple):
     lengths: torch.Tensor
     logprobs: torch.Tensor | None
     model_logprobs: dict | None
+    stats: object = None
 
 
 def own_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -142,7 +145,8 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
                          min_p=0.0, seed=0, eos_token_id=None, pad_token_id=None,
                          expert_input_ids=None, expert_attention_mask=None,
                          return_logprobs=False, return_model_logprobs=False, streamer=None,
-                         num_return_sequences=1, backend="auto", cuda_graphs="auto") -> ProxyGenerateOutput:
+                         num_return_sequences=1, num_draft_tokens=0, backend="auto",
+                         cuda_graphs="auto") -> ProxyGenerateOutput:
     """Proxy-tuned generation: ``z = base + alpha * (expert - anti_expert)`` each step.
 
     ``input_ids`` / ``attention_mask`` (B, T): the left-padded prompt of the base and
@@ -173,6 +177,11 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     ``TypeError`` naming the argument; a row whose combined logits hold NaN/+inf
     raises ``ValueError`` naming the row. See the module docstring for the loop
     and the choices API.md leaves open.
+
+    ``num_draft_tokens=k > 0``: speculative proxy decoding (:mod:`proxykern.speculative`):
+    the expert drafts up to k tokens a round, the base and the anti-expert score them
+    in one forward each; same output as ``k = 0`` (up to float rounding of batched
+    forwards), fewer base forwards; ``out.stats`` reports the acceptance. Eager only.
     """
     args = prepare_generation(
         base, expert, anti_expert, input_ids, attention_mask, max_new_tokens=max_new_tokens,
@@ -180,10 +189,14 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, expert_input_ids=expert_input_ids,
         expert_attention_mask=expert_attention_mask, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
-        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
+        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences,
+        num_draft_tokens=num_draft_tokens)
     feed = TokenFeed(args.streamer, args) if args.streamer is not None else None
     try:
         with torch.no_grad():
+            if args.num_draft_tokens:
+                from .speculative import speculative_decode
+                return speculative_decode(base, expert, anti_expert, args, feed)
             return _decode(base, expert, anti_expert, args, feed)
     except BaseException:
         if feed is not None:  # release a consumer blocked on a TextIteratorStreamer
