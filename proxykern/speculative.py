@@ -71,8 +71,8 @@ DRAFTS = ("expert", "contrast")
 class SpeculativeStats(NamedTuple):
     """What a speculative call did (``out.stats``).
 
-    ``drafted``: draft tokens proposed at positions a row could still use;
-    ``accepted``: those the op agreed with; ``rounds``; ``base_forwards``
+    ``drafted``: draft tokens proposed at positions a row could still use (before
+    its budget ends and up to its EOS); ``accepted``: those the op agreed with; ``rounds``; ``base_forwards``
     (prefill included); ``steps``: the batch's decode steps ``max(lengths)``.
     """
 
@@ -212,12 +212,12 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
 
         # 4. accept per row: agreeing draft prefix + the correction, cut at EOS and budget
         matches = (y[:, :kr] == D).long().cumprod(1).sum(1)
-        c = matches + 1
+        usable = left                       # tokens a row may still take this round
         if args.eos_tensor is not None:
             is_eos = (y[:, :, None] == args.eos_tensor).any(-1)
             first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), P)
-            c = torch.minimum(c, first_eos + 1)
-        c = torch.minimum(c, left)
+            usable = torch.minimum(usable, first_eos + 1)
+        c = torch.minimum(matches + 1, usable)
         cols = torch.arange(P, device=dev)
         keep = cols[None, :] < c[:, None]                                  # (B, P)
         bad = status.view(B, P).masked_fill(~keep, 0)
@@ -237,7 +237,7 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         if args.eos_tensor is not None:
             finished |= first_eos < c
         alive = left > 0
-        drafted += int(torch.minimum(left - 1, torch.full_like(left, kr)).clamp(min=0).sum())
+        drafted += int((usable - 1).clamp(min=0, max=kr).sum())
         accepted += int((c - 1).clamp(min=0).sum())
         rounds += 1
         n_done += c
