@@ -171,11 +171,14 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         drafts = []
         for j in range(kr):
             lg_e = e_rows[j]
-            lg_a = a_rows[j] if contrast else lg_e
-            out_d, _ = proxy_sample_with_status(lg_e, lg_e, lg_a, **draft_sampling,
-                                                step=n_done + j, vocab_size=V,
-                                                backend=args.backend)
-            d = out_d.tokens.clamp(min=0)  # a bad row's -1 is simply rejected
+            if args.greedy and not contrast:  # the op's greedy token, without its call overhead
+                d = lg_e[:, :V].argmax(-1)
+            else:
+                lg_a = a_rows[j] if contrast else lg_e
+                out_d, _ = proxy_sample_with_status(lg_e, lg_e, lg_a, **draft_sampling,
+                                                    step=n_done + j, vocab_size=V,
+                                                    backend=args.backend)
+                d = out_d.tokens.clamp(min=0)  # a bad row's -1 is simply rejected
             drafts.append(d)
             e_rows.append(e_run.extend(d[:, None], max_pos[id(e_run)])[:, 0])
             if contrast:

@@ -7,6 +7,7 @@ amounts per round -- the ragged rollback path.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import warnings
@@ -194,3 +195,30 @@ def test_num_draft_tokens_is_checked():
     out = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=0,
                                num_draft_tokens=2)
     assert out.tokens.shape == (3, 0)
+
+
+def test_padded_vocabulary_and_bad_row():
+    base, expert, anti = (copy.deepcopy(m) for m in trio("llama"))
+    ids, mask = ragged_batch()
+    wide = copy.deepcopy(expert)
+    wide.resize_token_embeddings(1024, mean_resizing=False)
+    with torch.no_grad():  # make the padding columns win if they were read
+        wide.get_output_embeddings().weight[1000:] = 5 * wide.get_output_embeddings().weight[:24]
+    ref = fused_proxy_generate(wide, expert, anti, ids, mask, max_new_tokens=6, alpha=0.3,
+                               eos_token_id=[], **SAMPLED)
+    out = fused_proxy_generate(wide, wide, anti, ids, mask, max_new_tokens=6, alpha=0.3,
+                               eos_token_id=[], num_draft_tokens=3, **SAMPLED)
+    assert torch.equal(out.tokens, ref.tokens)
+
+    calls = []
+
+    def nan_row_1_after_prefill(module, inputs, output):
+        calls.append(1)
+        if len(calls) >= 2:
+            output.logits[1] = float("nan")
+        return output
+
+    base.register_forward_hook(nan_row_1_after_prefill)
+    with pytest.raises(ValueError, match=r"row 1: .*NaN"):
+        fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=6, eos_token_id=[],
+                             num_draft_tokens=2)
