@@ -83,7 +83,8 @@ def run(args) -> list[dict]:
                     ref_outs, ref_seconds = outs, seconds
                 stats = [o.stats for o in outs if o.stats is not None]
                 drafted = sum(s.drafted for s in stats)
-                row = dict(device=str(device), dtype=args.dtype, batch=bs, mode=mode, k=k,
+                row = dict(device=str(device), dtype=args.dtype, batch=batches[0][0].shape[0],
+                           mode=mode, k=k,
                            calls=len(batches), tokens=tokens, seconds=seconds,
                            tokens_per_s=tokens / seconds,
                            speedup=(ref_seconds / seconds) if ref_seconds else None,
