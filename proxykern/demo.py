@@ -75,7 +75,7 @@ def _tokens_per_second(fn, out_lengths_of, repeats=3):
     return int(out_lengths_of(out).sum()) / best
 
 
-def _interleaved_rates(fns, out_lengths_of, repeats=5):
+def _interleaved_rates(fns, out_lengths_of, repeats=3):
     """Best tokens/s of each of ``fns``, timed in turn (ABAB..., fair under changing load);
     returns [(rate, last output)] in the order given."""
     best, outs = [float("inf")] * len(fns), [None] * len(fns)
