@@ -4,7 +4,9 @@ With a trio folder made by ``examples/trio/make_trio.py`` (default: the shipped
 ``examples/trio/models``) it asks held-out questions and prints the base's, the expert's
 and the proxy-tuned base's greedy answers with whether each is right, and how many of the
 first ``--scored`` held-out questions each gets right. Then it times
-``naive_proxy_generate`` against ``fused_proxy_generate`` on the same batch.
+``naive_proxy_generate`` against ``fused_proxy_generate`` on the same batch, and plain
+fused decoding against speculative fused decoding (``num_draft_tokens``) on that batch
+and on single prompts.
 """
 from __future__ import annotations
 
@@ -73,6 +75,20 @@ def _tokens_per_second(fn, out_lengths_of, repeats=3):
     return int(out_lengths_of(out).sum()) / best
 
 
+def _interleaved_rates(fns, out_lengths_of, repeats=3):
+    """Best tokens/s of each of ``fns``, timed in turn (ABAB..., fair under changing load);
+    returns [(rate, last output)] in the order given."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [(int(out_lengths_of(o).sum()) / b, o) for b, o in zip(best, outs)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="proxykern demo", description=__doc__)
     parser.add_argument("--trio", default=DEFAULT_TRIO, help="folder made by make_trio.py")
@@ -80,6 +96,10 @@ def main(argv=None) -> int:
     parser.add_argument("--scored", type=int, default=90, help="questions scored")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--draft-tokens", type=int, default=2,
+                        help="num_draft_tokens of the speculative timing")
+    parser.add_argument("--single-prompts", type=int, default=8,
+                        help="prompts timed one at a time")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     tok, base, expert, anti, heldout = load_trio(args.trio, device)
@@ -119,6 +139,37 @@ def main(argv=None) -> int:
     for name, rate in rates.items():
         print(f"   {name:<22} {rate:8.1f} tokens/s")
     print(f"   speed-up {rates['fused_proxy_generate'] / rates['naive_proxy_generate']:.2f}x")
+
+    # Speculative proxy decoding (num_draft_tokens=k): the expert drafts, the base scores a
+    # round of drafts in one forward; the tokens are plain fused decoding's.
+    k = args.draft_tokens
+    singles = [tok([p], return_tensors="pt", add_special_tokens=False).to(device)
+               for p in batch[:args.single_prompts]]
+    print(f"\nspeculative proxy decoding (num_draft_tokens={k}; same tokens as plain fused):")
+    for title, encs in ((f"batch {len(batch)}", [enc]),
+                        (f"one prompt at a time ({len(singles)} prompts)", singles)):
+        def gen(draft, encs=encs):
+            return [fused_proxy_generate(base, expert, anti, e.input_ids, e.attention_mask,
+                                         max_new_tokens=16, alpha=args.alpha,
+                                         eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id, num_draft_tokens=draft)
+                    for e in encs]
+
+        def count(outs):
+            return torch.cat([o.lengths for o in outs])
+
+        (plain_rate, plain), (spec_rate, spec) = _interleaved_rates([lambda: gen(0),
+                                                                     lambda: gen(k)], count)
+        same = all(torch.equal(p.tokens, s.tokens) and torch.equal(p.lengths, s.lengths)
+                   for p, s in zip(plain, spec))
+        stats = [s.stats for s in spec]
+        accept = sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats))
+        per_token = sum(s.base_forwards for s in stats) / max(1, sum(s.steps for s in stats))
+        print(f"   {title}:")
+        print(f"      fused_proxy_generate      {plain_rate:8.1f} tokens/s   base forwards/token 1.00")
+        print(f"      fused, num_draft_tokens={k} {spec_rate:8.1f} tokens/s   base forwards/token "
+              f"{per_token:.2f}, acceptance {accept:.2f}, same tokens: {'yes' if same else 'NO'}")
+        print(f"      speed-up {spec_rate / plain_rate:.2f}x")
     return 0
 
 

@@ -39,9 +39,8 @@ from collections import deque
 
 import torch
 
-from .engine import ProxyStep
+from .engine import ProxyStep, raise_bad_generation_rows
 from .generation_args import GenerationArgs, prepare_generation
-from .ops import raise_on_bad_rows
 from .outputs import ProxyGenerateOutput, empty_output
 
 #: Steps between host checks of the finished/bad-row flags on an accelerator (one sync each).
@@ -99,21 +98,13 @@ def _check_interval(device: torch.device) -> int:
     return 1 if device.type == "cpu" else FINISHED_CHECK_INTERVAL
 
 
-def _raise_bad_rows(status: torch.Tensor, first_step: int, last_step: int) -> None:
-    try:
-        raise_on_bad_rows(status)
-    except ValueError as exc:
-        steps = (f"step {last_step}" if first_step == last_step
-                 else f"steps {first_step}..{last_step}")
-        raise ValueError(f"fused_proxy_generate: {exc} (generation {steps})") from None
-
-
 def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=None, *,
                          max_new_tokens, alpha=1.0, temperature=0.0, top_k=0, top_p=1.0,
                          min_p=0.0, seed=0, eos_token_id=None, pad_token_id=None,
                          expert_input_ids=None, expert_attention_mask=None,
                          return_logprobs=False, return_model_logprobs=False, streamer=None,
-                         num_return_sequences=1, backend="auto", cuda_graphs="auto") -> ProxyGenerateOutput:
+                         num_return_sequences=1, num_draft_tokens=0, backend="auto",
+                         cuda_graphs="auto") -> ProxyGenerateOutput:
     """Proxy-tuned generation: ``z = base + alpha * (expert - anti_expert)`` each step.
 
     ``input_ids`` / ``attention_mask`` (B, T): the left-padded prompt of the base and
@@ -144,6 +135,11 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     ``TypeError`` naming the argument; a row whose combined logits hold NaN/+inf
     raises ``ValueError`` naming the row. See the module docstring for the loop
     and the choices the contract leaves open.
+
+    ``num_draft_tokens=k > 0``: speculative proxy decoding (:mod:`proxykern.engine.speculative`):
+    the expert drafts up to k tokens a round, the base and the anti-expert score them
+    in one forward each; same output as ``k = 0`` (up to float rounding of batched
+    forwards), fewer base forwards; ``out.stats`` reports the acceptance. Eager only.
     """
     args = prepare_generation(
         base, expert, anti_expert, input_ids, attention_mask, max_new_tokens=max_new_tokens,
@@ -151,10 +147,14 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, expert_input_ids=expert_input_ids,
         expert_attention_mask=expert_attention_mask, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
-        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
+        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences,
+        num_draft_tokens=num_draft_tokens)
     feed = TokenFeed(args.streamer, args) if args.streamer is not None else None
     try:
         with torch.no_grad():
+            if args.num_draft_tokens:
+                from .engine.speculative import speculative_decode
+                return speculative_decode(base, expert, anti_expert, args, feed)
             return _decode(base, expert, anti_expert, args, feed)
     except BaseException:
         if feed is not None:  # release a consumer blocked on a TextIteratorStreamer
@@ -177,7 +177,7 @@ def _decode(base, expert, anti_expert, args: GenerationArgs, feed) -> ProxyGener
                 feed is not None and feed.all_done):
             all_done, any_bad = step.flags()          # the only host sync
             if any_bad:
-                _raise_bad_rows(step.status, last_check + 1, t)
+                raise_bad_generation_rows(step.status, last_check + 1, t)
             last_check = t
             if all_done or t + 1 == args.max_new_tokens:
                 break

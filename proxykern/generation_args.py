@@ -54,6 +54,7 @@ class GenerationArgs:
     backend: str            # the op's backend, resolved
     num_return_sequences: int = 1   # B = prompts * num_return_sequences (rows already expanded)
     cuda_graphs: bool = False       # capture the decode step (resolved from "auto")
+    num_draft_tokens: int = 0       # > 0: speculative proxy decoding (proxykern.engine.speculative)
     streamer: object = None
     return_logprobs: bool = False
     return_model_logprobs: bool = False
@@ -257,7 +258,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
                        alpha, temperature, top_k, top_p, min_p, seed, eos_token_id, pad_token_id,
                        expert_input_ids, expert_attention_mask, return_logprobs,
                        return_model_logprobs, streamer, backend, cuda_graphs,
-                       num_return_sequences=1) -> GenerationArgs:
+                       num_return_sequences=1, num_draft_tokens=0) -> GenerationArgs:
     """Check every argument of a generation call; raise naming the first bad one."""
     for name, model in zip(MODEL_NAMES, (base, expert, anti_expert)):
         _check_model(name, model)
@@ -300,6 +301,10 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
     n = int(num_return_sequences)
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, numbers.Integral):
+        raise TypeError(f"num_draft_tokens must be an int, got {type(num_draft_tokens).__name__}")
+    if num_draft_tokens < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
     sampling = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
         ("min_p", min_p))}
@@ -338,7 +343,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
         eos_token_ids=eos, pad_token_id=pads[0], vocab_size=vocab_size,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
-        num_return_sequences=n, cuda_graphs=use_graphs,
+        num_return_sequences=n, cuda_graphs=use_graphs, num_draft_tokens=int(num_draft_tokens),
         streamer=streamer, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs,
         eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)

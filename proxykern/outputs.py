@@ -14,7 +14,9 @@ class ProxyGenerateOutput(NamedTuple):
     ``sequences`` (B, T + N) int64, ``tokens`` (B, N) int64 (``pad_token_id`` after a
     row's EOS), ``lengths`` (B,) int64 (new tokens per row, EOS included),
     ``logprobs`` (B, N) float32 or None, ``model_logprobs`` dict
-    ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None.
+    ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None. ``stats``:
+    a :class:`proxykern.engine.speculative.SpeculativeStats` (acceptance rate, base
+    forwards per token) when ``num_draft_tokens > 0``, else None.
     """
 
     sequences: torch.Tensor
@@ -22,6 +24,7 @@ class ProxyGenerateOutput(NamedTuple):
     lengths: torch.Tensor
     logprobs: torch.Tensor | None
     model_logprobs: dict | None
+    stats: object = None
 
 
 def own_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:

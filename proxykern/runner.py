@@ -101,6 +101,7 @@ class ModelRunner:
             input_ids.record_stream(stream)
         self.length = 0          # columns of the mask (and KV cache) in use
         self.next_pos = None     # (B, 1) int64, position of the next token per row
+        self.uncommitted = 0     # tentative columns appended by extend(), not yet kept
         self.cache = None
         self._done = None        # CUDA event recorded after the last launch on ``stream``
         self._logits = None
@@ -126,6 +127,46 @@ class ModelRunner:
                                 self.next_pos, self.cache)
         self.next_pos = self.next_pos + 1
         return logits
+
+    # ------------------------------------------------------------------ speculative rounds
+
+    def extend(self, tokens: torch.Tensor, max_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens`` (B, n) tentatively; return the logits after each (B, n, V).
+
+        The new columns get mask 1 and positions ``next_pos + uncommitted + 0..n-1``
+        (clamped to ``max_pos`` (B, 1) when given); they stay tentative, and may be
+        appended to again, until :meth:`keep` commits a prefix of them per row.
+        """
+        n = tokens.shape[1]
+        need = self.length + n
+        while need > self.mask.shape[1]:
+            self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=1)
+        self.mask[:, self.length:need] = 1
+        pos = self.next_pos + self.uncommitted + torch.arange(n, device=self.next_pos.device)
+        if max_pos is not None:
+            pos = torch.minimum(pos, max_pos)
+        self.length, self.uncommitted = need, self.uncommitted + n
+        return forward_logits(self.model, tokens, self.mask[:, :self.length], pos, self.cache,
+                              last_only=False)
+
+    def keep(self, valid: torch.Tensor, max_valid: int | None = None) -> None:
+        """Commit the first ``valid[row]`` tentative columns of each row, roll back the rest.
+
+        Rolled-back columns get mask 0 (never attended again, their positions are
+        reused); columns no row keeps are cropped off the KV cache. ``max_valid``:
+        ``int(valid.max())`` when the caller knows it (saves a sync).
+        """
+        u = self.uncommitted
+        if u:
+            start = self.length - u
+            cols = torch.arange(u, device=valid.device)
+            self.mask[:, start:self.length] = (cols[None, :] < valid[:, None]).to(self.mask.dtype)
+            drop = u - (int(valid.max()) if max_valid is None else max_valid)
+            if drop > 0:
+                self.cache.crop(-drop)
+                self.length -= drop
+            self.next_pos = self.next_pos + valid.reshape(-1, 1)
+        self.uncommitted = 0
 
     def reorder(self, index: torch.Tensor) -> None:
         """Permute the batch (beam search): row i takes the state of row ``index[i]``."""

@@ -414,10 +414,12 @@ def test_cuda_graph_options_and_signatures():
     b = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=3, cuda_graphs="auto",
                              backend="torch")
     assert torch.equal(a.tokens, b.tokens)
-    assert (inspect.signature(fused_proxy_generate).parameters
-            == inspect.signature(naive_proxy_generate).parameters)
+    fused_params = dict(inspect.signature(fused_proxy_generate).parameters)
+    assert fused_params.pop("num_draft_tokens").default == 0  # fused only (speculative)
+    assert fused_params == dict(inspect.signature(naive_proxy_generate).parameters)
     assert proxykern.ProxyGenerateOutput._fields == ("sequences", "tokens", "lengths", "logprobs",
-                                                     "model_logprobs")
+                                                     "model_logprobs", "stats")
+    assert a.stats is None  # set by speculative decoding only
 
 
 # --------------------------------------------------------------------------- CUDA (streams)

@@ -27,6 +27,16 @@ from ..runner import ModelRunner
 from .static_runner import StaticRunner, static_cache_unsupported_reason
 
 
+def raise_bad_generation_rows(status: torch.Tensor, first_step: int, last_step: int) -> None:
+    """Raise ``ValueError`` naming the first bad row and the steps it may come from (one sync)."""
+    try:
+        ops.raise_on_bad_rows(status)
+    except ValueError as exc:
+        steps = (f"step {last_step}" if first_step == last_step
+                 else f"steps {first_step}..{last_step}")
+        raise ValueError(f"fused_proxy_generate: {exc} (generation {steps})") from None
+
+
 def graph_unsupported_reason(models, device: torch.device) -> str | None:
     """Why the decode step of ``models`` cannot be captured in a CUDA graph (None if it can)."""
     if device.type != "cuda":

@@ -1,0 +1,274 @@
+"""Speculative proxy decoding: ``fused_proxy_generate(..., num_draft_tokens=k)``.
+
+Why it gives the plain-decoding tokens
+--------------------------------------
+The token of step ``t`` is a deterministic function of that step's three logit
+rows and ``(seed[row], t)`` (the op's noise is counter-based). So the expert may
+guess ("draft") the next tokens, the base and the anti-expert may score all
+drafted positions in one forward each, and the fused op, run at every drafted
+position with the step that position would have in plain decoding, returns the
+plain-decoding token wherever the context before it was right. Per row we keep
+the longest prefix of the draft that the op agrees with plus the op's token at
+the first disagreement (or the bonus token after a fully accepted draft).
+
+One round (``P = k_r + 1`` positions, ``k_r = min(k, most tokens any row may
+still produce - 1)``)::
+
+    expert    feed the pending token (the last one committed), then draft d_0..d_{k_r-1}
+              one at a time: d_j = op(expert, expert, expert; step n_done + j), the
+              expert's own logits with the same temperature, filters and noise
+    base      one forward over [pending, d_0, .., d_{k_r-1}]      -> P logit rows
+    anti      one forward over the same tokens                    -> P logit rows
+    op        all B * P positions at once, step n_done[row] + j   -> y (B, P)
+    accept    c = min(matches + 1, first EOS + 1, tokens left)    (0 for finished rows)
+    rollback  every model keeps the first c of its P new columns per row
+
+In the first round there is no pending token: the prefill's logits are position 0
+and only the drafts are fed (``k_r`` columns, ``c - 1`` kept).
+
+Cache invariant (the rollback)
+------------------------------
+Each model keeps one HF ``DynamicCache`` for the whole batch and one attention
+mask buffer (:class:`proxykern.runner.ModelRunner`). After every round, for every
+row, the columns whose mask is 1 are exactly that row's prompt followed by its
+committed tokens except the last (the pending one), in order, at positions
+``prompt_len .. prompt_len + n_done - 2``; ``next_pos`` is the position the
+pending token will take. Rejected columns stay in the cache with mask 0, so no
+query ever attends to them, and the row's next tokens reuse their positions
+(positions are given explicitly, never derived from the cache length). A row's
+attention therefore sees exactly the keys/values plain decoding would give it,
+and its logits equal plain decoding's up to float rounding (a multi-token
+forward and the different number of masked columns may round differently).
+Columns that no row kept are cropped off the end of the cache; a column some
+row kept stays, so the cache is at most ``prompt + sum over rounds of the most
+columns any row kept`` long (at most ``prompt + (k + 1) * rounds``). Rolling
+back needs every cache layer to be a plain full-attention ``DynamicLayer``
+(sliding-window or linear-attention caches cannot hold masked holes correctly:
+``ValueError``).
+
+Streaming: step ``s`` is handed to the streamer once every unfinished row has
+committed it. ``out.stats`` is a :class:`SpeculativeStats`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..generation_args import GenerationArgs
+from ..ops import proxy_sample_with_status
+from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
+from ..runner import ModelRunner
+from .step import raise_bad_generation_rows
+
+#: How the expert guesses the proxy's token. "expert": the op on the expert's own
+#: logits (z = expert), same filters and noise. "contrast": z = expert + alpha *
+#: (expert - anti), the anti-expert then runs one token at a time beside the expert
+#: and its logits are reused for scoring (no batched anti forward). Measured on the
+#: shipped trio in benchmarks/NOTES.md; "expert" is the default.
+DRAFTS = ("expert", "contrast")
+
+
+class SpeculativeStats(NamedTuple):
+    """What a speculative call did (``out.stats``).
+
+    ``drafted``: draft tokens proposed at positions a row could still use (before
+    its budget ends and up to its EOS); ``accepted``: those the op agreed with; ``rounds``; ``base_forwards``
+    (prefill included); ``steps``: the batch's decode steps ``max(lengths)``.
+    """
+
+    num_draft_tokens: int
+    rounds: int
+    drafted: int
+    accepted: int
+    base_forwards: int
+    steps: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def base_forwards_per_token(self) -> float:
+        """Base forwards per decode step of the batch (plain decoding: 1.0)."""
+        return self.base_forwards / self.steps if self.steps else 0.0
+
+
+def _check_full_attention(runner: ModelRunner, name: str) -> None:
+    from transformers.cache_utils import DynamicLayer
+    layers = getattr(runner.cache, "layers", None)
+    if layers is None:
+        return
+    for layer in layers:
+        if type(layer) is not DynamicLayer:
+            raise ValueError(f"num_draft_tokens > 0 needs full-attention models: {name}'s cache "
+                             f"has a {type(layer).__name__} layer that cannot be rolled back")
+
+
+def _expand(sampling: dict, P: int) -> dict:
+    """Per-row sampling tensors repeated for the P positions of each row."""
+    return {k: v.repeat_interleave(P) if isinstance(v, torch.Tensor) else v
+            for k, v in sampling.items()}
+
+
+def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
+                       draft: str = "expert") -> ProxyGenerateOutput:
+    """Decode with ``args.num_draft_tokens`` drafted tokens per round (module doc)."""
+    if draft not in DRAFTS:
+        raise ValueError(f"draft must be one of {DRAFTS}, got {draft!r}")
+    B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
+    k = args.num_draft_tokens
+    if n_max == 0:
+        if feed is not None:
+            feed.close()
+        return empty_output(args)
+
+    b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max)
+    e_run = ModelRunner(expert, args.expert_input_ids, args.expert_attention_mask, n_max)
+    a_run = None if args.share_anti else ModelRunner(anti_expert, args.input_ids,
+                                                     args.attention_mask, n_max)
+    runners = [r for r in (b_run, e_run, a_run) if r is not None]
+    head_b, head_e = b_run.prefill(), e_run.prefill()
+    head_a = a_run.prefill() if a_run is not None else head_e
+    for r, name in zip((b_run, e_run, a_run), ("base", "expert", "anti_expert")):
+        if r is not None:
+            _check_full_attention(r, name)
+    # The last position plain decoding ever feeds: prompt + n_max - 2 (drafts past it are
+    # never kept; clamping keeps learned position tables in range).
+    max_pos = {id(r): r.next_pos + max(n_max - 2, 0) for r in runners}
+    contrast = draft == "contrast" and a_run is not None
+
+    pad = args.pad_token_id
+    tokens = torch.full((B, n_max), pad, dtype=torch.long, device=dev)
+    logprobs = torch.zeros((B, n_max), device=dev) if args.return_logprobs else None
+    model_lp = ({n: torch.zeros((B, n_max), device=dev) for n in ("base", "expert", "anti_expert")}
+                if args.return_model_logprobs else None)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_done = torch.zeros(B, dtype=torch.long, device=dev)
+    draft_sampling = dict(args.sampling) if contrast else dict(args.sampling, alpha=0.0)
+    expanded = {}
+    rounds = drafted = accepted = 0
+    base_forwards = 1  # the prefill
+    streamed = 0
+    pending = None
+
+    while True:
+        left = (n_max - n_done).masked_fill(finished, 0)
+        most_left = int(left.max())
+        if most_left == 0:
+            break
+        kr = min(k, most_left - 1)
+        P = kr + 1
+
+        # 1. the expert drafts (one token at a time), keeping its logits at the P positions
+        e_rows, a_rows = [], []
+        if pending is None:
+            e_rows.append(head_e)
+            a_rows.append(head_a)
+        else:
+            e_rows.append(e_run.extend(pending[:, None], max_pos[id(e_run)])[:, 0])
+            if contrast:
+                a_rows.append(a_run.extend(pending[:, None], max_pos[id(a_run)])[:, 0])
+        drafts = []
+        for j in range(kr):
+            lg_e = e_rows[j]
+            if args.greedy and not contrast:  # the op's greedy token, without its call overhead
+                d = lg_e[:, :V].argmax(-1)
+            else:
+                lg_a = a_rows[j] if contrast else lg_e
+                out_d, _ = proxy_sample_with_status(lg_e, lg_e, lg_a, **draft_sampling,
+                                                    step=n_done + j, vocab_size=V,
+                                                    backend=args.backend)
+                d = out_d.tokens.clamp(min=0)  # a bad row's -1 is simply rejected
+            drafts.append(d)
+            e_rows.append(e_run.extend(d[:, None], max_pos[id(e_run)])[:, 0])
+            if contrast:
+                a_rows.append(a_run.extend(d[:, None], max_pos[id(a_run)])[:, 0])
+        D = torch.stack(drafts, 1) if drafts else n_done.new_empty((B, 0))
+
+        # 2. the base (and anti-expert) score every position in one forward
+        fed = D if pending is None else torch.cat([pending[:, None], D], 1)
+
+        def score(run, head):
+            rows = run.extend(fed, max_pos[id(run)]) if fed.shape[1] else None
+            if pending is None:
+                return head[:, None] if rows is None else torch.cat([head[:, None], rows], 1)
+            return rows
+
+        lg_b = score(b_run, head_b)
+        base_forwards += fed.shape[1] > 0
+        lg_e = torch.stack(e_rows, 1)
+        if a_run is None:
+            lg_a = lg_e
+        elif contrast:
+            lg_a = torch.stack(a_rows, 1)
+        else:
+            lg_a = score(a_run, head_a)
+
+        # 3. the proxy token at every position, with each position's plain-decoding step
+        if P not in expanded:
+            expanded[P] = _expand(args.sampling, P)
+        steps = (n_done[:, None] + torch.arange(P, device=dev)).reshape(-1)
+        flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e, lg_a)]
+        out, status = proxy_sample_with_status(*flat, **expanded[P], step=steps, vocab_size=V,
+                                               backend=args.backend)
+        y = out.tokens.view(B, P)
+
+        # 4. accept per row: agreeing draft prefix + the correction, cut at EOS and budget
+        matches = (y[:, :kr] == D).long().cumprod(1).sum(1)
+        usable = left                       # tokens a row may still take this round
+        if args.eos_tensor is not None:
+            is_eos = (y[:, :, None] == args.eos_tensor).any(-1)
+            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), P)
+            usable = torch.minimum(usable, first_eos + 1)
+        c = torch.minimum(matches + 1, usable)
+        cols = torch.arange(P, device=dev)
+        keep = cols[None, :] < c[:, None]                                  # (B, P)
+        bad = status.view(B, P).masked_fill(~keep, 0)
+        if bool(bad.any()):
+            row_status = bad[torch.arange(B, device=dev), (bad != 0).int().argmax(1)]
+            first = int(n_done.min())
+            raise_bad_generation_rows(row_status, first, first + P - 1)
+        r_idx, j_idx = keep.nonzero(as_tuple=True)
+        t_idx = n_done[r_idx] + j_idx
+        tokens[r_idx, t_idx] = y[r_idx, j_idx]
+        if logprobs is not None:
+            logprobs[r_idx, t_idx] = out.logprobs.view(B, P)[r_idx, j_idx]
+        if model_lp is not None:
+            y_flat = y.reshape(-1).clamp(min=0)
+            for name, lg in zip(("base", "expert", "anti_expert"), flat):
+                model_lp[name][r_idx, t_idx] = own_logprobs(lg, y_flat, V).view(B, P)[r_idx, j_idx]
+        if args.eos_tensor is not None:
+            finished |= first_eos < c
+        alive = left > 0
+        drafted += int((usable - 1).clamp(min=0, max=kr).sum())
+        accepted += int((c - 1).clamp(min=0).sum())
+        rounds += 1
+        n_done += c
+
+        # 5. rollback: each model keeps the columns of its committed tokens (module doc)
+        valid = (c - (1 if pending is None else 0)).clamp(min=0)
+        max_valid = int(valid.max())
+        for r in runners:
+            r.keep(valid, max_valid)
+        pending = y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0)
+
+        if feed is not None:
+            still = alive & ~finished & (n_done < n_max)
+            frontier = int(n_done[still].min()) if bool(still.any()) else int(n_done.max())
+            for s in range(streamed, frontier):
+                feed.push(s, tokens[:, s])
+            streamed = max(streamed, frontier)
+
+    if feed is not None:
+        feed.close()
+    lengths = n_done
+    n = int(lengths.max())
+    tokens = tokens[:, :n]
+    stats = SpeculativeStats(num_draft_tokens=k, rounds=rounds, drafted=drafted,
+                             accepted=accepted, base_forwards=base_forwards, steps=n)
+    return ProxyGenerateOutput(
+        sequences=torch.cat([args.input_ids, tokens], dim=1), tokens=tokens, lengths=lengths,
+        logprobs=logprobs[:, :n] if logprobs is not None else None,
+        model_logprobs={k_: v[:, :n] for k_, v in model_lp.items()} if model_lp is not None
+        else None, stats=stats)
