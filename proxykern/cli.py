@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="file mode: report malformed lines on stderr and go on")
     gen.add_argument("--logprobs", action="store_true",
                      help="file mode: add the log-probability of every new token")
+    gen.add_argument("--num-draft-tokens", type=int, default=0,
+                     help="speculative proxy decoding: the expert drafts up to K tokens a "
+                          "round (same output as 0, fewer base forwards)")
     gen.add_argument("--num-return-sequences", type=int, default=1,
                      help="samples per prompt (use a temperature > 0 for distinct ones)")
     gen.add_argument("--chat-expert", action="store_true",
@@ -159,7 +162,7 @@ def generate_main(args) -> int:
         expert_input_ids=e_ids.to(device) if e_ids is not None else None,
         expert_attention_mask=e_mask.to(device) if e_mask is not None else None,
         streamer=streamer, backend=args.backend,
-        num_return_sequences=n)
+        num_return_sequences=n, num_draft_tokens=args.num_draft_tokens)
     if streamer is None:
         for j in range(n):
             text = tokenizer.decode(out.tokens[j, :int(out.lengths[j])].tolist(),

@@ -169,7 +169,8 @@ def generate_file(args, models, tokenizer, encode_expert, eos_ids, pad_id, devic
                 *models, ids.to(device), mask.to(device), max_new_tokens=max(limits),
                 **params, eos_token_id=eos_ids or None, pad_token_id=pad_id,
                 expert_input_ids=e_ids, expert_attention_mask=e_mask,
-                return_logprobs=args.logprobs, num_return_sequences=n, backend=args.backend)
+                return_logprobs=args.logprobs, num_return_sequences=n, backend=args.backend,
+                num_draft_tokens=args.num_draft_tokens)
             tokens, lengths = out.tokens.cpu(), out.lengths.cpu()
             logprobs = out.logprobs.cpu() if out.logprobs is not None else None
             for k, i in enumerate(index):

@@ -174,6 +174,21 @@ def test_input_without_output_is_an_error(capsys):
     assert exc.value.code == 2  # argparse: one or the other
 
 
+def test_num_draft_tokens_flag_gives_the_same_text(capsys, monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["num_draft_tokens"])
+        return fused_proxy_generate(*args, **kwargs)
+    monkeypatch.setattr("proxykern.generate.fused_proxy_generate", spy)
+    plain = cli.main(_argv("--prompt", QUESTIONS[0], "--max-new-tokens", "10")), \
+        capsys.readouterr().out
+    spec = cli.main(_argv("--prompt", QUESTIONS[0], "--max-new-tokens", "10",
+                          "--num-draft-tokens", "3")), capsys.readouterr().out
+    assert plain[0] == spec[0] == 0 and plain[1].strip() and plain[1] == spec[1]
+    assert seen == [0, 3]
+
+
 def test_single_prompt_num_return_sequences_prints_each(capsys):
     assert cli.main(_argv("--prompt", QUESTIONS[0], "--num-return-sequences", "2",
                           "--temperature", "1.0", "--max-new-tokens", "5")) == 0
