@@ -67,6 +67,7 @@ __all__ = ["proxy_sample_triton", "default_config"]
 
 _STATUS_NONFINITE = tl.constexpr(1)  # reference.STATUS_NONFINITE
 _STATUS_EMPTY = tl.constexpr(2)      # reference.STATUS_EMPTY
+_FP32_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # reference.FP32_MIN_NORMAL
 
 
 # Reductions are written ``tl.reduce(x, axis, _SUM / _MAX / _MIN)`` with the combine
@@ -112,6 +113,34 @@ def _scaled_logits(b_ptr, e_ptr, a_ptr, offs, mask, alpha, t_eff):
     zp = tl.math.div_rn(z, tl.broadcast_to(t_eff, z.shape))
     zp = tl.where(mask, zp, ninf)  # padding stays -inf even for a (bad) T < 0 or T = inf
     return z, zp
+
+
+@triton.jit
+def _greedy_stats(b_ptr, e_ptr, a_ptr, alpha, vocab, BLOCK: tl.constexpr):
+    """(max z, sum exp(z - max), lowest argmax) of a row, for the overflow rule."""
+    ninf: tl.constexpr = float("-inf")
+    pinf: tl.constexpr = float("inf")
+    BIG: tl.constexpr = 2147483647
+    G: tl.constexpr = BLOCK // 4
+    offs0 = tl.arange(0, G)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    one = tl.full([], 1.0, tl.float32)
+    l_max = tl.full([G, 4], ninf, tl.float32)
+    l_sum = tl.zeros([G, 4], dtype=tl.float32)
+    l_arg = tl.full([G, 4], BIG, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs0
+        _, zp = _scaled_logits(b_ptr, e_ptr, a_ptr, cols, cols < vocab, alpha, one)
+        new_max = tl.maximum(l_max, zp)
+        ref = tl.where(new_max > ninf, new_max, 0.0)
+        scale = tl.where(new_max == l_max, 1.0, tl.exp(l_max - ref))
+        l_sum = l_sum * scale + tl.where(zp > ninf, tl.exp(zp - ref), 0.0)
+        l_arg = tl.where(zp > l_max, cols, l_arg)
+        l_max = new_max
+    m = tl.reduce(l_max, None, _MAX)
+    m_ref = tl.where(tl.abs(m) == pinf, 0.0, m)
+    s = tl.reduce(tl.where(l_max > ninf, l_sum * tl.exp(l_max - m_ref), 0.0), None, _SUM)
+    arg = tl.reduce(tl.where(l_max == m, l_arg, BIG), None, _MIN)
+    return m, s, tl.where(arg == BIG, 0, arg)
 
 
 @triton.jit
@@ -266,8 +295,9 @@ def _proxy_sample_kernel(
     step_lo = step.to(tl.uint32)
     step_hi = (step >> 32).to(tl.uint32)
 
-    greedy = temp == 0.0
-    sampling = temp != 0.0          # a NaN temperature samples (ops.py flags it)
+    # Greedy: T == 0 and, by the overflow rule (reference.py), subnormal T.
+    greedy = tl.abs(temp) < _FP32_MIN_NORMAL
+    sampling = ~greedy              # a NaN temperature samples (ops.py flags it)
     t_eff = tl.where(greedy, 1.0, temp)
     # Filters as the reference applies them (a NaN top_p / min_p counts as active).
     k_may = sampling & (top_k > 0) & (top_k < vocab)
@@ -336,6 +366,14 @@ def _proxy_sample_kernel(
         best_idx = tl.where(best_key > ninf, best_idx, 0)
     status = tl.where(nonfinite > 0, _STATUS_NONFINITE, 0) | tl.where(any_z > 0, 0, _STATUS_EMPTY)
     ok = status == 0
+    # The overflow rule: a good sampled row whose max z / T is +-inf is sampled as greedy
+    # (one more pass, over z). Rare: T tiny against the logits.
+    overflow = sampling & ok & (tl.abs(m_run) == pinf)
+    if overflow:
+        m_run, s_run, arg_max = _greedy_stats(b_ptr, e_ptr, a_ptr, alpha, vocab, BLOCK)
+    greedy = greedy | overflow
+    sampling = ~greedy
+    t_eff = tl.where(greedy, 1.0, temp)
     lse = m_run + tl.log(s_run)
     lse = tl.where(m_run == pinf, pinf, tl.where(m_run == ninf, ninf, lse))
     lse = tl.where(nan_zp > 0, float("nan"), lse)

@@ -37,7 +37,7 @@ _STATUS_MESSAGES = {
     STATUS_NONFINITE: "its combined logits hold NaN or +inf",
     STATUS_EMPTY: "no token can be kept (every logit is -inf)",
     STATUS_BAD_ALPHA: "alpha is not finite",
-    STATUS_BAD_TEMPERATURE: "temperature is negative or NaN",
+    STATUS_BAD_TEMPERATURE: "temperature is negative, infinite or NaN",
     STATUS_BAD_TOP_K: "top_k is negative",
     STATUS_BAD_TOP_P: "top_p is outside (0, 1]",
     STATUS_BAD_MIN_P: "min_p is outside [0, 1)",
@@ -194,7 +194,7 @@ def _check_logits(name: str, t) -> None:
 # both), so the same rule checks scalars on the host and per-row tensors on the device.
 SAMPLING_RULES = {
     "alpha": (False, lambda v: abs(v) < math.inf, "must be finite"),
-    "temperature": (False, lambda v: v >= 0, "must be >= 0"),
+    "temperature": (False, lambda v: (v >= 0) & (v < math.inf), "must be finite and >= 0"),
     "top_k": (True, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
     "top_p": (False, lambda v: (0 < v) & (v <= 1), "must be in (0, 1]"),
     "min_p": (False, lambda v: (0 <= v) & (v < 1), "must be in [0, 1)"),
@@ -350,7 +350,9 @@ def proxy_sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperat
     ``top_p`` (ties kept, at least one token), then ``p >= min_p * p_max``. The draw
     is Gumbel-max with counter-based Philox noise, a pure function of
     ``(seed[row], step[row], token)`` (mapping in :mod:`proxykern.reference`), so
-    every backend and every batch gives the same token.
+    every backend and every batch gives the same token. ``temperature`` must be finite;
+    a row whose ``z / T`` overflows fp32 (or whose ``T`` is subnormal) is sampled as
+    greedy -- one rule in every backend, stated in :mod:`proxykern.reference`.
 
     Every sampling parameter is a Python number or a 1-D tensor of length B on
     the logits' device. Returns ``SampleOutput(tokens, logprobs, lse)``:
