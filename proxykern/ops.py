@@ -109,7 +109,7 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return f"it runs on CUDA tensors, the logits are on {device}"
         if not _has_native_kernel("CUDA"):
             return "proxykern._C was built without its CUDA kernel"
-        return None
+        return _cuda_image_reason(device)
     if backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
@@ -119,6 +119,37 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return "Triton cannot be imported (" + _ext_state.get("triton_error", "") + ")"
         return None
     raise AssertionError(backend)
+
+
+def _cuda_kernel_version(index: int) -> int:
+    """The architecture of the CUDA kernel image device ``index`` runs (e.g. 90), -1: none."""
+    return int(torch.ops.proxykern.cuda_kernel_version(index))
+
+
+def _cuda_image_reason(device: torch.device) -> str | None:
+    """Why the built CUDA kernel cannot run on ``device`` (built for another architecture,
+    without PTX it could JIT), or None. Asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("cuda_image", index)
+    if key not in _ext_state:
+        try:
+            version = _cuda_kernel_version(index)
+        except (AttributeError, RuntimeError) as exc:  # an older build without the query
+            version, detail = -1, f"({exc})"
+        else:
+            detail = ""
+        reason = None
+        if version < 0:
+            major, minor = torch.cuda.get_device_capability(index)
+            try:
+                archs = str(torch.ops.proxykern.cuda_build_archs())
+            except (AttributeError, RuntimeError):
+                archs = "unknown architectures"
+            reason = (f"proxykern._C holds no CUDA kernel this GPU can run (compute capability "
+                      f"{major}.{minor}; built for {archs}){detail}; rebuild with "
+                      f"TORCH_CUDA_ARCH_LIST={major}.{minor}")
+        _ext_state[key] = reason
+    return _ext_state[key]
 
 
 _AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}

@@ -334,3 +334,26 @@ def test_works_under_torch_compile():
 
     compiled = torch.compile(step, backend="aot_eager")
     assert torch.equal(compiled(*inputs), step(*inputs))
+
+
+def test_auto_skips_a_cuda_kernel_built_for_another_architecture(monkeypatch):
+    """backend="auto" never picks a CUDA kernel the device cannot run: Triton, one warning."""
+    monkeypatch.setattr(ops, "_warned_fallbacks", set())
+    monkeypatch.setattr(ops, "_has_native_kernel", lambda key: True)
+    monkeypatch.setattr(ops, "_cuda_kernel_version", lambda index: -1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ops, "_ext_state", dict(ops._ext_state))  # fresh per-device answers
+    device = torch.device("cuda", 0)
+    reason = ops.backend_unavailable_reason("cuda", device)
+    assert reason is not None and "compute capability 8.0" in reason
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        ops.resolve_backend("cuda", device)
+    if ops.backend_unavailable_reason("triton", device) is None:
+        with pytest.warns(RuntimeWarning, match="compute capability 8.0.*using 'triton'"):
+            assert ops.resolve_backend("auto", device) == "triton"
+    # A build that holds an image for the device is chosen.
+    monkeypatch.setattr(ops, "_cuda_kernel_version", lambda index: 90)
+    ops._ext_state.pop(("cuda_image", 0))
+    assert ops.backend_unavailable_reason("cuda", device) is None
+    assert ops.resolve_backend("auto", device) == "cuda"
