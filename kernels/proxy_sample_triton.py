@@ -50,6 +50,16 @@ for a large ``top_k`` with ``top_p`` (``tau_k`` must be exact before the ``top_p
 search). The key-space pivots bound the worst case by ``ceil(32 / log2(P/2)) + 1``
 pivot passes per threshold (9 for ``P = 32``; ``MAX_PASSES`` caps NaN rows).
 
+Loads and compilations: every pass reads its blocks as 1-D column ranges (reshaped to
+``(BLOCK/4, 4)`` where Philox groups matter), full blocks without a mask and the tail
+(if any) with one, so aligned rows get 16-byte vector loads whatever the vocabulary
+(e.g. 50257). ``vocab`` is not specialized: one compilation per dtype triple and row
+alignment. A pivot pass keeps ``(SBLOCK, P)`` accumulators and reduces them once after
+its loop. Rows are one program each: a row is not yet split across programs at small
+batch (bitwise batch invariance would need the split to depend on the vocabulary alone).
+Compiled offline for sm_90 (triton 3.8, bf16): 204 registers, no spills, 16-byte
+loads in pass 1 and the last pass (the previous 4-wide tiles: 181, scalar loads only).
+
 Exactness notes: the kernel is launched with ``enable_fp_fusion=False`` on GPU so
 that ``b + alpha * (e - a)`` is not contracted into an FMA (the reference rounds
 twice), and uses ``tl.math.div_rn`` for ``z / T`` (Triton's ``/`` is approximate on
@@ -97,6 +107,42 @@ _MIN = getattr(tl.standard, "_elementwise_min", _min_combine)
 
 
 # --------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _combine(b, e, a, alpha, t_eff):
+    """(z, z') of loaded values (any float dtype): z = b + alpha * (e - a), z' = z / T."""
+    ninf: tl.constexpr = float("-inf")
+    b = b.to(tl.float32)
+    e = e.to(tl.float32)
+    a = a.to(tl.float32)
+    excluded = (b == ninf) | (e == ninf) | (a == ninf)
+    # (zeroing e and a of excluded tokens spares the interpreter -inf - -inf warnings)
+    e = tl.where(excluded, 0.0, e)
+    a = tl.where(excluded, 0.0, a)
+    z = tl.where(excluded, ninf, b + alpha * (e - a))
+    zp = tl.math.div_rn(z, tl.broadcast_to(t_eff, z.shape))
+    return z, zp
+
+
+@triton.jit
+def _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, N: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """(z, z') of columns start .. start + N - 1 as 1-D ranges (16-byte vector loads when
+    the rows are aligned). MASKED=False: a full block, no mask (start + N <= vocab), so
+    the loads stay vectorized whatever the vocabulary; True: the tail, padding -inf."""
+    ninf: tl.constexpr = float("-inf")
+    offs = start + tl.arange(0, N)
+    if MASKED:
+        mask = offs < vocab
+        z, zp = _combine(tl.load(b_ptr + offs, mask=mask, other=ninf),
+                         tl.load(e_ptr + offs, mask=mask, other=0.0),
+                         tl.load(a_ptr + offs, mask=mask, other=0.0), alpha, t_eff)
+        zp = tl.where(mask, zp, ninf)  # padding stays -inf even for a (bad) T < 0
+    else:
+        z, zp = _combine(tl.load(b_ptr + offs), tl.load(e_ptr + offs), tl.load(a_ptr + offs),
+                         alpha, t_eff)
+    return z, zp
+
 
 @triton.jit
 def _scaled_logits(b_ptr, e_ptr, a_ptr, offs, mask, alpha, t_eff):
@@ -191,6 +237,22 @@ def _key_float(k):
 
 
 @triton.jit
+def _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS: tl.constexpr):
+    """One block of a pivot pass folded into the (SBLOCK, P) accumulators."""
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    zc = zp[:, None]
+    ge = zc >= pv[None, :]
+    cnt2 += ge.to(tl.int32)
+    if MASS:
+        w = tl.exp(zp - row_max)
+        fm2 += tl.where(ge, w[:, None], 0.0)
+    amin2 = tl.minimum(amin2, tl.where(ge, zc, pinf))
+    bmax2 = tl.maximum(bmax2, tl.where(ge, ninf, zc))
+    return cnt2, fm2, amin2, bmax2
+
+
+@triton.jit
 def _pivot_search(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, row_max, lo, hi, cnt_lo, target,
                   p_frac, chain, MASS: tl.constexpr, SBLOCK: tl.constexpr, P: tl.constexpr,
                   C: tl.constexpr, MAX_PASSES: tl.constexpr):
@@ -210,7 +272,6 @@ def _pivot_search(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, row_max, lo, hi, cnt
     j = tl.arange(0, P)
     frac = j.to(tl.float32) * (1.0 / PV)
     kstep = (j - PV + 1).to(tl.int64)
-    cols0 = tl.arange(0, SBLOCK)
     pinf: tl.constexpr = float("inf")
     ninf: tl.constexpr = float("-inf")
     n = tl.full([], 0, tl.int32)
@@ -228,22 +289,24 @@ def _pivot_search(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, row_max, lo, hi, cnt
         pv = tl.where(pv == pv, pv, lo)
         pv = tl.minimum(tl.maximum(pv, lo), hi)
 
-        cnt = tl.zeros([P], dtype=tl.int32)
+        # Per-(column slot, pivot) accumulators, reduced once after the loop: the loop
+        # body has no cross-thread reduction.
+        cnt2 = tl.zeros([SBLOCK, P], dtype=tl.int32)
+        fm2 = tl.zeros([SBLOCK, P], dtype=tl.float32)
+        amin2 = tl.full([SBLOCK, P], pinf, dtype=tl.float32)   # smallest z' >= pivot
+        bmax2 = tl.full([SBLOCK, P], ninf, dtype=tl.float32)   # largest z' < pivot
+        n_full = vocab - vocab % SBLOCK
+        for start in range(0, n_full, SBLOCK):
+            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, SBLOCK, False)
+            cnt2, fm2, amin2, bmax2 = _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS)
+        if n_full < vocab:
+            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, n_full, vocab, alpha, t_eff, SBLOCK, True)
+            cnt2, fm2, amin2, bmax2 = _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS)
+        cnt = tl.reduce(cnt2, 0, _SUM)
         if MASS:
-            fm = tl.zeros([P], dtype=tl.float32)
-        above_min = tl.full([P], pinf, dtype=tl.float32)   # smallest z' >= pivot
-        below_max = tl.full([P], ninf, dtype=tl.float32)   # largest z' < pivot
-        for start in range(0, vocab, SBLOCK):
-            cols = start + cols0
-            _, zp = _scaled_logits(b_ptr, e_ptr, a_ptr, cols, cols < vocab, alpha, t_eff)
-            zc = zp[:, None]
-            ge = zc >= pv[None, :]
-            cnt += tl.reduce(ge.to(tl.int32), 0, _SUM)
-            if MASS:
-                w = tl.exp(zp - row_max)
-                fm += tl.reduce(tl.where(ge, w[:, None], 0.0), 0, _SUM)
-            above_min = tl.minimum(above_min, tl.reduce(tl.where(ge, zc, pinf), 0, _MIN))
-            below_max = tl.maximum(below_max, tl.reduce(tl.where(ge, ninf, zc), 0, _MAX))
+            fm = tl.reduce(fm2, 0, _SUM)
+        above_min = tl.reduce(amin2, 0, _MIN)
+        below_max = tl.reduce(bmax2, 0, _MAX)
 
         if MASS:
             f_lo = tl.reduce(tl.where(j == 0, fm, 0.0), None, _SUM)   # pivot 0 is lo
@@ -268,9 +331,78 @@ def _pivot_search(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, row_max, lo, hi, cnt
     return lo, hi, cnt_lo, cnt_gt, total, n
 
 
-# --------------------------------------------------------------------------- kernel
+@triton.jit
+def _pass1_step(z, zp, cols, group, lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag,
+                l_key, l_kidx, draw, seed_lo, seed_hi, step_lo, step_hi):
+    """One (G, 4) block of pass 1 folded into the per-lane accumulators (module doc)."""
+    ninf: tl.constexpr = float("-inf")
+    pinf: tl.constexpr = float("inf")
+    fin = zp > ninf
+    l_flag |= (tl.where((z != z) | (z == pinf), 1, 0) | tl.where(z > ninf, 2, 0)
+               | tl.where(zp != zp, 4, 0))
+    l_fin += fin.to(tl.int32)
+    l_min = tl.minimum(l_min, tl.where(fin, zp, pinf))
+    new_max = tl.maximum(l_max, zp)
+    ref = tl.where(new_max > ninf, new_max, 0.0)     # no -inf - -inf (NaN) for empty lanes
+    scale = tl.where(new_max == l_max, 1.0, tl.exp(l_max - ref))
+    l_sum = l_sum * scale + tl.where(fin, tl.exp(zp - ref), 0.0)
+    l_cnt = tl.where(zp > l_max, 1, tl.where(zp == l_max, l_cnt + 1, l_cnt))
+    l_arg = tl.where(zp > l_max, cols, l_arg)
+    l_max = new_max
+    if draw:
+        gum = _gumbel(seed_lo, seed_hi, step_lo, step_hi, group, lane)
+        key = tl.where(fin, zp + gum, ninf)
+        l_kidx = tl.where(key > l_key, cols, l_kidx)
+        l_key = tl.maximum(l_key, key)
+    return l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx
+
 
 @triton.jit
+def _last_step(zp, cols, group, lane, do_collect, c_lo, c_hi, tau_d, m_run, min_p, seed_lo,
+               seed_hi, step_lo, step_hi, a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key,
+               n_coll, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, C: tl.constexpr):
+    """One (G, 4) block of the last pass (module doc): tokens above the bracket folded into
+    the per-lane accumulators, the bracket's tokens compacted into the C slots."""
+    ninf: tl.constexpr = float("-inf")
+    slot = tl.arange(0, C)
+    fin = zp > ninf
+    above = fin & tl.where(do_collect, zp > c_hi, zp >= tau_d)
+    inwin = fin & do_collect & (zp >= c_lo) & (zp <= c_hi)
+    # Skip the block when nothing in it can be kept.
+    if tl.reduce((above | inwin).to(tl.int32), None, _MAX) > 0:
+        w = tl.exp(zp - m_run)
+        keepable = (above | inwin) & (w >= min_p)
+        gum = _gumbel(seed_lo, seed_hi, step_lo, step_hi, group, lane)
+        key = tl.where(keepable, zp + gum, ninf)
+        a_cnt += above.to(tl.int32)
+        a_mass += tl.where(above, w, 0.0)
+        akey = tl.where(above, key, ninf)
+        a_kidx = tl.where(akey > a_key, cols, a_kidx)
+        a_key = tl.maximum(a_key, akey)
+        # Compact the bracket's tokens into the slots n_coll, n_coll + 1, ...
+        flat_in = tl.reshape(inwin.to(tl.int32), [BLOCK])
+        n_blk = tl.reduce(flat_in, None, _SUM)
+        if n_blk > 0:
+            incl = tl.cumsum(flat_in, axis=0)
+            want = slot - n_coll + 1        # the want-th bracket token of the block
+            pos = tl.zeros([C], dtype=tl.int32)
+            for bit in tl.static_range(LOG2_BLOCK - 1, -1, -1):  # lower_bound(incl, want)
+                probe = tl.gather(incl, pos + ((1 << bit) - 1), 0)
+                pos = tl.where(probe < want, pos + (1 << bit), pos)
+            fill = (want >= 1) & (want <= n_blk)
+            s_val = tl.where(fill, tl.gather(tl.reshape(zp, [BLOCK]), pos, 0), s_val)
+            s_idx = tl.where(fill, tl.gather(tl.reshape(cols, [BLOCK]), pos, 0), s_idx)
+            s_key = tl.where(fill, tl.gather(tl.reshape(key, [BLOCK]), pos, 0), s_key)
+            n_coll += n_blk
+    return a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll
+
+
+# --------------------------------------------------------------------------- kernel
+
+# vocab is not specialized (one compilation for every vocabulary: full blocks need no
+# mask, so its divisibility does not matter); the row strides are (16-byte aligned rows
+# keep vector loads), as are the pointers' alignments.
+@triton.jit(do_not_specialize=["vocab"])
 def _proxy_sample_kernel(
         base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
         alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
@@ -325,26 +457,20 @@ def _proxy_sample_kernel(
     l_flag = tl.zeros([G, 4], dtype=tl.int32)              # 1: z NaN/+inf, 2: z > -inf, 4: z' NaN
     l_key = tl.full([G, 4], ninf, tl.float32)              # lane's best Gumbel key
     l_kidx = tl.full([G, 4], BIG, tl.int32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + offs0
-        z, zp = _scaled_logits(b_ptr, e_ptr, a_ptr, cols, cols < vocab, alpha, t_eff)
-        fin = zp > ninf
-        l_flag |= (tl.where((z != z) | (z == pinf), 1, 0) | tl.where(z > ninf, 2, 0)
-                   | tl.where(zp != zp, 4, 0))
-        l_fin += fin.to(tl.int32)
-        l_min = tl.minimum(l_min, tl.where(fin, zp, pinf))
-        new_max = tl.maximum(l_max, zp)
-        ref = tl.where(new_max > ninf, new_max, 0.0)     # no -inf - -inf (NaN) for empty lanes
-        scale = tl.where(new_max == l_max, 1.0, tl.exp(l_max - ref))
-        l_sum = l_sum * scale + tl.where(fin, tl.exp(zp - ref), 0.0)
-        l_cnt = tl.where(zp > l_max, 1, tl.where(zp == l_max, l_cnt + 1, l_cnt))
-        l_arg = tl.where(zp > l_max, cols, l_arg)
-        l_max = new_max
-        if draw_in_pass1:
-            gum = _gumbel(seed_lo, seed_hi, step_lo, step_hi, (start // 4) + grp0, lane)
-            key = tl.where(fin, zp + gum, ninf)
-            l_kidx = tl.where(key > l_key, cols, l_kidx)
-            l_key = tl.maximum(l_key, key)
+    # Full blocks without a mask, then the tail (so any vocabulary keeps vector loads).
+    n_full = vocab - vocab % BLOCK
+    for start in range(0, n_full, BLOCK):
+        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, BLOCK, False)
+        l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx = _pass1_step(
+            tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), start + offs0, (start // 4) + grp0,
+            lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx,
+            draw_in_pass1, seed_lo, seed_hi, step_lo, step_hi)
+    if n_full < vocab:
+        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, n_full, vocab, alpha, t_eff, BLOCK, True)
+        l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx = _pass1_step(
+            tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), n_full + offs0, (n_full // 4) + grp0,
+            lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx,
+            draw_in_pass1, seed_lo, seed_hi, step_lo, step_hi)
 
     m_run = tl.reduce(l_max, None, _MAX)                                  # max z'
     m_ref = tl.where(tl.abs(m_run) == pinf, 0.0, m_run)
@@ -438,38 +564,18 @@ def _proxy_sample_kernel(
         a_mass = tl.zeros([G, 4], dtype=tl.float32)   # their mass,
         a_key = tl.full([G, 4], ninf, tl.float32)     # best key among them and its index
         a_kidx = tl.full([G, 4], BIG, tl.int32)
-        for start in range(0, vocab, BLOCK):
-            cols = start + offs0
-            _, zp = _scaled_logits(b_ptr, e_ptr, a_ptr, cols, cols < vocab, alpha, t_eff)
-            fin = zp > ninf
-            above = fin & tl.where(do_collect, zp > c_hi, zp >= tau_d)
-            inwin = fin & do_collect & (zp >= c_lo) & (zp <= c_hi)
-            # Skip the block when nothing in it can be kept.
-            if tl.reduce((above | inwin).to(tl.int32), None, _MAX) > 0:
-                w = tl.exp(zp - m_run)
-                keepable = (above | inwin) & (w >= min_p)
-                gum = _gumbel(seed_lo, seed_hi, step_lo, step_hi, (start // 4) + grp0, lane)
-                key = tl.where(keepable, zp + gum, ninf)
-                a_cnt += above.to(tl.int32)
-                a_mass += tl.where(above, w, 0.0)
-                akey = tl.where(above, key, ninf)
-                a_kidx = tl.where(akey > a_key, cols, a_kidx)
-                a_key = tl.maximum(a_key, akey)
-                # Compact the bracket's tokens into the slots n_coll, n_coll + 1, ...
-                flat_in = tl.reshape(inwin.to(tl.int32), [BLOCK])
-                n_blk = tl.reduce(flat_in, None, _SUM)
-                if n_blk > 0:
-                    incl = tl.cumsum(flat_in, axis=0)
-                    want = slot - n_coll + 1        # the want-th bracket token of the block
-                    pos = tl.zeros([C], dtype=tl.int32)
-                    for bit in tl.static_range(LOG2_BLOCK - 1, -1, -1):  # lower_bound(incl, want)
-                        probe = tl.gather(incl, pos + ((1 << bit) - 1), 0)
-                        pos = tl.where(probe < want, pos + (1 << bit), pos)
-                    fill = (want >= 1) & (want <= n_blk)
-                    s_val = tl.where(fill, tl.gather(tl.reshape(zp, [BLOCK]), pos, 0), s_val)
-                    s_idx = tl.where(fill, tl.gather(tl.reshape(cols, [BLOCK]), pos, 0), s_idx)
-                    s_key = tl.where(fill, tl.gather(tl.reshape(key, [BLOCK]), pos, 0), s_key)
-                    n_coll += n_blk
+        for start in range(0, n_full, BLOCK):
+            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, BLOCK, False)
+            a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll = _last_step(
+                tl.reshape(zp, [G, 4]), start + offs0, (start // 4) + grp0, lane, do_collect,
+                c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+                a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll, BLOCK, LOG2_BLOCK, C)
+        if n_full < vocab:
+            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, n_full, vocab, alpha, t_eff, BLOCK, True)
+            a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll = _last_step(
+                tl.reshape(zp, [G, 4]), n_full + offs0, (n_full // 4) + grp0, lane, do_collect,
+                c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+                a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll, BLOCK, LOG2_BLOCK, C)
         cnt_gt = tl.reduce(a_cnt, None, _SUM)
         mass_gt = tl.reduce(a_mass, None, _SUM)
         best_key = tl.reduce(a_key, None, _MAX)
@@ -534,7 +640,7 @@ def default_config(device: torch.device | None = None, vocab_size: int | None = 
     if _interpreting():
         whole = triton.next_power_of_2(max(int(vocab_size or 1), 16))
         return dict(BLOCK=min(whole, 32768), SBLOCK=min(whole, 32768), P=32, C=64, num_warps=4)
-    return dict(BLOCK=2048, SBLOCK=256, P=32, C=64, num_warps=8)
+    return dict(BLOCK=2048, SBLOCK=128, P=32, C=64, num_warps=8)
 
 
 def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step,
