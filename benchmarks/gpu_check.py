@@ -179,8 +179,8 @@ def stage_tests(args, out_dir, info):
     if args.dry_run:
         return "skipped", "dry run (needs a GPU)"
     log = _log_path(out_dir, "tests")
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "not compute_sanitizer", "tests"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+           "-k", "not compute_sanitizer", "tests"] + ([] if args.keep_going else ["-x"])
     rc, tail = run_logged(cmd, log, timeout=STAGE_LIMITS["tests"], env=child_env())
     return ("ok" if rc == 0 else "failed"), tail
 
