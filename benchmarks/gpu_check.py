@@ -5,7 +5,7 @@ network), from the repository root:
 
     python3 benchmarks/gpu_check.py [--keep-going] [--dry-run] [--out DIR]
 
-Stages, each timed, each logged under the output folder (``$GPU_CHECK_OUT``, else
+Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_CHECK_OUT``, else
 ``$OUT`` -- the device tool returns what is written there --, else ``gpu-check-out/``):
 
   device      the GPU, torch / triton / nvcc / compute-sanitizer versions
@@ -20,8 +20,9 @@ Stages, each timed, each logged under the output folder (``$GPU_CHECK_OUT``, els
   kernels     the kernel table: naive step, torch.compile of it, triton, cuda over vocab
               {32000, 128256, 151936} x batch {1, 8, 64, 256}, bf16, five modes; plus the
               device-to-device copy bandwidth. kernel_table.json and kernel_table.md
-  generate    benchmarks/bench_generate.py (the engine issue's generation benchmark) when
-              that file exists; skipped otherwise  <-- HOOK: nothing to change here
+  generate    benchmarks/bench_generate.py --out DIR $GPU_CHECK_GENERATE_ARGS (default
+              "--configs small", to fit the budget) when that file exists (the engine
+              issue's generation benchmark); skipped otherwise  <-- HOOK
 
 It stops at the first failing stage unless --keep-going (or GPU_CHECK_KEEP_GOING=1), and
 prints a summary last (also in summary.json). Budget: a whole run within 7 minutes on an
@@ -64,7 +65,9 @@ class Stage:
 
 
 def _log_path(out_dir, name):
-    return os.path.join(out_dir, f"{name}.log")
+    """Every stage logs into one file: the device tool returns at most 8 files from $OUT
+    (gpu-check.log, summary.json, kernel_table.json/.md, generate.json/.md/.png)."""
+    return os.path.join(out_dir, "gpu-check.log")
 
 
 def run_logged(cmd, log_path, *, timeout, env=None, cwd=ROOT):
@@ -193,7 +196,8 @@ def stage_generate(args, out_dir, info):
         return "skipped", "benchmarks/bench_generate.py does not exist yet (engine issue)"
     if args.dry_run:
         return "skipped", "dry run (needs a GPU)"
-    rc, tail = run_logged([sys.executable, script], _log_path(out_dir, "generate"),
+    extra = os.environ.get("GPU_CHECK_GENERATE_ARGS", "--configs small").split()
+    rc, tail = run_logged([sys.executable, script, "--out", out_dir] + extra, _log_path(out_dir, "generate"),
                           timeout=STAGE_LIMITS["generate"], env=child_env(GPU_CHECK_OUT=out_dir))
     return ("ok" if rc == 0 else "failed"), tail
 
