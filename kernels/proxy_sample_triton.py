@@ -1,4 +1,5 @@
-"""The fused proxy-tuning sampler in Triton: one program per row, no host sync.
+"""The fused proxy-tuning sampler in Triton: one program per row (pass 1 split across
+programs at small batch), no host sync.
 
 Semantics are :mod:`proxykern.reference`'s (the spec); this module only makes them fast.
 Every pass below re-reads the row's three logit inputs and recomputes
@@ -14,7 +15,13 @@ Pass 1 (every row)
     loop body has no cross-thread reduction. One Philox call serves four
     neighbouring tokens: a block's row ``i`` holds tokens ``4i .. 4i+3`` and each
     takes its word of that group's call. Greedy rows and sampling rows without
-    filters are done after this one pass.
+    filters are done after this one pass. The row is cut into segments of
+    ``SEG_BLOCKS * BLOCK`` columns (a function of the vocabulary alone); each segment's
+    lanes are reduced to a few scalars and the segments folded in column order. At
+    small batch (``B <= SPLIT_MAX_BATCH``) a first kernel runs one program per
+    (segment, row) and the row's program folds their results; otherwise the row's
+    program runs the segments itself. The same arithmetic in the same order either
+    way: a row's result is bitwise the same alone or in any batch.
 
 Threshold search (rows with ``top_k`` and/or ``top_p`` active)
     Both thresholds are "the largest present value ``v`` with ``F(v) >= target``",
@@ -54,11 +61,12 @@ Loads and compilations: every pass reads its blocks as 1-D column ranges (reshap
 ``(BLOCK/4, 4)`` where Philox groups matter), full blocks without a mask and the tail
 (if any) with one, so aligned rows get 16-byte vector loads whatever the vocabulary
 (e.g. 50257). ``vocab`` is not specialized: one compilation per dtype triple and row
-alignment. A pivot pass keeps ``(SBLOCK, P)`` accumulators and reduces them once after
-its loop. Rows are one program each: a row is not yet split across programs at small
-batch (bitwise batch invariance would need the split to depend on the vocabulary alone).
-Compiled offline for sm_90 (triton 3.8, bf16): 204 registers, no spills, 16-byte
-loads in pass 1 and the last pass (the previous 4-wide tiles: 181, scalar loads only).
+alignment (times two: split or not; plus the segment kernel). A pivot pass keeps
+``(SBLOCK, P)`` accumulators and reduces them once after its loop; pivot passes and the
+last pass still run in the row's one program. Compiled offline for sm_90 (triton 3.8,
+bf16, no GPU): main kernel 221 registers (176 when split), segment kernel 188, no
+spills, 16-byte loads in pass 1 and the last pass (the previous 4-wide tiles: 181
+registers, scalar loads only). Not yet timed on a GPU.
 
 Exactness notes: the kernel is launched with ``enable_fp_fusion=False`` on GPU so
 that ``b + alpha * (e - a)`` is not contracted into an FMA (the reference rounds
@@ -399,22 +407,10 @@ def _last_step(zp, cols, group, lane, do_collect, c_lo, c_hi, tau_d, m_run, min_
 
 # --------------------------------------------------------------------------- kernel
 
-# vocab is not specialized (one compilation for every vocabulary: full blocks need no
-# mask, so its divisibility does not matter); the row strides are (16-byte aligned rows
-# keep vector loads), as are the pointers' alignments.
-@triton.jit(do_not_specialize=["vocab"])
-def _proxy_sample_kernel(
-        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
-        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
-        tokens_ptr, logprobs_ptr, lse_ptr, status_ptr, debug_ptr, vocab,
-        BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, SBLOCK: tl.constexpr, P: tl.constexpr,
-        C: tl.constexpr, MAX_PASSES: tl.constexpr, DEBUG: tl.constexpr):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    b_ptr = base_ptr + row64 * stride_base
-    e_ptr = expert_ptr + row64 * stride_expert
-    a_ptr = anti_ptr + row64 * stride_anti
-
+@triton.jit
+def _row_params(alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row,
+                vocab):
+    """A row's parameters and the flags derived from them (the same in both kernels)."""
     alpha = tl.load(alpha_ptr + row).to(tl.float32)
     temp = tl.load(temp_ptr + row).to(tl.float32)
     top_k = tl.load(top_k_ptr + row).to(tl.int64)
@@ -426,7 +422,6 @@ def _proxy_sample_kernel(
     seed_hi = (seed >> 32).to(tl.uint32)
     step_lo = step.to(tl.uint32)
     step_hi = (step >> 32).to(tl.uint32)
-
     # Greedy: T == 0 and, by the overflow rule (reference.py), subnormal T.
     greedy = tl.abs(temp) < _FP32_MIN_NORMAL
     sampling = ~greedy              # a NaN temperature samples (ops.py flags it)
@@ -435,8 +430,17 @@ def _proxy_sample_kernel(
     k_may = sampling & (top_k > 0) & (top_k < vocab)
     p_on = sampling & (~(top_p >= 1.0))
     m_on = sampling & (~(min_p <= 0.0))
-    draw_in_pass1 = sampling & (~k_may) & (~p_on) & (~m_on)
+    draw = sampling & (~k_may) & (~p_on) & (~m_on)
+    return (alpha, temp, top_k, top_p, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
+            sampling, t_eff, k_may, p_on, m_on, draw)
 
+
+@triton.jit
+def _segment_stats(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, seg_start, seg_stop, draw,
+                   seed_lo, seed_hi, step_lo, step_hi, BLOCK: tl.constexpr):
+    """Pass 1 over the columns [seg_start, seg_stop) of a row, its lanes reduced:
+    (max z', sum exp(z' - max), lowest argmax, count at the max, smallest finite z',
+    count of z' > -inf, flag counts (int64, 21-bit fields), best Gumbel key, its index)."""
     pinf: tl.constexpr = float("inf")
     ninf: tl.constexpr = float("-inf")
     BIG: tl.constexpr = 2147483647
@@ -444,8 +448,6 @@ def _proxy_sample_kernel(
     grp0 = tl.arange(0, G)[:, None]
     lane = tl.arange(0, 4)[None, :]
     offs0 = grp0 * 4 + lane                                   # (G, 4), token order
-
-    # ---------------------------------------------------------------- pass 1
     # Per-lane accumulators, reduced once after the loop (no reduction per block):
     # each lane keeps its own online max / rescaled sum-exp.
     l_max = tl.full([G, 4], ninf, tl.float32)              # lane max z'
@@ -458,38 +460,153 @@ def _proxy_sample_kernel(
     l_key = tl.full([G, 4], ninf, tl.float32)              # lane's best Gumbel key
     l_kidx = tl.full([G, 4], BIG, tl.int32)
     # Full blocks without a mask, then the tail (so any vocabulary keeps vector loads).
-    n_full = vocab - vocab % BLOCK
-    for start in range(0, n_full, BLOCK):
+    full_end = seg_start + ((seg_stop - seg_start) // BLOCK) * BLOCK
+    for start in range(seg_start, full_end, BLOCK):
         z, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, BLOCK, False)
         l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx = _pass1_step(
             tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), start + offs0, (start // 4) + grp0,
             lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx,
-            draw_in_pass1, seed_lo, seed_hi, step_lo, step_hi)
-    if n_full < vocab:
-        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, n_full, vocab, alpha, t_eff, BLOCK, True)
+            draw, seed_lo, seed_hi, step_lo, step_hi)
+    if full_end < seg_stop:
+        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, full_end, vocab, alpha, t_eff, BLOCK, True)
         l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx = _pass1_step(
-            tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), n_full + offs0, (n_full // 4) + grp0,
-            lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx,
-            draw_in_pass1, seed_lo, seed_hi, step_lo, step_hi)
-
-    m_run = tl.reduce(l_max, None, _MAX)                                  # max z'
-    m_ref = tl.where(tl.abs(m_run) == pinf, 0.0, m_run)
-    s_run = tl.reduce(tl.where(l_max > ninf, l_sum * tl.exp(l_max - m_ref), 0.0), None, _SUM)
-    at_max = l_max == m_run
-    arg_max = tl.reduce(tl.where(at_max, l_arg, BIG), None, _MIN)         # lowest index at the max
-    arg_max = tl.where(arg_max == BIG, 0, arg_max)
+            tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), full_end + offs0,
+            (full_end // 4) + grp0, lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag,
+            l_key, l_kidx, draw, seed_lo, seed_hi, step_lo, step_hi)
+    m = tl.reduce(l_max, None, _MAX)
+    m_ref = tl.where(tl.abs(m) == pinf, 0.0, m)
+    sm = tl.reduce(tl.where(l_max > ninf, l_sum * tl.exp(l_max - m_ref), 0.0), None, _SUM)
+    at_max = l_max == m
+    arg = tl.reduce(tl.where(at_max, l_arg, BIG), None, _MIN)
+    cnt = tl.reduce(tl.where(at_max, l_cnt, 0), None, _SUM)
+    mn = tl.reduce(l_min, None, _MIN)
+    nfin = tl.reduce(l_fin, None, _SUM)
     # One reduction for the three flags: the count of lanes with each bit, in 21-bit fields.
     fl = l_flag.to(tl.int64)
     flag_cnt = tl.reduce((fl & 1) | ((fl & 2) << 20) | ((fl & 4) << 40), None, _SUM)
+    key = tl.reduce(l_key, None, _MAX)
+    kidx = tl.reduce(tl.where(l_key == key, l_kidx, BIG), None, _MIN)
+    return m, sm, arg, cnt, mn, nfin, flag_cnt, key, kidx
+
+
+@triton.jit
+def _merge_stats(m_a, s_a, arg_a, cnt_a, mn_a, nfin_a, fl_a, key_a, kidx_a,
+                 m_b, s_b, arg_b, cnt_b, mn_b, nfin_b, fl_b, key_b, kidx_b):
+    """Folds segment b's stats into a's (the columns before b's): exact, except the sum
+    (rescaled to the new max), whose rounding depends only on the segment order."""
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    m = tl.maximum(m_a, m_b)
+    ref = tl.where(tl.abs(m) == pinf, 0.0, m)
+    ref_a = tl.where(tl.abs(m_a) == pinf, 0.0, m_a)
+    ref_b = tl.where(tl.abs(m_b) == pinf, 0.0, m_b)
+    sm = (tl.where(m_a > ninf, s_a * tl.exp(ref_a - ref), 0.0)
+          + tl.where(m_b > ninf, s_b * tl.exp(ref_b - ref), 0.0))
+    arg = tl.where(m_b > m_a, arg_b, arg_a)
+    cnt = tl.where(m_a == m, cnt_a, 0) + tl.where(m_b == m, cnt_b, 0)
+    take = key_b > key_a
+    return (m, sm, arg, cnt, tl.minimum(mn_a, mn_b), nfin_a + nfin_b, fl_a + fl_b,
+            tl.where(take, key_b, key_a), tl.where(take, kidx_b, kidx_a))
+
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _segment_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, vocab, n_seg, BLOCK: tl.constexpr, SEG: tl.constexpr):
+    """Split pass 1: program (segment, row) writes the segment's stats (small batches)."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    (alpha, temp, top_k, top_p, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy, sampling,
+     t_eff, k_may, p_on, m_on, draw) = _row_params(alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr,
+                                                   min_p_ptr, seed_ptr, step_ptr, row, vocab)
+    seg_start = seg * SEG
+    m, sm, arg, cnt, mn, nfin, fl, key, kidx = _segment_stats(
+        base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
+        anti_ptr + row64 * stride_anti, alpha, t_eff, vocab, seg_start,
+        tl.minimum(seg_start + SEG, vocab), draw, seed_lo, seed_hi, step_lo, step_hi, BLOCK)
+    slot = row64 * n_seg + seg
+    tl.store(ws_f_ptr + slot * 4 + 0, m)
+    tl.store(ws_f_ptr + slot * 4 + 1, sm)
+    tl.store(ws_f_ptr + slot * 4 + 2, mn)
+    tl.store(ws_f_ptr + slot * 4 + 3, key)
+    tl.store(ws_i_ptr + slot * 5 + 0, arg.to(tl.int64))
+    tl.store(ws_i_ptr + slot * 5 + 1, cnt.to(tl.int64))
+    tl.store(ws_i_ptr + slot * 5 + 2, nfin.to(tl.int64))
+    tl.store(ws_i_ptr + slot * 5 + 3, fl)
+    tl.store(ws_i_ptr + slot * 5 + 4, kidx.to(tl.int64))
+
+
+# vocab is not specialized (one compilation for every vocabulary: full blocks need no
+# mask, so its divisibility does not matter); the row strides are (16-byte aligned rows
+# keep vector loads), as are the pointers' alignments.
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _proxy_sample_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        tokens_ptr, logprobs_ptr, lse_ptr, status_ptr, debug_ptr, ws_f_ptr, ws_i_ptr, vocab,
+        n_seg, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+        P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr, DEBUG: tl.constexpr,
+        SEG: tl.constexpr, SPLIT: tl.constexpr):
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    b_ptr = base_ptr + row64 * stride_base
+    e_ptr = expert_ptr + row64 * stride_expert
+    a_ptr = anti_ptr + row64 * stride_anti
+
+    (alpha, temp, top_k, top_p, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy, sampling,
+     t_eff, k_may, p_on, m_on, draw_in_pass1) = _row_params(
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
+
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
+    G: tl.constexpr = BLOCK // 4
+    grp0 = tl.arange(0, G)[:, None]
+    lane = tl.arange(0, 4)[None, :]
+    offs0 = grp0 * 4 + lane                                   # (G, 4), token order
+    n_full = vocab - vocab % BLOCK                            # columns in full blocks
+
+    # ---------------------------------------------------------------- pass 1
+    # Segment by segment (SEG columns, from the vocabulary alone), folded in order: by
+    # this program, or (SPLIT, small batches) read from _segment_kernel's workspace --
+    # the same numbers either way, so a row's result never depends on its batch.
+    m_run = tl.full([], ninf, tl.float32)
+    s_run = tl.full([], 0.0, tl.float32)
+    arg_max = tl.full([], BIG, tl.int32)
+    n_at_max = tl.full([], 0, tl.int32)                       # tokens with z' == max
+    min_fin = tl.full([], pinf, tl.float32)                   # smallest finite z'
+    n_fin = tl.full([], 0, tl.int32)                          # tokens with z' > -inf
+    flag_cnt = tl.full([], 0, tl.int64)
+    best_key = tl.full([], ninf, tl.float32)
+    best_idx = tl.full([], BIG, tl.int32)
+    for seg in range(0, n_seg):
+        if SPLIT:
+            slot = row64 * n_seg + seg
+            m_b = tl.load(ws_f_ptr + slot * 4 + 0)
+            s_b = tl.load(ws_f_ptr + slot * 4 + 1)
+            mn_b = tl.load(ws_f_ptr + slot * 4 + 2)
+            key_b = tl.load(ws_f_ptr + slot * 4 + 3)
+            arg_b = tl.load(ws_i_ptr + slot * 5 + 0).to(tl.int32)
+            cnt_b = tl.load(ws_i_ptr + slot * 5 + 1).to(tl.int32)
+            nfin_b = tl.load(ws_i_ptr + slot * 5 + 2).to(tl.int32)
+            fl_b = tl.load(ws_i_ptr + slot * 5 + 3)
+            kidx_b = tl.load(ws_i_ptr + slot * 5 + 4).to(tl.int32)
+        else:
+            seg_start = seg * SEG
+            m_b, s_b, arg_b, cnt_b, mn_b, nfin_b, fl_b, key_b, kidx_b = _segment_stats(
+                b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, seg_start,
+                tl.minimum(seg_start + SEG, vocab), draw_in_pass1, seed_lo, seed_hi, step_lo,
+                step_hi, BLOCK)
+        m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx = (
+            _merge_stats(m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key,
+                         best_idx, m_b, s_b, arg_b, cnt_b, mn_b, nfin_b, fl_b, key_b, kidx_b))
+    arg_max = tl.where(arg_max == BIG, 0, arg_max)
     nonfinite = flag_cnt & 0x1FFFFF
     any_z = (flag_cnt >> 21) & 0x1FFFFF
     nan_zp = flag_cnt >> 42
-    best_key = tl.full([], ninf, tl.float32)
-    best_idx = tl.full([], 0, tl.int32)
-    if draw_in_pass1:                                      # Gumbel-max, no filter
-        best_key = tl.reduce(l_key, None, _MAX)
-        best_idx = tl.reduce(tl.where(l_key == best_key, l_kidx, BIG), None, _MIN)
-        best_idx = tl.where(best_key > ninf, best_idx, 0)
+    best_idx = tl.where(best_key > ninf, best_idx, 0)  # Gumbel-max without filters
     status = tl.where(nonfinite > 0, _STATUS_NONFINITE, 0) | tl.where(any_z > 0, 0, _STATUS_EMPTY)
     ok = status == 0
     # The overflow rule: a good sampled row whose max z / T is +-inf is sampled as greedy
@@ -508,9 +625,6 @@ def _proxy_sample_kernel(
     tau = tl.full([], ninf, tl.float32)
     if ok & sampling & (~draw_in_pass1):
         # ------------------------------------------------------ threshold search
-        n_at_max = tl.reduce(tl.where(at_max, l_cnt, 0), None, _SUM)      # tokens with z' == max
-        min_fin = tl.reduce(l_min, None, _MIN)                            # smallest finite z'
-        n_fin = tl.reduce(l_fin, None, _SUM)                              # tokens with z' > -inf
         k_on = k_may & (top_k < n_fin)
         k32 = tl.where(k_on, top_k, 1).to(tl.int32)
         p_frac = tl.where(top_p > 0.0, top_p, 0.0)   # NaN / <= 0: the max alone
@@ -633,14 +747,18 @@ def default_config(device: torch.device | None = None, vocab_size: int | None = 
     """Launch parameters.
 
     BLOCK: columns per step of pass 1 and the last pass; SBLOCK: of a pivot pass;
-    P: pivots per pivot pass; C: bracket slots of the last pass; num_warps.
+    P: pivots per pivot pass; C: bracket slots of the last pass; num_warps;
+    SEG_BLOCKS: blocks per pass-1 segment; SPLIT_MAX_BATCH: up to this batch (and with
+    more than one segment) pass 1 runs as one program per (segment, row).
     Under the interpreter every block costs Python overhead, so it takes the row in
     a few large blocks; on a GPU the (SBLOCK, P) pivot tiles must fit in registers.
+    Every value here may depend on the vocabulary, never on the batch (invariance).
     """
     if _interpreting():
         whole = triton.next_power_of_2(max(int(vocab_size or 1), 16))
-        return dict(BLOCK=min(whole, 32768), SBLOCK=min(whole, 32768), P=32, C=64, num_warps=4)
-    return dict(BLOCK=2048, SBLOCK=128, P=32, C=64, num_warps=8)
+        return dict(BLOCK=min(whole, 32768), SBLOCK=min(whole, 32768), P=32, C=64, num_warps=4,
+                    SEG_BLOCKS=1, SPLIT_MAX_BATCH=16)
+    return dict(BLOCK=2048, SBLOCK=128, P=32, C=64, num_warps=8, SEG_BLOCKS=2, SPLIT_MAX_BATCH=16)
 
 
 def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step,
@@ -652,8 +770,9 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
     stride (any row stride, dtypes may differ); the parameters are (B,) tensors
     (alpha, temperature, top_p, min_p float32; top_k, seed, step int64). Returns
     ``(tokens int64, logprobs float32, lse float32, status int32)``, each (B,). One
-    launch on the current stream, no host sync (CUDA-graph capturable).
-    ``config`` overrides :func:`default_config`. ``debug=True`` appends a (B, 2)
+    launch on the current stream (two at small batch: pass 1 split by segments), no
+    host sync (CUDA-graph capturable). ``config`` overrides :func:`default_config`
+    (``split=True/False`` forces the split; the results are the same bits either way). ``debug=True`` appends a (B, 2)
     float32 tensor: the passes over the inputs each row took and its final value
     threshold (kept: ``z' >= threshold``, with ``min_p`` on top; -inf: none).
     """
@@ -690,16 +809,32 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
     launch = dict(num_warps=cfg["num_warps"])
     if not _interpreting():
         launch["enable_fp_fusion"] = False  # keep b + alpha * (e - a) rounded twice
-    args = (base, expert, anti, base.stride(0), expert.stride(0), anti.stride(0),
-            param(alpha, torch.float32), param(temperature, torch.float32),
-            param(top_k, torch.int64), param(top_p, torch.float32), param(min_p, torch.float32),
-            param(seed, torch.int64), param(step, torch.int64),
-            tokens, logprobs, lse, status, dbg, vocab_size)
+    seg = cfg["SEG_BLOCKS"] * cfg["BLOCK"]
+    n_seg = -(-vocab_size // seg)
+    split = cfg.get("split", "auto")
+    if split == "auto":
+        split = n_seg > 1 and B <= cfg["SPLIT_MAX_BATCH"]
+    split = bool(split) and B <= 65535  # (the grid's second dimension)
+    ws_f = torch.empty(B * n_seg * 4 if split else 1, dtype=torch.float32, device=device)
+    ws_i = torch.empty(B * n_seg * 5 if split else 1, dtype=torch.int64, device=device)
+    row_args = (base, expert, anti, base.stride(0), expert.stride(0), anti.stride(0),
+                param(alpha, torch.float32), param(temperature, torch.float32),
+                param(top_k, torch.int64), param(top_p, torch.float32), param(min_p, torch.float32),
+                param(seed, torch.int64), param(step, torch.int64))
     consts = dict(BLOCK=cfg["BLOCK"], LOG2_BLOCK=cfg["BLOCK"].bit_length() - 1,
-                  SBLOCK=cfg["SBLOCK"], P=cfg["P"], C=cfg["C"], MAX_PASSES=48, DEBUG=debug)
+                  SBLOCK=cfg["SBLOCK"], P=cfg["P"], C=cfg["C"], MAX_PASSES=48, DEBUG=debug,
+                  SEG=seg, SPLIT=split)
+
+    def run():
+        if split:
+            _segment_kernel[(n_seg, B)](*row_args, ws_f, ws_i, vocab_size, n_seg,
+                                        BLOCK=cfg["BLOCK"], SEG=seg, **launch)
+        _proxy_sample_kernel[(B,)](*row_args, tokens, logprobs, lse, status, dbg, ws_f, ws_i,
+                                   vocab_size, n_seg, **consts, **launch)
+
     if device.type == "cuda":
         with torch.cuda.device(device):
-            _proxy_sample_kernel[(B,)](*args, **consts, **launch)
+            run()
     else:
-        _proxy_sample_kernel[(B,)](*args, **consts, **launch)
+        run()
     return outs

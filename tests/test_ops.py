@@ -361,11 +361,12 @@ def test_auto_skips_a_cuda_kernel_built_for_another_architecture(monkeypatch):
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton is not available")
 @pytest.mark.parametrize("vocab,cfg", [
-    (96, dict(BLOCK=64, SBLOCK=32)), (1000, dict(BLOCK=64, SBLOCK=32)),
+    (96, dict(BLOCK=64, SBLOCK=32)), (1000, dict(BLOCK=64, SBLOCK=32, SEG_BLOCKS=3)),
     (1000, dict(BLOCK=256, SBLOCK=16, P=8, C=16)), (4099, dict(BLOCK=1024, SBLOCK=512))])
 def test_triton_full_blocks_then_tail(vocab, cfg):
-    """Small blocks: unmasked full blocks, a masked tail (or none), several pivot passes.
-    The same tokens as the reference, lse and logprobs within tolerance."""
+    """Small blocks: unmasked full blocks, a masked tail (or none), several pivot passes,
+    pass 1 in segments (split across programs or not: the same bits). The same tokens
+    as the reference, lse and logprobs within tolerance."""
     from proxykern.kernels import proxy_sample_triton as pst
     batch = 4
     inputs = random_logits(batch, vocab, torch.float32, seed=vocab, width=vocab + 5)
@@ -379,7 +380,11 @@ def test_triton_full_blocks_then_tail(vocab, cfg):
                   torch.full((batch,), full["min_p"]), torch.arange(batch, dtype=torch.long) * 31 + 5,
                   torch.full((batch,), 3, dtype=torch.long))
         ref = reference.proxy_sample_reference(*inputs, *params, vocab)
-        got = pst.proxy_sample_triton(*inputs, *params, vocab, config=cfg)
+        got = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(cfg, split=True))
+        if name in ("temperature", "all", "slow"):
+            whole = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(cfg, split=False))
+            for a, b in zip(got, whole):
+                assert torch.equal(a, b), name
         assert torch.equal(got[3], ref[3]), name
         assert torch.equal(got[0], ref[0]), (name, got[0].tolist(), ref[0].tolist())
         torch.testing.assert_close(got[2], ref[2], rtol=2e-5, atol=2e-4)

@@ -109,3 +109,22 @@ def test_overflow_rule():
     got = run("triton", base, expert, anti, **kwargs)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[3], ref[3])
     torch.testing.assert_close(got[2], ref[2])
+
+
+@pytest.mark.parametrize("vocab", [32000, 151936])
+def test_split_pass_one_gives_the_same_bits(vocab):
+    """Small batches split pass 1 across programs; large ones do not: the same bits."""
+    from proxykern.kernels import proxy_sample_triton as pst
+    batch, d = 20, "cuda"
+    inputs = gpu_logits(batch, vocab, torch.bfloat16, seed=77)
+    params = (torch.full((batch,), 1.1, device=d), torch.linspace(0.0, 1.5, batch, device=d),
+              torch.tensor([0, 50] * (batch // 2), device=d), torch.full((batch,), 0.9, device=d),
+              torch.zeros(batch, device=d), torch.arange(batch, device=d) + 9,
+              torch.full((batch,), 4, device=d))
+    split = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(split=True))
+    whole = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(split=False))
+    for a, b in zip(split, whole):
+        assert torch.equal(a, b)
+    alone = pst.proxy_sample_triton(*(t[3:4] for t in inputs), *(p[3:4] for p in params), vocab)
+    for a, b in zip(alone, whole):  # batch 1 splits by default, batch 20 does not
+        assert torch.equal(a[0], b[3])
