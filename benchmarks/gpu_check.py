@@ -25,8 +25,11 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
               issue's generation benchmark); skipped otherwise  <-- HOOK
 
 It stops at the first failing stage unless --keep-going (or GPU_CHECK_KEEP_GOING=1), and
-prints a summary last (also in summary.json). Budget: a whole run within 7 minutes on an
-H200 (build ~1.5, sanitizer ~1, tests ~1.5, kernels ~2.5 min). --dry-run (or
+prints a summary last (also in summary.json). Budget: a whole run within 7 minutes
+(GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 240 s, sanitizer
+150, tests 240, kernels 210, generate 180), cut to what is left of the budget; a stage
+that finds none left is skipped. Expected on an H200: build ~1, sanitizer ~1-2, tests
+~1.5-2.5, kernels ~2 min. --dry-run (or
 GPU_CHECK_DRY=1) needs no GPU: the GPU stages skip with a reason and the kernel stage
 runs a tiny CPU table through the same code, so the plumbing is known to work.
 """
@@ -43,8 +46,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Seconds each stage may take before it is stopped (the whole run must fit 7 minutes).
+# Seconds each stage may take before it is stopped, and the whole run's budget (7 minutes
+# on an H200; GPU_CHECK_BUDGET_S overrides): no stage runs past what is left of it.
 STAGE_LIMITS = {"build": 240, "sanitizer": 150, "tests": 240, "kernels": 210, "generate": 180}
+TOTAL_BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "420"))
+_T0 = time.monotonic()
+
+
+def _limit(stage: str) -> float:
+    """A stage's time limit: its own, cut to what is left of the whole run's budget."""
+    return max(1.0, min(STAGE_LIMITS[stage], TOTAL_BUDGET_S - (time.monotonic() - _T0)))
 KERNEL_VOCABS = (32000, 128256, 151936)
 KERNEL_BATCHES = (1, 8, 64, 256)
 KERNEL_MODES = {
@@ -143,7 +154,7 @@ def stage_build(args, out_dir, info):
                     MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
     log = _log_path(out_dir, "build")
     rc, tail = run_logged([sys.executable, "-m", "pip", "install", "-e", ".", "--no-build-isolation",
-                           "--no-deps", "--no-index", "-v"], log, timeout=STAGE_LIMITS["build"], env=env)
+                           "--no-deps", "--no-index", "-v"], log, timeout=_limit("build"), env=env)
     if rc != 0:
         return "failed", f"pip install exited {rc}: {tail}"
     check = ("import torch; from proxykern import ops; "
@@ -167,12 +178,14 @@ def stage_sanitizer(args, out_dir, info):
     log = _log_path(out_dir, "sanitizer")
     # Without the caching allocator memcheck sees every allocation's true bounds.
     env = child_env(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    deadline = time.monotonic() + _limit("sanitizer")
     for tool in ("memcheck", "racecheck"):
         cmd = [exe, "--tool", tool, "--error-exitcode", "1"]
         if tool == "racecheck":  # shared-memory races: only our kernels need the slow checks
             cmd += ["--kernel-name", "kns=proxykern"]
         rc, tail = run_logged(cmd + [sys.executable, script], log,
-                              timeout=STAGE_LIMITS["sanitizer"] // 2, env=env)
+                              timeout=max(1.0, (deadline - time.monotonic()) / (2 if tool == "memcheck" else 1)),
+                              env=env)
         if rc != 0:
             return "failed", f"{tool} exited {rc}: {tail}"
     return "ok", "memcheck and racecheck clean"
@@ -184,7 +197,7 @@ def stage_tests(args, out_dir, info):
     log = _log_path(out_dir, "tests")
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
            "-k", "not compute_sanitizer", "tests"] + ([] if args.keep_going else ["-x"])
-    rc, tail = run_logged(cmd, log, timeout=STAGE_LIMITS["tests"], env=child_env())
+    rc, tail = run_logged(cmd, log, timeout=_limit("tests"), env=child_env())
     return ("ok" if rc == 0 else "failed"), tail
 
 
@@ -198,7 +211,7 @@ def stage_generate(args, out_dir, info):
         return "skipped", "dry run (needs a GPU)"
     extra = os.environ.get("GPU_CHECK_GENERATE_ARGS", "--configs small").split()
     rc, tail = run_logged([sys.executable, script, "--out", out_dir] + extra, _log_path(out_dir, "generate"),
-                          timeout=STAGE_LIMITS["generate"], env=child_env(GPU_CHECK_OUT=out_dir))
+                          timeout=_limit("generate"), env=child_env(GPU_CHECK_OUT=out_dir))
     return ("ok" if rc == 0 else "failed"), tail
 
 
@@ -362,11 +375,12 @@ def table_markdown(rows, impls, header_lines):
 
 def stage_kernels(args, out_dir, info):
     # In a fresh interpreter: this one started before the build installed the package.
-    cmd = [sys.executable, os.path.abspath(__file__), "--kernels-stage", "--out", out_dir]
+    limit = _limit("kernels")
+    cmd = [sys.executable, os.path.abspath(__file__), "--kernels-stage", "--out", out_dir,
+           "--measure-s", str(max(10.0, limit - 40))]
     if args.dry_run:
         cmd.append("--dry-run")
-    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=STAGE_LIMITS["kernels"] + 30,
-                          env=child_env())
+    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=limit, env=child_env())
     try:
         with open(os.path.join(out_dir, "kernel_table.json")) as f:
             detail = json.load(f)["detail"]
@@ -398,7 +412,7 @@ def kernels_stage(args, out_dir) -> int:
         impls = ["naive", "torch.compile"] + [
             b for b in ("triton", "cuda") if ops.backend_unavailable_reason(b, device) is None]
         vocabs, batches, modes = KERNEL_VOCABS, KERNEL_BATCHES, KERNEL_MODES
-        budget, warmup, rep = STAGE_LIMITS["kernels"] - 30, 5, 25
+        budget, warmup, rep = args.measure_s, 5, 25
         bw_bytes = 1 << 30
     def log(msg):
         print(msg, flush=True)
@@ -440,6 +454,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=[n for n, _ in STAGES],
                         help="run only these stages (device always runs)")
     parser.add_argument("--kernels-stage", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-s", type=float, default=170.0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT") or os.environ.get("OUT")
                         or os.path.join(ROOT, "gpu-check-out"))
     args = parser.parse_args(argv)
@@ -458,6 +473,9 @@ def main(argv=None) -> int:
             continue
         if failed and not args.keep_going:
             stage.status, stage.detail = "not run", "an earlier stage failed"
+            continue
+        if name != "device" and time.monotonic() - _T0 > TOTAL_BUDGET_S - 5:
+            stage.status, stage.detail = "skipped", f"out of time (budget {TOTAL_BUDGET_S:.0f} s)"
             continue
         print(f"\n=== gpu-check: {name} ===", flush=True)
         t0 = time.monotonic()
