@@ -6,10 +6,10 @@ PIP := $(VENV)/bin/pip
 # A CUDA build of torch, so that the CUDA sources compile and link even without a GPU.
 TORCH_SPEC ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 9.0
+export TORCH_CUDA_ARCH_LIST ?= 9.0+PTX
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench build bench-cpu clean
+.PHONY: test demo bench build bench-cpu gpu-check clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -36,6 +36,14 @@ bench: build
 bench-cpu: build
 	$(PY) -m pytest benchmarks/test_bench_cpu.py -q --benchmark-columns=median,iqr,rounds \
 		--benchmark-group-by=param:vocab,param:batch,param:top_p
+
+# On a GPU machine with its own torch/triton/pytest (no venv, no network): builds the
+# extension in place and runs the checks of benchmarks/gpu_check.py, logs and tables
+# under $GPU_CHECK_OUT, else $OUT, else gpu-check-out/. GPU_CHECK_ARGS=--dry-run on CPU.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info proxykern/_C*.so

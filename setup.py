@@ -1,8 +1,14 @@
 """Builds proxykern._C: the C++ CPU kernel always; the CUDA sources (csrc/*.cu) too when
 torch is a CUDA build and nvcc is found (PROXYKERN_SKIP_CUDA=1 skips them).
 
-CUDA architectures: PROXYKERN_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else "9.0"
-(so a machine without a GPU still compiles and links the CUDA code, for CI).
+CUDA architectures: PROXYKERN_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else "9.0+PTX"
+(so a machine without a GPU still compiles and links the CUDA code, for CI; the PTX
+lets newer GPUs JIT it). At run time ``backend="auto"`` checks that the build holds an
+image the device can run, and falls back to Triton with one warning otherwise.
+
+Units: csrc/*.cpp (CPU kernel, op schema, module) always; with CUDA also
+csrc/cuda_*.cpp (launcher, registration) and csrc/*.cu (the kernels, one unit per
+dtype, with no torch headers), which ninja compiles in parallel (MAX_JOBS).
 """
 import glob
 import os
@@ -38,7 +44,8 @@ def _extension():
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
                  "-fno-ipa-modref",  # insurance against a GCC 12 wrong-code bug (see csrc/proxy_sample_cpu.cpp)
                  "-Wall", "-Wno-unused-function"]
-    sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_host = sorted(glob.glob("csrc/cuda_*.cpp"))
+    sources = [p for p in sorted(glob.glob("csrc/*.cpp")) if p not in cuda_host]
     use_cuda, why = _cuda_wanted()
     print(f"proxykern: CUDA kernels {'ON' if use_cuda else 'OFF'} ({why})", file=sys.stderr)
     common = dict(name="proxykern._C", include_dirs=[os.path.join(ROOT, "csrc")],
@@ -46,14 +53,17 @@ def _extension():
     if not use_cuda:
         return cpp_extension.CppExtension(sources=sources,
                                           extra_compile_args={"cxx": cxx_flags}, **common)
-    archs = os.environ.get("PROXYKERN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0"
+    archs = os.environ.get("PROXYKERN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0+PTX"
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    arch_tag = "".join(c if c.isalnum() or c in ".+" else "_" for c in archs.strip())
     common["include_dirs"] += _wheel_cuda_includes()
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
                   "-fmad=false" if os.environ.get("PROXYKERN_NO_FMAD") == "1" else "-fmad=true"]
     return cpp_extension.CUDAExtension(
-        sources=sources + sorted(glob.glob("csrc/*.cu")),
-        extra_compile_args={"cxx": cxx_flags + ["-DPROXYKERN_WITH_CUDA"], "nvcc": nvcc_flags},
+        sources=sources + cuda_host + sorted(glob.glob("csrc/*.cu")),
+        extra_compile_args={"cxx": cxx_flags + ["-DPROXYKERN_WITH_CUDA",
+                                                f"-DPROXYKERN_CUDA_ARCHS={arch_tag}"],
+                            "nvcc": nvcc_flags},
         **common)
 
 

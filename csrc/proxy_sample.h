@@ -1,5 +1,5 @@
 // The fused proxy-tuning sampler's kernel interface on raw pointers (no torch headers).
-// Semantics: proxykern/reference.py. Launchers (fused_sample_op.cpp, proxy_sample_cuda.cu)
+// Semantics: proxykern/reference.py. Launchers (fused_sample_op.cpp, cuda_launcher.cpp)
 // check shapes, dtypes and devices before calling these.
 #pragma once
 #include <cstdint>

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -91,12 +92,15 @@ struct RowSpec {
   int64_t seed, step;
 };
 
-RowSpec make_spec(const Problem& p, int64_t row) {
+// force_greedy: the overflow rule (proxykern/reference.py) -- a row whose largest z / T
+// overflowed is sampled again as greedy. Temperatures below the smallest normal fp32
+// are greedy from the start (the same rule).
+RowSpec make_spec(const Problem& p, int64_t row, bool force_greedy = false) {
   const RowParams& q = p.params;
   RowSpec s;
   s.alpha = q.alpha[row];
   s.temperature = q.temperature[row];
-  s.greedy = s.temperature == 0.0f;
+  s.greedy = force_greedy || std::fabs(s.temperature) < std::numeric_limits<float>::min();
   s.divide = !s.greedy && s.temperature != 1.0f;
   s.top_k = q.top_k[row];
   s.top_p = q.top_p[row];
@@ -754,9 +758,9 @@ int64_t chunk_end(const Problem& p, int64_t c) { return std::min(p.vocab, (c + 1
 
 // One row start to finish on the calling thread (its chunks in order). Filtered rows keep
 // the whole row's z' for the threshold; the others need at most one chunk of it.
-void sample_row(const Problem& p, int64_t row) {
+void sample_row(const Problem& p, int64_t row, bool force_greedy = false) {
   Scratch& s = thread_scratch();
-  const RowSpec spec = make_spec(p, row);
+  const RowSpec spec = make_spec(p, row, force_greedy);
   float* z = nullptr;
   if (spec.filtered) z = grown(s.row, static_cast<size_t>(p.vocab));
   if (spec.fused) z = grown(s.row, static_cast<size_t>(kChunk));
@@ -846,10 +850,17 @@ void proxy_sample_cpu(LogitsView base, LogitsView expert, LogitsView anti, RowPa
   const bool parallel = threads > 1 && batch * vocab >= kMinParallelWork;
   if (parallel && batch < threads && p.n_chunks > 1) {
     sample_rows_split(p);
-    return;
-  }
+  } else {
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
-  for (int64_t row = 0; row < batch; ++row) sample_row(p, row);
+    for (int64_t row = 0; row < batch; ++row) sample_row(p, row);
+  }
+  // The overflow rule: a good sampled row whose max z' is +-inf (its lse is then that
+  // max; a finite max always gives a finite lse) is sampled again as greedy. Rare.
+  for (int64_t row = 0; row < batch; ++row) {
+    if (out.status[row] == 0 && !make_spec(p, row).greedy && std::isinf(out.lse[row])) {
+      sample_row(p, row, /*force_greedy=*/true);
+    }
+  }
 }
 
 }  // namespace proxykern

@@ -37,7 +37,7 @@ _STATUS_MESSAGES = {
     STATUS_NONFINITE: "its combined logits hold NaN or +inf",
     STATUS_EMPTY: "no token can be kept (every logit is -inf)",
     STATUS_BAD_ALPHA: "alpha is not finite",
-    STATUS_BAD_TEMPERATURE: "temperature is negative or NaN",
+    STATUS_BAD_TEMPERATURE: "temperature is negative, infinite or NaN",
     STATUS_BAD_TOP_K: "top_k is negative",
     STATUS_BAD_TOP_P: "top_p is outside (0, 1]",
     STATUS_BAD_MIN_P: "min_p is outside [0, 1)",
@@ -109,7 +109,7 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return f"it runs on CUDA tensors, the logits are on {device}"
         if not _has_native_kernel("CUDA"):
             return "proxykern._C was built without its CUDA kernel"
-        return None
+        return _cuda_image_reason(device)
     if backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
@@ -119,6 +119,37 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return "Triton cannot be imported (" + _ext_state.get("triton_error", "") + ")"
         return None
     raise AssertionError(backend)
+
+
+def _cuda_kernel_version(index: int) -> int:
+    """The architecture of the CUDA kernel image device ``index`` runs (e.g. 90), -1: none."""
+    return int(torch.ops.proxykern.cuda_kernel_version(index))
+
+
+def _cuda_image_reason(device: torch.device) -> str | None:
+    """Why the built CUDA kernel cannot run on ``device`` (built for another architecture,
+    without PTX it could JIT), or None. Asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("cuda_image", index)
+    if key not in _ext_state:
+        try:
+            version = _cuda_kernel_version(index)
+        except (AttributeError, RuntimeError) as exc:  # an older build without the query
+            version, detail = -1, f"({exc})"
+        else:
+            detail = ""
+        reason = None
+        if version < 0:
+            major, minor = torch.cuda.get_device_capability(index)
+            try:
+                archs = str(torch.ops.proxykern.cuda_build_archs())
+            except (AttributeError, RuntimeError):
+                archs = "unknown architectures"
+            reason = (f"proxykern._C holds no CUDA kernel this GPU can run (compute capability "
+                      f"{major}.{minor}; built for {archs}){detail}; rebuild with "
+                      f"TORCH_CUDA_ARCH_LIST={major}.{minor}")
+        _ext_state[key] = reason
+    return _ext_state[key]
 
 
 _AUTO_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -194,7 +225,7 @@ def _check_logits(name: str, t) -> None:
 # both), so the same rule checks scalars on the host and per-row tensors on the device.
 SAMPLING_RULES = {
     "alpha": (False, lambda v: abs(v) < math.inf, "must be finite"),
-    "temperature": (False, lambda v: v >= 0, "must be >= 0"),
+    "temperature": (False, lambda v: (v >= 0) & (v < math.inf), "must be finite and >= 0"),
     "top_k": (True, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
     "top_p": (False, lambda v: (0 < v) & (v <= 1), "must be in (0, 1]"),
     "min_p": (False, lambda v: (0 <= v) & (v < 1), "must be in [0, 1)"),
@@ -381,11 +412,13 @@ def proxy_sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperat
     ``top_p`` (ties kept, at least one token), then ``p >= min_p * p_max``. The draw
     is Gumbel-max with counter-based Philox noise, a pure function of
     ``(seed[row], step[row], token)`` (mapping in :mod:`proxykern.reference`), so
-    every backend gives the same token.
+    every backend gives the same token. ``temperature`` must be finite; a row whose
+    ``z / T`` overflows fp32 (or whose ``T`` is subnormal) is sampled as greedy -- one
+    rule in every backend, stated in :mod:`proxykern.reference`.
 
     ``seed``: a per-row int64 tensor is used exactly as given (a row's token then
-    does not depend on the batch it sits in). A Python number (or 0-d tensor) gives row ``r`` its
-    own seed ``reference.row_seeds(seed, r)`` (SplitMix64, documented there), so
+    does not depend on the batch it sits in). A Python number (or 0-d tensor) gives row
+    ``r`` its own seed ``reference.row_seeds(seed, r)`` (SplitMix64, documented there), so
     identical rows of one call are independent draws, as with ``torch.multinomial``.
 
     Every sampling parameter is a Python number or a 1-D tensor of length B on

@@ -40,6 +40,14 @@ Sampling semantics (where the contract is silent, the choices are written here)
     lse = logsumexp(z'),  logprob = z'[token] - lse   (before filtering)
 
 * temperature == 0: token = argmax z, lowest index on ties; filters do not apply.
+* Temperatures too small for fp32 (one rule, the same in every backend): a row is
+  sampled exactly as at temperature 0 (greedy: token = argmax z, z' = z for logprob and
+  lse, filters ignored) when T is below the smallest normal fp32 (0 < T < 2**-126), or
+  when its largest z, divided by T in fp32 (correctly rounded), is +inf or -inf -- since
+  division by T > 0 is monotone, that is exactly when the scaled logits overflow at the
+  top (the T -> 0 limit of the draw is the argmax). Otherwise a z' = z / T that rounds to
+  -inf (a finite z far below the max) is a token of probability 0, as exp would make it.
+  ``temperature`` itself must be finite: the op rejects inf and NaN.
 * top_k > 0: keep z' >= the k-th largest z'. Ties at the threshold are all kept
   (like Hugging Face's TopKLogitsWarper), so the kept set never depends on
   token order.
@@ -59,6 +67,8 @@ import torch
 
 STATUS_NONFINITE = 1
 STATUS_EMPTY = 2
+
+FP32_MIN_NORMAL = 2.0 ** -126  # temperatures below it sample as greedy (see above)
 
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
@@ -197,7 +207,13 @@ def proxy_sample_reference(base, expert, anti, alpha, temperature, top_k, top_p,
     """
     z = combine_logits(base, expert, anti, alpha, vocab_size)
     temperature = temperature.float()
-    greedy = temperature == 0
+    greedy = temperature.abs() < FP32_MIN_NORMAL  # 0, and the subnormal temperatures
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).reshape(-1, 1)
+    zp = z / t
+    # The overflow rule: a row whose largest z / T is +-inf is sampled as greedy.
+    live = (z > float("-inf")).any(1) & ~(torch.isnan(z) | torch.isposinf(z)).any(1)
+    overflow = ~greedy & live & torch.isinf(zp.max(1).values)
+    greedy = greedy | overflow  # (recomputed for every row: no host sync)
     t = torch.where(greedy, torch.ones_like(temperature), temperature).reshape(-1, 1)
     zp = z / t
     lse = torch.logsumexp(zp, dim=1)

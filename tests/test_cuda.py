@@ -1,4 +1,4 @@
-"""The CUDA backend (csrc/proxy_sample_cuda.cu) against the reference, on a GPU.
+"""The CUDA backend (csrc/cuda_kernels.cuh and its units) against the reference, on a GPU.
 
 Every test here is ``@pytest.mark.cuda`` (skipped without a GPU). The kernel's design
 (slices, per-slice candidates, the row fallback) is described at the top of the .cu

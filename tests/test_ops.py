@@ -167,6 +167,35 @@ def test_mixed_per_row_parameters(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_tiny_temperature_overflow_rule(backend):
+    """One rule (reference.py): a row whose max z / T overflows fp32, or whose T is
+    subnormal, samples as greedy; a z / T that rounds to -inf below a finite max is a
+    token of probability 0. Every backend gives the reference's answer."""
+    batch, vocab = 5, 3000
+    base, expert, anti = random_logits(batch, vocab, torch.float32, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    base[1] -= 60.0                                   # every z < 0: z / T is -inf everywhere
+    base[3] = torch.linspace(-20.0, 5.0, vocab)[torch.randperm(vocab, generator=gen)]
+    expert[3] = anti[3] = 0.0                         # z / T: max 2.5e38, the low end -inf
+    temperature = torch.tensor([2e-38, 2e-38, 1e-40, 2e-38, 0.7])
+    z = base + (expert - anti)
+    for kwargs in (dict(), dict(top_p=0.9), dict(top_k=5, min_p=0.1)):
+        kwargs = dict(kwargs, temperature=temperature, seed=torch.arange(batch) + 3, step=2)
+        ref = run("torch", base, expert, anti, **kwargs)
+        got = run(backend, base, expert, anti, **kwargs)
+        assert torch.equal(got[3], ref[3]) and (ref[3] == 0).all()
+        assert torch.equal(got[0], ref[0])
+        torch.testing.assert_close(got[2], ref[2], rtol=2e-5, atol=2e-4)
+        torch.testing.assert_close(got[1], ref[1], rtol=2e-5, atol=2e-4)
+        # Overflowing and subnormal-T rows are greedy: argmax z, logprob and lse of z.
+        assert torch.equal(ref[0][:3], z[:3].argmax(1))
+        torch.testing.assert_close(ref[2][:3], torch.logsumexp(z[:3], 1))
+        assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+        # Row 3 keeps sampling; its draw is among the tokens whose z / T stays finite.
+        assert z[3, got[0][3]] > 5.0 - 25.0 * 0.25
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
 def test_bad_rows_raise_naming_the_row(backend):
     base, expert, anti = random_logits(4, 300, torch.float32, seed=4)
     nan_base = base.clone()
@@ -189,6 +218,8 @@ def test_bad_rows_raise_naming_the_row(backend):
 
 @pytest.mark.parametrize("name,value,match", [
     ("temperature", torch.tensor([0.5, -1.0, 1.0]), r"row 1.*temperature"),
+    ("temperature", torch.tensor([0.5, 1.0, float("inf")]), r"row 2.*temperature.*infinite"),
+    ("temperature", torch.tensor([float("nan"), 1.0, 1.0]), r"row 0.*temperature"),
     ("top_p", torch.tensor([0.5, 1.0, 0.0]), r"row 2.*top_p"),
     ("min_p", torch.tensor([1.0, 0.0, 0.0]), r"row 0.*min_p"),
     ("top_k", torch.tensor([3, -1, 0]), r"row 1.*top_k"),
@@ -211,6 +242,8 @@ def _good():
     (lambda b, e, a: ((b, e, a.double()), {}), TypeError, "anti_logits"),
     (lambda b, e, a: ((b, e.numpy(), a), {}), TypeError, "expert_logits must be a torch.Tensor"),
     (lambda b, e, a: ((b, e, a), dict(temperature=-0.1)), ValueError, "temperature"),
+    (lambda b, e, a: ((b, e, a), dict(temperature=float("inf"))), ValueError, "temperature must be finite"),
+    (lambda b, e, a: ((b, e, a), dict(temperature=float("nan"))), ValueError, "temperature"),
     (lambda b, e, a: ((b, e, a), dict(top_p=0.0)), ValueError, "top_p"),
     (lambda b, e, a: ((b, e, a), dict(top_p=1.5)), ValueError, "top_p"),
     (lambda b, e, a: ((b, e, a), dict(min_p=1.0)), ValueError, "min_p"),
@@ -301,3 +334,58 @@ def test_works_under_torch_compile():
 
     compiled = torch.compile(step, backend="aot_eager")
     assert torch.equal(compiled(*inputs), step(*inputs))
+
+
+def test_auto_skips_a_cuda_kernel_built_for_another_architecture(monkeypatch):
+    """backend="auto" never picks a CUDA kernel the device cannot run: Triton, one warning."""
+    monkeypatch.setattr(ops, "_warned_fallbacks", set())
+    monkeypatch.setattr(ops, "_has_native_kernel", lambda key: True)
+    monkeypatch.setattr(ops, "_cuda_kernel_version", lambda index: -1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ops, "_ext_state", dict(ops._ext_state))  # fresh per-device answers
+    device = torch.device("cuda", 0)
+    reason = ops.backend_unavailable_reason("cuda", device)
+    assert reason is not None and "compute capability 8.0" in reason
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        ops.resolve_backend("cuda", device)
+    if ops.backend_unavailable_reason("triton", device) is None:
+        with pytest.warns(RuntimeWarning, match="compute capability 8.0.*using 'triton'"):
+            assert ops.resolve_backend("auto", device) == "triton"
+    # A build that holds an image for the device is chosen.
+    monkeypatch.setattr(ops, "_cuda_kernel_version", lambda index: 90)
+    ops._ext_state.pop(("cuda_image", 0))
+    assert ops.backend_unavailable_reason("cuda", device) is None
+    assert ops.resolve_backend("auto", device) == "cuda"
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton is not available")
+@pytest.mark.parametrize("vocab,cfg", [
+    (96, dict(BLOCK=64, SBLOCK=32)), (1000, dict(BLOCK=64, SBLOCK=32, SEG_BLOCKS=3)),
+    (1000, dict(BLOCK=256, SBLOCK=16, P=8, C=16)), (4099, dict(BLOCK=1024, SBLOCK=512))])
+def test_triton_full_blocks_then_tail(vocab, cfg):
+    """Small blocks: unmasked full blocks, a masked tail (or none), several pivot passes,
+    pass 1 in segments (split across programs or not: the same bits). The same tokens
+    as the reference, lse and logprobs within tolerance."""
+    from proxykern.kernels import proxy_sample_triton as pst
+    batch = 4
+    inputs = random_logits(batch, vocab, torch.float32, seed=vocab, width=vocab + 5)
+    inputs = tuple(t[:, 2:vocab + 2] for t in inputs)  # rows 4 bytes past a 16-byte boundary
+    modes = dict(greedy=dict(temperature=0.0), **SAMPLING_MODES,
+                 slow=dict(temperature=4.0, top_p=0.99), big_k=dict(temperature=1.0, top_k=70, top_p=0.95))
+    for name, mode in modes.items():
+        full = dict(dict(alpha=1.2, top_k=0, top_p=1.0, min_p=0.0), **mode)
+        params = (torch.full((batch,), full["alpha"]), torch.full((batch,), float(full["temperature"])),
+                  torch.full((batch,), full["top_k"], dtype=torch.long), torch.full((batch,), full["top_p"]),
+                  torch.full((batch,), full["min_p"]), torch.arange(batch, dtype=torch.long) * 31 + 5,
+                  torch.full((batch,), 3, dtype=torch.long))
+        ref = reference.proxy_sample_reference(*inputs, *params, vocab)
+        got = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(cfg, split=True))
+        if name in ("temperature", "all", "slow"):
+            whole = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(cfg, split=False))
+            for a, b in zip(got, whole):
+                assert torch.equal(a, b), name
+        assert torch.equal(got[3], ref[3]), name
+        assert torch.equal(got[0], ref[0]), (name, got[0].tolist(), ref[0].tolist())
+        torch.testing.assert_close(got[2], ref[2], rtol=2e-5, atol=2e-4)
+        torch.testing.assert_close(got[1], ref[1], rtol=2e-5, atol=2e-4)

@@ -1,4 +1,10 @@
-// CUDA backend of proxykern::fused_sample. Semantics: proxykern/reference.py (the spec).
+// The CUDA backend's kernels (K1 slice_kernel, K2 merge_kernel) and their launch, on raw
+// pointers with no torch headers. Semantics: proxykern/reference.py (the spec).
+//
+// Build units: cuda_kernels_{f32,bf16,f16,mixed}.cu each include this header and
+// instantiate the kernels for their dtype (ninja compiles them at once);
+// cuda_launcher.cpp checks the tensors, sizes the workspace and calls them;
+// cuda_register.cpp registers the op. cuda_sample.h is the interface between them.
 //
 // Design
 // ------
@@ -6,17 +12,20 @@
 // workspace (so the op is safe inside CUDA-graph capture):
 //
 // K1 slice_kernel, grid = batch * num_slices blocks of 256 threads, row-major.
-//    Each row's vocabulary is cut into fixed slices of kSliceSize = 4096 columns (the
-//    slicing depends on the vocabulary only, never on the batch, so a row's result is
-//    bitwise the same alone or in any batch). A block reads its slice once: three inputs
-//    with 16-byte vector loads when every pointer and row stride allows (scalar loads
-//    otherwise, and for the masked tail), combines z = base + alpha * (expert - anti) and
+//    Each row's vocabulary is cut into fixed slices of 256 * EPT columns, EPT = 4, 8 or 16
+//    elements per thread chosen from the vocabulary alone (cuda_sample.h: 1024 columns
+//    up to 260096 columns, so even one row spreads over the SMs; the slicing never
+//    depends on the batch, so a row's result is bitwise the same alone or in any batch).
+//    A block reads its slice once: three inputs with 16-byte (EPT >= 8) or 8-byte
+//    (EPT = 4, 16-bit data) vector loads when every pointer and row stride allows (scalar
+//    loads otherwise, and for the masked tail), combines z = base + alpha * (expert - anti) and
 //    z' = z / T in fp32 with separately rounded operations, and writes one SlicePartial:
 //      max z', sum exp(z' - max), argmax z' (greedy), NaN / +inf / "any z > -inf" flags,
 //      and for sampling rows the slice's Gumbel-max winner (key z' + g, index, z').
 //    Rows with an active filter (top_k, top_p or min_p) also select the slice's top
 //    candidates: an exact block radix select (8-bit digits, warp-aggregated shared
-//    histograms) finds a key bound t_s with at most kCandPerSlice values above it, and
+//    histograms) finds a key bound t_s with at most cand_per_slice values above it
+//    (4 * EPT: 16, 32 or 64, about vocab / 64 candidates a row for every width), and
 //    the block stores every value with key > t_s (z', column). t_s = 0 means "every
 //    finite value of the slice is stored". Candidates are written in any order: every
 //    later use is order independent (integer histograms, lexicographic arg-max).
@@ -25,7 +34,8 @@
 //    Warp 0 merges the row's partials in a fixed order (lane-strided, then a fixed
 //    xor-shuffle tree): max, lse = max + log(sum_s sum_s * exp(max_s - max)), greedy
 //    token, unfiltered Gumbel winner, status, t* = max_s t_s. Bad rows (status != 0),
-//    greedy rows and unfiltered sampling rows are finished here.
+//    greedy rows and unfiltered sampling rows are finished here. The overflow rule: a
+//    good sampled row whose max z' = z / T is +-inf is sampled as greedy (one pass over z).
 //    Filtered rows: the candidate set C is complete above t* (every value with key > t*
 //    of the whole row is in C). Thresholds are searched in C when that is provably
 //    exact, else in the whole row (the fallback, re-reading the inputs):
@@ -51,36 +61,29 @@
 // them): g is in [-2.82, 16.64], so such an x can never reach the max's key (rounding
 // is monotone). Ties in every reduction go to the lowest column.
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
-#include "fused_sample_op.h"
+#include "cuda_sample.h"
 #include "philox.h"
 #include "proxy_sample.h"
 
 namespace proxykern {
-namespace {
+namespace cuda {
+namespace {  // internal linkage: each kernel unit holds its own instantiations
+
 
 // ----------------------------------------------------------------------------- constants
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr int kChunk = 8;                 // columns per chunk: one 16-byte load of 16-bit data
-constexpr int kSliceThreads = 256;        // K1 block
-constexpr int kSliceWarps = kSliceThreads / 32;
-constexpr int kChunksPerThread = 2;
-constexpr int kElemsPerThread = kChunk * kChunksPerThread;         // 16
-constexpr int kSliceSize = kSliceThreads * kElemsPerThread;        // 4096 columns
-constexpr int kCandPerSlice = 64;         // candidates kept per slice for filtered rows
+constexpr int kChunk = 8;                 // columns per K2 chunk: one 16-byte load of 16-bit data
+constexpr int kSliceWarps = kSliceThreads / 32;   // K1 block: kSliceThreads (cuda_sample.h)
 constexpr int kMergeThreads = 512;        // K2 block
 constexpr int kMergeWarps = kMergeThreads / 32;
 constexpr int kCandStage = 2048;          // candidates staged in K2 shared memory
@@ -97,35 +100,6 @@ static_assert(kSliceThreads >= 256 && kMergeThreads >= 256, "the radix scan uses
 static_assert(kSliceThreads % 32 == 0 && kMergeThreads % 32 == 0, "whole warps only");
 
 // ----------------------------------------------------------------------------- records
-
-struct SlicePartial {
-  float max;          // max z' of the slice (NaN ignored), -inf if none
-  float sum;          // sum of exp(z' - max) over the slice's z' > -inf
-  float best_x;       // greedy: max z', lowest column
-  int32_t best_idx;
-  float gkey;         // sampling: max z' + g over the slice, lowest column
-  int32_t gidx;
-  float gx;           // z' of that column
-  uint32_t flags;     // kFlag*
-  uint32_t tkey;      // filtered rows: candidates hold every key > tkey (0: every finite z')
-  int32_t ncand;
-};
-
-struct alignas(8) Cand {
-  float x;            // z'
-  int32_t idx;        // column
-};
-
-struct KernelArgs {
-  LogitsView base, expert, anti;
-  RowParams params;
-  SampleResult result;
-  int64_t vocab;
-  int32_t num_slices;
-  float mass_scale;   // 2^F: masses exp(z' - max) in [0, 1] are stored as round(e * 2^F)
-  SlicePartial* partials;   // [batch][num_slices]
-  Cand* cands;              // [batch][num_slices][kCandPerSlice]
-};
 
 struct Best {
   float key;
@@ -174,12 +148,15 @@ struct UniformLoader {
     p[2] = static_cast<const raw*>(a.anti.data) + row * a.anti.row_stride;
   }
 
-  // v[input][j] for columns col0 + j, j < n (n <= 8; entries j >= n are left at 0).
-  __device__ __forceinline__ void load8(int64_t col0, int n, float (&v)[3][kChunk]) const {
-    if (kVec && n == kChunk) {
+  // v[input][j] for columns col0 + j, j < n (n <= N; entries j >= n are left at 0). N = 8:
+  // 16-byte loads of 16-bit data; N = 4: 8-byte loads (col0 is a multiple of N).
+  template <int N>
+  __device__ __forceinline__ void load(int64_t col0, int n, float (&v)[3][N]) const {
+    static_assert(N == 4 || N == 8, "chunks of 4 or 8 columns");
+    if (kVec && n == N) {
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
-        if constexpr (sizeof(raw) == 2) {
+        if constexpr (sizeof(raw) == 2 && N == 8) {
           const uint4 q = __ldg(reinterpret_cast<const uint4*>(p[i] + col0));
           const unsigned w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
@@ -187,20 +164,29 @@ struct UniformLoader {
             v[i][2 * t] = D::cvt(w[t] & 0xFFFFu);
             v[i][2 * t + 1] = D::cvt(w[t] >> 16);
           }
+        } else if constexpr (sizeof(raw) == 2) {
+          const uint2 q = __ldg(reinterpret_cast<const uint2*>(p[i] + col0));
+          v[i][0] = D::cvt(q.x & 0xFFFFu); v[i][1] = D::cvt(q.x >> 16);
+          v[i][2] = D::cvt(q.y & 0xFFFFu); v[i][3] = D::cvt(q.y >> 16);
         } else {
-          const uint4 q0 = __ldg(reinterpret_cast<const uint4*>(p[i] + col0));
-          const uint4 q1 = __ldg(reinterpret_cast<const uint4*>(p[i] + col0 + 4));
-          v[i][0] = D::cvt(q0.x); v[i][1] = D::cvt(q0.y); v[i][2] = D::cvt(q0.z); v[i][3] = D::cvt(q0.w);
-          v[i][4] = D::cvt(q1.x); v[i][5] = D::cvt(q1.y); v[i][6] = D::cvt(q1.z); v[i][7] = D::cvt(q1.w);
+#pragma unroll
+          for (int h = 0; h < N / 4; ++h) {
+            const uint4 q = __ldg(reinterpret_cast<const uint4*>(p[i] + col0 + 4 * h));
+            v[i][4 * h + 0] = D::cvt(q.x); v[i][4 * h + 1] = D::cvt(q.y);
+            v[i][4 * h + 2] = D::cvt(q.z); v[i][4 * h + 3] = D::cvt(q.w);
+          }
         }
       }
     } else {
 #pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
+      for (int j = 0; j < N; ++j) {
 #pragma unroll
         for (int i = 0; i < 3; ++i) v[i][j] = j < n ? D::cvt(__ldg(p[i] + col0 + j)) : 0.0f;
       }
     }
+  }
+  __device__ __forceinline__ void load8(int64_t col0, int n, float (&v)[3][kChunk]) const {
+    load<kChunk>(col0, n, v);
   }
 };
 
@@ -230,12 +216,16 @@ struct DynLoader {
         return f16_bits(__ldg(reinterpret_cast<const unsigned short*>(p[i]) + col));
     }
   }
-  __device__ __forceinline__ void load8(int64_t col0, int n, float (&v)[3][kChunk]) const {
+  template <int N>
+  __device__ __forceinline__ void load(int64_t col0, int n, float (&v)[3][N]) const {
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) {
+    for (int j = 0; j < N; ++j) {
 #pragma unroll
       for (int i = 0; i < 3; ++i) v[i][j] = j < n ? load1(i, col0 + j) : 0.0f;
     }
+  }
+  __device__ __forceinline__ void load8(int64_t col0, int n, float (&v)[3][kChunk]) const {
+    load<kChunk>(col0, n, v);
   }
 };
 
@@ -246,6 +236,12 @@ struct DynLoader {
 __device__ __forceinline__ float combine_logit(float b, float e, float a, float alpha) {
   if (b == -INFINITY || e == -INFINITY || a == -INFINITY) return -INFINITY;
   return __fadd_rn(b, __fmul_rn(alpha, __fsub_rn(e, a)));
+}
+
+// Greedy rows: T == 0 and, by the overflow rule (proxykern/reference.py), subnormal T.
+// A NaN temperature samples (the Python layer flags it).
+__device__ __forceinline__ bool is_sampling(float temperature) {
+  return !(fabsf(temperature) < 1.17549435e-38f);  // FLT_MIN
 }
 
 __device__ __forceinline__ float scale_logit(float z, float temperature, bool sampling) {
@@ -340,6 +336,19 @@ __device__ __forceinline__ Best block_best(Best b, Best* red) {
     const Best o = red[w];
     if (better(o, r)) r = o;
   }
+  __syncthreads();  // red may be reused
+  return r;
+}
+
+// Block-wide sum in a fixed order; every thread gets the result. red holds NT / 32 entries.
+template <int NT>
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = 0.0f;
+#pragma unroll
+  for (int w = 0; w < NT / 32; ++w) r = __fadd_rn(r, red[w]);
   __syncthreads();  // red may be reused
   return r;
 }
@@ -515,8 +524,12 @@ __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
 
 // ----------------------------------------------------------------------------- K1
 
-template <class Loader>
+template <class Loader, int EPT>
 __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a) {
+  constexpr int CH = EPT >= kChunk ? kChunk : EPT;  // columns per load
+  constexpr int CPT = EPT / CH;                      // chunks per thread
+  constexpr int kSlice = kSliceThreads * EPT;        // columns per slice
+  static_assert(CH % 4 == 0 && CPT * CH == EPT, "whole Philox groups per chunk");
   __shared__ RadixSmem rs;
   __shared__ float r1_max[kSliceWarps];
   __shared__ uint32_t r1_flags[kSliceWarps];
@@ -531,33 +544,33 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   const int64_t vocab = a.vocab;
   const float alpha = a.params.alpha[row];
   const float temperature = a.params.temperature[row];
-  const bool sampling = !(temperature == 0.0f);
+  const bool sampling = is_sampling(temperature);
   const RowFilter rf = read_filter(a.params, row, vocab);
   const bool filtered = sampling && rf.any();
   const Loader ld(a, row);
-  const int64_t slice0 = static_cast<int64_t>(slice) * kSliceSize;
+  const int64_t slice0 = static_cast<int64_t>(slice) * kSlice;
 
-  // Thread tid owns chunks tid and tid + 256 of the slice (coalesced 16-byte loads).
-  int64_t col0[kChunksPerThread];
-  int nvalid[kChunksPerThread];
-  float x[kElemsPerThread];
+  // Thread tid owns chunks tid, tid + 256, ... of the slice (coalesced 16-byte loads).
+  int64_t col0[CPT];
+  int nvalid[CPT];
+  float x[EPT];
   uint32_t flags = 0u;
   float mx = -INFINITY;
   Best best = no_best();
   {
-    float v[kChunksPerThread][3][kChunk];
+    float v[CPT][3][CH];
 #pragma unroll
-    for (int c = 0; c < kChunksPerThread; ++c) {
-      col0[c] = slice0 + static_cast<int64_t>(c * kSliceThreads + tid) * kChunk;
+    for (int c = 0; c < CPT; ++c) {
+      col0[c] = slice0 + static_cast<int64_t>(c * kSliceThreads + tid) * CH;
       const int64_t left = vocab - col0[c];
-      nvalid[c] = left <= 0 ? 0 : (left >= kChunk ? kChunk : static_cast<int>(left));
-      ld.load8(col0[c], nvalid[c], v[c]);
+      nvalid[c] = left <= 0 ? 0 : (left >= CH ? CH : static_cast<int>(left));
+      ld.template load<CH>(col0[c], nvalid[c], v[c]);
     }
 #pragma unroll
-    for (int c = 0; c < kChunksPerThread; ++c) {
+    for (int c = 0; c < CPT; ++c) {
 #pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        const int e = c * kChunk + j;
+      for (int j = 0; j < CH; ++j) {
+        const int e = c * CH + j;
         if (j < nvalid[c]) {
           const float z = combine_logit(v[c][0][j], v[c][1][j], v[c][2][j], alpha);
           flags |= (z != z) ? kFlagNan : 0u;
@@ -600,7 +613,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   float sum = 0.0f;
   if (m > -INFINITY) {
 #pragma unroll
-    for (int e = 0; e < kElemsPerThread; ++e) {
+    for (int e = 0; e < EPT; ++e) {
       if (x[e] > -INFINITY) sum = __fadd_rn(sum, expf(__fsub_rn(x[e], m)));
     }
   }
@@ -609,13 +622,13 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
     const int64_t seed = a.params.seed[row], step = a.params.step[row];
     const float floor_key = __fadd_rn(m, kGumbelLo);
 #pragma unroll
-    for (int c = 0; c < kChunksPerThread; ++c) {
+    for (int c = 0; c < CPT; ++c) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < CH / 4; ++h) {
         bool need = false;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int e = c * kChunk + h * 4 + j;
+          const int e = c * CH + h * 4 + j;
           need |= (h * 4 + j < nvalid[c]) && !(__fadd_rn(x[e], kGumbelHi) < floor_key);
         }
         if (need) {
@@ -623,7 +636,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
               philox_for_group(seed, step, static_cast<uint32_t>((col0[c] >> 2) + h));
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int e = c * kChunk + h * 4 + j;
+            const int e = c * CH + h * 4 + j;
             if ((h * 4 + j < nvalid[c]) && !(__fadd_rn(x[e], kGumbelHi) < floor_key)) {
               const Best cand{__fadd_rn(x[e], gumbel_from_bits(r.w[j])),
                               static_cast<int32_t>(col0[c] + h * 4 + j), x[e]};
@@ -649,42 +662,44 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
     if (better(r2_g[w], slice_g)) slice_g = r2_g[w];
   }
 
-  // Filtered rows: the slice's candidates (every key above tkey, at most kCandPerSlice).
+  // Filtered rows: the slice's candidates (every key above tkey, at most cand_cap).
   uint32_t tkey = 0u;
   int32_t ncand = 0;
   if (filtered) {
     auto src = [&](auto&& f) {
 #pragma unroll
-      for (int c = 0; c < kChunksPerThread; ++c) {
+      for (int c = 0; c < CPT; ++c) {
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) {
-          f(j < nvalid[c], x[c * kChunk + j], static_cast<int32_t>(col0[c] + j));
+        for (int j = 0; j < CH; ++j) {
+          f(j < nvalid[c], x[c * CH + j], static_cast<int32_t>(col0[c] + j));
         }
       }
     };
-    SearchSpec spec{SearchMode::kRank, kCandPerSlice + 1, 0u, false, 0.0f, false, 0.0};
+    const int cand_cap = a.cand_per_slice;
+    SearchSpec spec{SearchMode::kRank, static_cast<uint32_t>(cand_cap) + 1u, 0u, false,
+                    0.0f, false, 0.0};
     const SearchOut so = radix_search<kSliceThreads>(src, rs, spec, MassCtx{m, 1.0f});
-    // At most kCandPerSlice values lie above key_hi; fewer than kCandPerSlice + 1 finite
+    // At most cand_cap values lie above key_hi; fewer than cand_cap + 1 finite
     // values: store them all (tkey 0).
     tkey = so.found ? so.key_hi : 0u;
-    Cand* out = a.cands + (row * a.num_slices + slice) * kCandPerSlice;
+    Cand* out = a.cands + (row * a.num_slices + slice) * cand_cap;
 #pragma unroll
-    for (int c = 0; c < kChunksPerThread; ++c) {
+    for (int c = 0; c < CPT; ++c) {
 #pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        const float xv = x[c * kChunk + j];
+      for (int j = 0; j < CH; ++j) {
+        const float xv = x[c * CH + j];
         if (j < nvalid[c] && isfinite(xv) && float_key(xv) > tkey) {
           const uint32_t slot = atomicAdd(&s_ncand, 1u);
-          if (slot < static_cast<uint32_t>(kCandPerSlice)) {
+          if (slot < static_cast<uint32_t>(cand_cap)) {
             out[slot] = Cand{xv, static_cast<int32_t>(col0[c] + j)};
           }
         }
       }
     }
     __syncthreads();
-    ncand = s_ncand < static_cast<uint32_t>(kCandPerSlice) ? static_cast<int32_t>(s_ncand)
-                                                           : kCandPerSlice;
-    for (int i = ncand + tid; i < kCandPerSlice; i += kSliceThreads) out[i] = Cand{-INFINITY, 0};
+    ncand = s_ncand < static_cast<uint32_t>(cand_cap) ? static_cast<int32_t>(s_ncand)
+                                                           : cand_cap;
+    for (int i = ncand + tid; i < cand_cap; i += kSliceThreads) out[i] = Cand{-INFINITY, 0};
   }
 
   if (tid == 0) {
@@ -849,6 +864,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   __shared__ RadixSmem rs;
   __shared__ MergeState st;
   __shared__ Best red[kMergeWarps];
+  __shared__ float red_sum[kMergeWarps];
   __shared__ Cand stage[kCandStage];
   __shared__ uint32_t s_nstage;
 
@@ -858,7 +874,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   const int64_t vocab = a.vocab;
   const float alpha = a.params.alpha[row];
   const float temperature = a.params.temperature[row];
-  const bool sampling = !(temperature == 0.0f);
+  const bool sampling = is_sampling(temperature);
   const RowFilter rf = read_filter(a.params, row, vocab);
   const bool filtered = sampling && rf.any();
   const Loader ld(a, row);
@@ -904,7 +920,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   __syncthreads();
 
   const float m = st.m;
-  const float lse = m > -INFINITY ? __fadd_rn(m, logf(st.sum)) : -INFINITY;
+  float lse = m > -INFINITY ? __fadd_rn(m, logf(st.sum)) : -INFINITY;
   const uint32_t flags = st.flags;
   const int32_t status = ((flags & (kFlagNan | kFlagPosInf)) ? kStatusNonfinite : 0) |
                          ((flags & kFlagLive) ? 0 : kStatusEmpty);
@@ -922,7 +938,26 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   }
 
   Best result;
-  if (!sampling) {
+  bool scaled = sampling;  // the row's z' is z / T (else z' = z)
+  if (sampling && !isfinite(m)) {
+    // The overflow rule (proxykern/reference.py): a good sampled row whose max z / T is
+    // +-inf is sampled as greedy -- one more pass over z, by this block. Rare.
+    const RowSource<Loader, NT> zsrc{ld, alpha, 1.0f, false, vocab};
+    Best b = no_best();
+    zsrc([&](bool valid, float x, int32_t idx) {
+      const Best c{x, idx, x};
+      if (valid && better(c, b)) b = c;
+    });
+    b = block_best<NT>(b, red);  // max z (finite: the row is good), lowest column
+    float s = 0.0f;
+    zsrc([&](bool valid, float x, int32_t) {
+      if (valid && x > -INFINITY) s = __fadd_rn(s, expf(__fsub_rn(x, b.key)));
+    });
+    s = block_sum<NT>(s, red_sum);
+    result = b;
+    lse = __fadd_rn(b.key, logf(s));
+    scaled = false;
+  } else if (!sampling) {
     result = st.greedy;
   } else if (!filtered) {
     result = st.gumbel;
@@ -940,8 +975,8 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     const bool use_c = tstar != 0xFFFFFFFFu;
     const bool c_complete = tstar == 0u;
     const uint32_t c_lo = c_complete ? 0u : tstar + 1u;
-    const Cand* gc = a.cands + row * S * kCandPerSlice;
-    const int ntot = S * kCandPerSlice;
+    const Cand* gc = a.cands + row * S * a.cand_per_slice;
+    const int ntot = S * a.cand_per_slice;
     CandSource<NT> csrc{gc, ntot, c_lo};
     bool staged = false;
     // Copies the candidates above tstar into shared memory when they fit (block-uniform).
@@ -994,7 +1029,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     float x = result.x;
     if (result.idx == kNoIndex) {  // nothing kept (or every key NaN): the reference's argmax -> 0
       token = 0;
-      x = zprime_at(ld, 0, alpha, temperature, sampling);
+      x = zprime_at(ld, 0, alpha, temperature, scaled);
     }
     out.tokens[row] = token;
     out.logprobs[row] = __fsub_rn(x, lse);
@@ -1003,84 +1038,29 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   }
 }
 
-// ----------------------------------------------------------------------------- launcher
+// ----------------------------------------------------------------------------- launch
 
-template <class Loader>
-void launch(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
+template <class Loader, int EPT>
+cudaError_t launch_ept(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
   const int64_t blocks = batch * args.num_slices;
-  slice_kernel<Loader><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  slice_kernel<Loader, EPT><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   merge_kernel<Loader><<<static_cast<unsigned>(batch), kMergeThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
-bool vec_aligned(const LogitsView& v, int64_t batch) {
-  const int64_t bytes = v.dtype == LogitsDtype::kFloat32 ? 4 : 2;
-  return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 &&
-         (batch <= 1 || (v.row_stride * bytes) % 16 == 0);
-}
-
-SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert,
-                                const at::Tensor& anti, const at::Tensor& alpha,
-                                const at::Tensor& temperature, const at::Tensor& top_k,
-                                const at::Tensor& top_p, const at::Tensor& min_p,
-                                const at::Tensor& seed, const at::Tensor& step,
-                                int64_t vocab_size) {
-  TORCH_CHECK(base.is_cuda(), "base must be a CUDA tensor for the cuda kernel");
-  const c10::cuda::CUDAGuard guard(base.device());
-  FusedSampleArgs fa = prepare_fused_sample(base, expert, anti, alpha, temperature, top_k, top_p,
-                                            min_p, seed, step, vocab_size);
-  if (fa.batch == 0) return fa.outputs;
-  TORCH_CHECK(fa.vocab <= INT32_MAX, "vocab_size must be < 2^31 for the cuda kernel, got ",
-              fa.vocab);
-  const int64_t num_slices = (fa.vocab + kSliceSize - 1) / kSliceSize;
-  TORCH_CHECK(fa.batch * num_slices <= INT32_MAX && fa.batch <= INT32_MAX,
-              "batch * ceil(vocab_size / ", kSliceSize, ") must be < 2^31 for the cuda kernel");
-
-  // Workspace: partials, then candidates (both 8-byte aligned; the allocator gives 256).
-  const int64_t n_part = fa.batch * num_slices;
-  const int64_t part_bytes = ((n_part * static_cast<int64_t>(sizeof(SlicePartial)) + 255) / 256) * 256;
-  const int64_t cand_bytes = n_part * kCandPerSlice * static_cast<int64_t>(sizeof(Cand));
-  at::Tensor workspace = at::empty({part_bytes + cand_bytes}, base.options().dtype(at::kByte));
-  uint8_t* ws = workspace.data_ptr<uint8_t>();
-
-  KernelArgs args;
-  args.base = fa.base;
-  args.expert = fa.expert;
-  args.anti = fa.anti;
-  args.params = fa.params;
-  args.result = fa.result;
-  args.vocab = fa.vocab;
-  args.num_slices = static_cast<int32_t>(num_slices);
-  // F fractional bits with vocab * 2^F <= 2^62: fixed-point mass sums never overflow.
-  int bits = 0;
-  while (bits < 63 && (int64_t{1} << bits) <= fa.vocab) ++bits;  // bit length of vocab
-  args.mass_scale = std::ldexp(1.0f, 62 - bits);
-  args.partials = reinterpret_cast<SlicePartial*>(ws);
-  args.cands = reinterpret_cast<Cand*>(ws + part_bytes);
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LogitsDtype dt = fa.base.dtype;
-  const bool same = fa.expert.dtype == dt && fa.anti.dtype == dt;
-  const bool vec = vec_aligned(fa.base, fa.batch) && vec_aligned(fa.expert, fa.batch) &&
-                   vec_aligned(fa.anti, fa.batch);
-  if (!same) {
-    launch<DynLoader>(args, fa.batch, stream);
-  } else if (dt == LogitsDtype::kFloat32) {
-    vec ? launch<UniformLoader<F32, true>>(args, fa.batch, stream)
-        : launch<UniformLoader<F32, false>>(args, fa.batch, stream);
-  } else if (dt == LogitsDtype::kBFloat16) {
-    vec ? launch<UniformLoader<BF16, true>>(args, fa.batch, stream)
-        : launch<UniformLoader<BF16, false>>(args, fa.batch, stream);
-  } else {
-    vec ? launch<UniformLoader<F16, true>>(args, fa.batch, stream)
-        : launch<UniformLoader<F16, false>>(args, fa.batch, stream);
+// K1 and K2 for one loader; ept: slice_elems_per_thread(vocab).
+template <class Loader>
+cudaError_t launch_kernels(const KernelArgs& args, int64_t batch, int ept, cudaStream_t stream) {
+  switch (ept) {
+    case 16: return launch_ept<Loader, 16>(args, batch, stream);
+    case 8: return launch_ept<Loader, 8>(args, batch, stream);
+    case 4: return launch_ept<Loader, 4>(args, batch, stream);
+    default: return cudaErrorInvalidValue;
   }
-  return fa.outputs;
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(proxykern, CUDA, m) { m.impl("fused_sample", &fused_sample_cuda); }
-
+}  // namespace cuda
 }  // namespace proxykern

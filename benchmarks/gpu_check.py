@@ -1,0 +1,504 @@
+"""``make gpu-check``: everything a lent GPU should check, as one timed script.
+
+On a machine with a GPU and a preinstalled torch / triton / transformers / pytest (no
+network), from the repository root:
+
+    python3 benchmarks/gpu_check.py [--keep-going] [--dry-run] [--out DIR]
+
+Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_CHECK_OUT``, else
+``$OUT`` -- the device tool returns what is written there --, else ``gpu-check-out/``):
+
+  device      the GPU, torch / triton / nvcc / compute-sanitizer versions
+  build       ``pip install -e . --no-build-isolation --no-deps --no-index`` against the
+              machine's own torch (TORCH_CUDA_ARCH_LIST defaults to 9.0, MAX_JOBS to the
+              core count), then checks that the cuda backend loads for this device
+  sanitizer   compute-sanitizer memcheck and racecheck over benchmarks/gpu_check_cases.py
+              (a handful of small CUDA cases, not the test suite)
+  tests       ``pytest -m cuda``: tests/test_cuda.py (the CUDA backend) and
+              tests/test_triton_cuda.py (Triton on the GPU against the reference), less the
+              sanitizer test (the stage above covers it)
+  kernels     the kernel table: naive step, torch.compile of it, triton, cuda over vocab
+              {32000, 128256, 151936} x batch {1, 8, 64, 256}, bf16, five modes; plus the
+              device-to-device copy bandwidth. kernel_table.json and kernel_table.md
+  generate    benchmarks/bench_generate.py --out DIR $GPU_CHECK_GENERATE_ARGS (default
+              "--configs small", to fit the budget) when that file exists (the engine
+              issue's generation benchmark); skipped otherwise  <-- HOOK
+
+It stops at the first failing stage unless --keep-going (or GPU_CHECK_KEEP_GOING=1), and
+prints a summary last (also in summary.json). Budget: a whole run within 7 minutes
+(GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 240 s, sanitizer
+150, tests 240, kernels 210, generate 180), cut to what is left of the budget; a stage
+that finds none left is skipped. Expected on an H200: build ~1, sanitizer ~1-2, tests
+~1.5-2.5, kernels ~2 min. --dry-run (or
+GPU_CHECK_DRY=1) needs no GPU: the GPU stages skip with a reason and the kernel stage
+runs a tiny CPU table through the same code, so the plumbing is known to work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Seconds each stage may take before it is stopped, and the whole run's budget (7 minutes
+# on an H200; GPU_CHECK_BUDGET_S overrides): no stage runs past what is left of it.
+STAGE_LIMITS = {"build": 240, "sanitizer": 150, "tests": 240, "kernels": 210, "generate": 180}
+TOTAL_BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "420"))
+_T0 = time.monotonic()
+
+
+def _limit(stage: str) -> float:
+    """A stage's time limit: its own, cut to what is left of the whole run's budget."""
+    return max(1.0, min(STAGE_LIMITS[stage], TOTAL_BUDGET_S - (time.monotonic() - _T0)))
+KERNEL_VOCABS = (32000, 128256, 151936)
+KERNEL_BATCHES = (1, 8, 64, 256)
+KERNEL_MODES = {
+    "plain": dict(temperature=1.0),
+    "top_k=50": dict(temperature=1.0, top_k=50),
+    "top_p=0.9": dict(temperature=1.0, top_p=0.9),
+    "top_k+top_p": dict(temperature=1.0, top_k=50, top_p=0.9),
+    "top_p=0.99,T=4": dict(temperature=4.0, top_p=0.99),  # the slow path
+}
+
+
+class Stage:
+    def __init__(self, name):
+        self.name = name
+        self.status = "not run"
+        self.detail = ""
+        self.seconds = 0.0
+
+
+def _log_path(out_dir, name):
+    """Every stage logs into one file: the device tool returns at most 8 files from $OUT
+    (gpu-check.log, summary.json, kernel_table.json/.md, generate.json/.md/.png)."""
+    return os.path.join(out_dir, "gpu-check.log")
+
+
+def run_logged(cmd, log_path, *, timeout, env=None, cwd=ROOT):
+    """Runs cmd, its output streamed to stdout and to log_path; returns (rc, tail)."""
+    tail = []
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd=cwd, bufsize=1)
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-5:]
+            if time.monotonic() > deadline:
+                timed_out = True
+                proc.kill()
+                break
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+            timed_out = True
+        if timed_out:
+            log.write(f"[stopped after {timeout} s]\n")
+            return 124, f"stopped after {timeout} s"
+    return rc, "; ".join(t for t in tail if t)[-300:]
+
+
+def child_env(**extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------------ stages
+
+def stage_device(args, out_dir, info):
+    import torch
+    info["python"] = sys.executable
+    info["torch"] = torch.__version__
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError as exc:
+        info["triton"] = f"not importable ({exc})"
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    nvcc = nvcc if os.path.exists(nvcc) else shutil.which("nvcc")
+    info["nvcc"] = (subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+                    .stdout.strip().splitlines()[-1] if nvcc else "not found")
+    info["compute_sanitizer"] = shutil.which("compute-sanitizer") or "not found"
+    if args.dry_run:
+        info["device"] = "none (dry run)"
+        return "ok", "dry run: no GPU needed"
+    if not torch.cuda.is_available():
+        return "failed", "no CUDA device visible to torch (use --dry-run to check the plumbing)"
+    props = torch.cuda.get_device_properties(0)
+    info["device"] = props.name
+    info["capability"] = f"{props.major}.{props.minor}"
+    info["sms"] = props.multi_processor_count
+    info["l2_bytes"] = getattr(props, "L2_cache_size", None)
+    return "ok", f"{props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs"
+
+
+def stage_build(args, out_dir, info):
+    if args.dry_run:
+        return "skipped", "dry run (would run: pip install -e . --no-build-isolation --no-deps)"
+    env = child_env(TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+                    MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
+    log = _log_path(out_dir, "build")
+    rc, tail = run_logged([sys.executable, "-m", "pip", "install", "-e", ".", "--no-build-isolation",
+                           "--no-deps", "--no-index", "-v"], log, timeout=_limit("build"), env=env)
+    if rc != 0:
+        return "failed", f"pip install exited {rc}: {tail}"
+    check = ("import torch; from proxykern import ops; "
+             "r = ops.backend_unavailable_reason('cuda', torch.device('cuda')); "
+             "print('cuda backend:', r or 'available'); raise SystemExit(0 if r is None else 1)")
+    rc, tail = run_logged([sys.executable, "-c", check], log, timeout=60, env=env)
+    return ("ok", tail) if rc == 0 else ("failed", tail)
+
+
+def stage_sanitizer(args, out_dir, info):
+    script = os.path.join(ROOT, "benchmarks", "gpu_check_cases.py")
+    if args.dry_run:  # the cases through the CPU kernel, without the sanitizer
+        rc, tail = run_logged([sys.executable, script, "--device", "cpu"], _log_path(out_dir, "sanitizer"),
+                              timeout=120, env=child_env())
+        if rc != 0:
+            return "failed", f"dry run: the cases failed on CPU: {tail}"
+        return "skipped", "dry run (needs a GPU and compute-sanitizer); the cases ran on the CPU kernel"
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return "failed", "compute-sanitizer is not on PATH"
+    log = _log_path(out_dir, "sanitizer")
+    # Without the caching allocator memcheck sees every allocation's true bounds.
+    env = child_env(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    deadline = time.monotonic() + _limit("sanitizer")
+    for tool in ("memcheck", "racecheck"):
+        cmd = [exe, "--tool", tool, "--error-exitcode", "1"]
+        if tool == "racecheck":  # shared-memory races: only our kernels need the slow checks
+            cmd += ["--kernel-name", "kns=proxykern"]
+        rc, tail = run_logged(cmd + [sys.executable, script], log,
+                              timeout=max(1.0, (deadline - time.monotonic()) / (2 if tool == "memcheck" else 1)),
+                              env=env)
+        if rc != 0:
+            return "failed", f"{tool} exited {rc}: {tail}"
+    return "ok", "memcheck and racecheck clean"
+
+
+def stage_tests(args, out_dir, info):
+    if args.dry_run:
+        return "skipped", "dry run (needs a GPU)"
+    log = _log_path(out_dir, "tests")
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+           "-k", "not compute_sanitizer", "tests"] + ([] if args.keep_going else ["-x"])
+    rc, tail = run_logged(cmd, log, timeout=_limit("tests"), env=child_env())
+    return ("ok" if rc == 0 else "failed"), tail
+
+
+def stage_generate(args, out_dir, info):
+    # HOOK for the engine issue: benchmarks/bench_generate.py, once it exists, runs here
+    # (it may read GPU_CHECK_OUT to write its own files).
+    script = os.path.join(ROOT, "benchmarks", "bench_generate.py")
+    if not os.path.exists(script):
+        return "skipped", "benchmarks/bench_generate.py does not exist yet (engine issue)"
+    if args.dry_run:
+        return "skipped", "dry run (needs a GPU)"
+    extra = os.environ.get("GPU_CHECK_GENERATE_ARGS", "--configs small").split()
+    rc, tail = run_logged([sys.executable, script, "--out", out_dir] + extra, _log_path(out_dir, "generate"),
+                          timeout=_limit("generate"), env=child_env(GPU_CHECK_OUT=out_dir))
+    return ("ok" if rc == 0 else "failed"), tail
+
+
+# ------------------------------------------------------------------------------ kernel table
+
+def _param_tensors(batch, device, mode, seed):
+    import torch
+    full = dict(alpha=1.0, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    full.update(mode)
+    f32 = dict(dtype=torch.float32, device=device)
+    i64 = dict(dtype=torch.int64, device=device)
+    return (torch.full((batch,), full["alpha"], **f32), torch.full((batch,), full["temperature"], **f32),
+            torch.full((batch,), full["top_k"], **i64), torch.full((batch,), full["top_p"], **f32),
+            torch.full((batch,), full["min_p"], **f32), torch.arange(batch, **i64) + seed,
+            torch.zeros(batch, **i64))
+
+
+def _timer(device, warmup_ms, rep_ms):
+    """median seconds of fn(): triton.testing.do_bench on a GPU (it flushes L2 before every
+    call and times with CUDA events), a wall-clock median on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        def gpu_time(fn):
+            return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
+        return gpu_time
+
+    def cpu_time(fn):
+        fn()
+        samples = []
+        start = time.perf_counter()
+        while len(samples) < 3 or (time.perf_counter() - start < rep_ms / 1e3 and len(samples) < 50):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        samples.sort()
+        return samples[len(samples) // 2]
+    return cpu_time
+
+
+def copy_bandwidth(device, timer, nbytes):
+    import torch
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    seconds = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / seconds / 1e9  # bytes read + bytes written
+
+
+def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, rep_ms,
+                 compile_budget_s=90.0, log=print):
+    """Rows of {vocab, batch, mode, impl, us, gbps, speedup_vs_naive}; stops measuring
+    (rows marked 'skipped: time budget') once budget_s is spent, and torch.compile once
+    its compilations (about two a mode: batch 1 is specialized) took compile_budget_s."""
+    import torch
+
+    from proxykern import ops
+    from proxykern.bench import naive_sample_step
+
+    timer = _timer(device, warmup_ms, rep_ms)
+    t_start = time.monotonic()
+    dtype = torch.bfloat16
+    l2 = 0
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+    compiled = {}
+    compile_s = {}  # first-call seconds of each torch.compile case
+    rows = []
+    for vocab in vocabs:
+        for batch in batches:
+            set_bytes = 3 * batch * vocab * 2
+            # Rotate through copies whose total passes 2x the L2 (do_bench flushes L2 too).
+            copies = max(1, min(8, math.ceil(2 * l2 / set_bytes))) if l2 else 1
+            gen = torch.Generator(device=device).manual_seed(batch * 31 + vocab)
+            sets = [tuple((torch.randn(batch, vocab, generator=gen, device=device) * 3).to(dtype)
+                          for _ in range(3)) for _ in range(copies)]
+            for mode_name, mode in modes.items():
+                params = _param_tensors(batch, device, mode, seed=7)
+                counter = [0]
+
+                def nxt():
+                    counter[0] = (counter[0] + 1) % copies
+                    return sets[counter[0]]
+
+                fns = {}
+                for impl in impls:
+                    if impl == "naive":
+                        fns[impl] = lambda m=mode: naive_sample_step(*nxt(), **m)
+                    elif impl == "torch.compile":
+                        if mode_name not in compiled:
+                            compiled[mode_name] = torch.compile(
+                                lambda b, e, a, m=mode: naive_sample_step(b, e, a, **m), dynamic=True)
+                        fns[impl] = lambda c=compiled[mode_name]: c(*nxt())
+                    elif impl == "triton":
+                        tri = ops._triton_kernels().proxy_sample_triton
+                        fns[impl] = lambda p=params, t=tri: t(*nxt(), *p, vocab)
+                    elif impl in ("cuda", "cpu"):
+                        fns[impl] = lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab)
+                    elif impl == "torch":
+                        fns[impl] = lambda p=params: ops.reference.proxy_sample_reference(*nxt(), *p, vocab)
+                naive_s = None
+                for impl, fn in fns.items():
+                    row = dict(vocab=vocab, batch=batch, mode=mode_name, impl=impl)
+                    if time.monotonic() - t_start > budget_s:
+                        row["error"] = "skipped: time budget"
+                        rows.append(row)
+                        continue
+                    if impl == "torch.compile" and sum(compile_s.values()) > compile_budget_s:
+                        row["error"] = "skipped: compile budget"
+                        rows.append(row)
+                        continue
+                    try:
+                        if impl == "torch.compile":  # the first call compiles (or recompiles)
+                            t0 = time.monotonic()
+                            fn()
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
+                            compile_s[(mode_name, vocab, batch)] = time.monotonic() - t0
+                            row["first_call_s"] = round(compile_s[(mode_name, vocab, batch)], 2)
+                        seconds = timer(fn)
+                    except Exception as exc:  # one broken impl must not hide the others
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                        rows.append(row)
+                        log(f"  {vocab}x{batch} {mode_name} {impl}: {row['error']}")
+                        continue
+                    if impl == "naive":
+                        naive_s = seconds
+                    row.update(us=seconds * 1e6, gbps=set_bytes / seconds / 1e9,
+                               speedup_vs_naive=(naive_s / seconds) if naive_s else None)
+                    rows.append(row)
+                    log(f"  {vocab}x{batch} {mode_name} {impl}: {row['us']:.1f} us"
+                        + (f" ({row['speedup_vs_naive']:.1f}x naive)" if impl != "naive" and naive_s else ""))
+            sets = None
+    return rows
+
+
+def table_markdown(rows, impls, header_lines):
+    lines = list(header_lines) + [""]
+    cols = " | ".join(f"{i} us" for i in impls)
+    ratio_cols = [i for i in impls if i not in ("naive",)]
+    lines.append(f"| vocab | batch | mode | {cols} | " + " | ".join(f"{i} vs naive" for i in ratio_cols) + " |")
+    lines.append("|" + "---|" * (3 + len(impls) + len(ratio_cols)))
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["vocab"], r["batch"], r["mode"]), {})[r["impl"]] = r
+    for (vocab, batch, mode), by_impl in keyed.items():
+        def cell(i):
+            r = by_impl.get(i)
+            if r is None:
+                return "-"
+            return f"{r['us']:.1f}" if "us" in r else r.get("error", "-").split(":")[0]
+
+        def ratio(i):
+            r, n = by_impl.get(i), by_impl.get("naive")
+            if not r or not n or "us" not in r or "us" not in n:
+                return "-"
+            return f"{n['us'] / r['us']:.1f}x"
+        lines.append(f"| {vocab} | {batch} | {mode} | " + " | ".join(cell(i) for i in impls) + " | "
+                     + " | ".join(ratio(i) for i in ratio_cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_kernels(args, out_dir, info):
+    # In a fresh interpreter: this one started before the build installed the package.
+    limit = _limit("kernels")
+    cmd = [sys.executable, os.path.abspath(__file__), "--kernels-stage", "--out", out_dir,
+           "--measure-s", str(max(10.0, limit - 40))]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=limit, env=child_env())
+    try:
+        with open(os.path.join(out_dir, "kernel_table.json")) as f:
+            detail = json.load(f)["detail"]
+    except (OSError, ValueError, KeyError):
+        detail = tail
+    return ("ok" if rc == 0 else "failed"), detail
+
+
+def kernels_stage(args, out_dir) -> int:
+    """The kernel table (run by stage_kernels in its own process); exit 1 on any error."""
+    import torch
+    from proxykern import ops
+    info = dict(torch=torch.__version__)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not importable"
+    info["device"] = torch.cuda.get_device_name(0) if not args.dry_run else "cpu (dry run)"
+    if args.dry_run:
+        device = torch.device("cpu")
+        impls = ["naive"] + [b for b in ("cpu",) if ops.backend_unavailable_reason(b, device) is None]
+        vocabs, batches = (1000,), (1, 2)
+        modes = {k: KERNEL_MODES[k] for k in ("plain", "top_k+top_p")}
+        budget, warmup, rep = 20.0, 1, 20
+        bw_bytes = 16 << 20
+    else:
+        device = torch.device("cuda")
+        impls = ["naive", "torch.compile"] + [
+            b for b in ("triton", "cuda") if ops.backend_unavailable_reason(b, device) is None]
+        vocabs, batches, modes = KERNEL_VOCABS, KERNEL_BATCHES, KERNEL_MODES
+        budget, warmup, rep = args.measure_s, 5, 25
+        bw_bytes = 1 << 30
+    def log(msg):
+        print(msg, flush=True)
+
+    timer = _timer(device, warmup, rep)
+    bw = copy_bandwidth(device, timer, bw_bytes)
+    log(f"device-to-device copy: {bw:.0f} GB/s (read + write, {bw_bytes >> 20} MiB)")
+    rows = kernel_table(device, vocabs=vocabs, batches=batches, modes=modes, impls=impls,
+                        budget_s=budget, warmup_ms=warmup, rep_ms=rep, log=log)
+    name = info["device"]
+    header = [f"# Kernel table: {name}",
+              f"torch {info.get('torch')}, triton {info.get('triton')}; bf16 inputs; median of "
+              f"{'triton.testing.do_bench (L2 flushed before each call)' if device.type == 'cuda' else 'wall-clock'}; "
+              f"naive step measured in the same run",
+              f"device-to-device copy: {bw:.0f} GB/s (read + write)"]
+    measured = sum(1 for r in rows if "us" in r)
+    errors = [r for r in rows if "error" in r and not r["error"].startswith("skipped")]
+    skipped = sum(1 for r in rows if r.get("error", "").startswith("skipped"))
+    detail = f"{measured} timings, {skipped} skipped for time, {len(errors)} errors; copy {bw:.0f} GB/s"
+    with open(os.path.join(out_dir, "kernel_table.json"), "w") as f:
+        json.dump(dict(device=name, copy_gbps=bw, info=info, detail=detail, rows=rows), f, indent=1)
+    with open(os.path.join(out_dir, "kernel_table.md"), "w") as f:
+        f.write(table_markdown(rows, impls, header))
+    print(table_markdown(rows, impls, header))
+    return 1 if errors else 0
+
+
+STAGES = [("device", stage_device), ("build", stage_build), ("sanitizer", stage_sanitizer),
+          ("tests", stage_tests), ("kernels", stage_kernels), ("generate", stage_generate)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", default=os.environ.get("GPU_CHECK_DRY") == "1",
+                        help="no GPU: GPU stages skip, a tiny CPU table checks the plumbing")
+    parser.add_argument("--keep-going", action="store_true",
+                        default=os.environ.get("GPU_CHECK_KEEP_GOING") == "1",
+                        help="run every stage even after one fails")
+    parser.add_argument("--only", nargs="+", choices=[n for n, _ in STAGES],
+                        help="run only these stages (device always runs)")
+    parser.add_argument("--kernels-stage", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-s", type=float, default=170.0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT") or os.environ.get("OUT")
+                        or os.path.join(ROOT, "gpu-check-out"))
+    args = parser.parse_args(argv)
+    out_dir = os.path.abspath(args.out)
+    os.makedirs(out_dir, exist_ok=True)
+    os.chdir(ROOT)
+    if args.kernels_stage:
+        return kernels_stage(args, out_dir)
+    info: dict = {}
+    stages = [Stage(n) for n, _ in STAGES]
+    t_all = time.monotonic()
+    failed = False
+    for stage, (name, fn) in zip(stages, STAGES):
+        if args.only and name != "device" and name not in args.only:
+            stage.status, stage.detail = "skipped", "not selected (--only)"
+            continue
+        if failed and not args.keep_going:
+            stage.status, stage.detail = "not run", "an earlier stage failed"
+            continue
+        if name != "device" and time.monotonic() - _T0 > TOTAL_BUDGET_S - 5:
+            stage.status, stage.detail = "skipped", f"out of time (budget {TOTAL_BUDGET_S:.0f} s)"
+            continue
+        print(f"\n=== gpu-check: {name} ===", flush=True)
+        t0 = time.monotonic()
+        try:
+            stage.status, stage.detail = fn(args, out_dir, info)
+        except Exception as exc:  # a crash in a stage is that stage's failure
+            stage.status, stage.detail = "failed", f"{type(exc).__name__}: {exc}"
+        stage.seconds = time.monotonic() - t0
+        print(f"--- {name}: {stage.status} in {stage.seconds:.1f} s: {stage.detail}", flush=True)
+        failed |= stage.status == "failed"
+    total = time.monotonic() - t_all
+    summary = dict(device=info.get("device"), info=info, dry_run=args.dry_run, total_s=round(total, 1),
+                   stages=[dict(name=s.name, status=s.status, seconds=round(s.seconds, 1), detail=s.detail)
+                           for s in stages])
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n=== gpu-check summary ({info.get('device')}; {'dry run; ' if args.dry_run else ''}"
+          f"logs in {out_dir}) ===")
+    for s in stages:
+        print(f"  {s.name:<10} {s.status:<8} {s.seconds:6.1f} s  {s.detail}")
+    print(f"  {'total':<10} {'FAILED' if failed else 'ok':<8} {total:6.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+// The CUDA kernels instantiated for f32 inputs (one of the units ninja builds at once).
+#include "cuda_kernels.cuh"
+
+namespace proxykern {
+namespace cuda {
+
+cudaError_t launch_f32(const KernelArgs& args, int64_t batch, bool vec, int ept, cudaStream_t stream) {
+  return vec ? launch_kernels<UniformLoader<F32, true>>(args, batch, ept, stream)
+             : launch_kernels<UniformLoader<F32, false>>(args, batch, ept, stream);
+}
+
+}  // namespace cuda
+}  // namespace proxykern

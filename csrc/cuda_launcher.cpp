@@ -1,0 +1,109 @@
+// The CUDA backend's launcher: checks the tensors (fused_sample_op.cpp's checks), sizes
+// and allocates the workspace on the logits' device and launches the kernels of
+// cuda_kernels_*.cu on the current stream. No host sync, no allocation besides the one
+// at::empty workspace (CUDA-graph safe). Compiled by the host compiler, CUDA builds only.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "cuda_sample.h"
+#include "fused_sample_op.h"
+
+#define PK_STR2(x) #x
+#define PK_STR(x) PK_STR2(x)
+
+namespace proxykern {
+namespace {
+
+bool vec_aligned(const LogitsView& v, int64_t batch) {
+  const int64_t bytes = v.dtype == LogitsDtype::kFloat32 ? 4 : 2;
+  return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 &&
+         (batch <= 1 || (v.row_stride * bytes) % 16 == 0);
+}
+
+}  // namespace
+
+SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert,
+                                const at::Tensor& anti, const at::Tensor& alpha,
+                                const at::Tensor& temperature, const at::Tensor& top_k,
+                                const at::Tensor& top_p, const at::Tensor& min_p,
+                                const at::Tensor& seed, const at::Tensor& step,
+                                int64_t vocab_size) {
+  TORCH_CHECK(base.is_cuda(), "base must be a CUDA tensor for the cuda kernel");
+  const c10::cuda::CUDAGuard guard(base.device());
+  FusedSampleArgs fa = prepare_fused_sample(base, expert, anti, alpha, temperature, top_k, top_p,
+                                            min_p, seed, step, vocab_size);
+  if (fa.batch == 0) return fa.outputs;
+  TORCH_CHECK(fa.vocab <= INT32_MAX, "vocab_size must be < 2^31 for the cuda kernel, got ",
+              fa.vocab);
+  const int ept = cuda::slice_elems_per_thread(fa.vocab);
+  const int64_t width = cuda::slice_width(ept);
+  const int64_t num_slices = (fa.vocab + width - 1) / width;
+  TORCH_CHECK(fa.batch * num_slices <= INT32_MAX && fa.batch <= INT32_MAX,
+              "batch * ceil(vocab_size / ", width, ") must be < 2^31 for the cuda kernel");
+  const int cand = cuda::cands_per_slice(ept);
+
+  // Workspace: partials, then candidates (both 8-byte aligned; the allocator gives 256).
+  const int64_t n_part = fa.batch * num_slices;
+  const int64_t part_bytes =
+      ((n_part * static_cast<int64_t>(sizeof(cuda::SlicePartial)) + 255) / 256) * 256;
+  const int64_t cand_bytes = n_part * cand * static_cast<int64_t>(sizeof(cuda::Cand));
+  at::Tensor workspace = at::empty({part_bytes + cand_bytes}, base.options().dtype(at::kByte));
+  uint8_t* ws = workspace.data_ptr<uint8_t>();
+
+  cuda::KernelArgs args;
+  args.base = fa.base;
+  args.expert = fa.expert;
+  args.anti = fa.anti;
+  args.params = fa.params;
+  args.result = fa.result;
+  args.vocab = fa.vocab;
+  args.num_slices = static_cast<int32_t>(num_slices);
+  args.cand_per_slice = cand;
+  // F fractional bits with vocab * 2^F <= 2^62: fixed-point mass sums never overflow.
+  int bits = 0;
+  while (bits < 63 && (int64_t{1} << bits) <= fa.vocab) ++bits;  // bit length of vocab
+  args.mass_scale = std::ldexp(1.0f, 62 - bits);
+  args.partials = reinterpret_cast<cuda::SlicePartial*>(ws);
+  args.cands = reinterpret_cast<cuda::Cand*>(ws + part_bytes);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const LogitsDtype dt = fa.base.dtype;
+  const bool same = fa.expert.dtype == dt && fa.anti.dtype == dt;
+  const bool vec = vec_aligned(fa.base, fa.batch) && vec_aligned(fa.expert, fa.batch) &&
+                   vec_aligned(fa.anti, fa.batch);
+  cudaError_t err;
+  if (!same) {
+    err = cuda::launch_mixed(args, fa.batch, ept, stream);
+  } else if (dt == LogitsDtype::kFloat32) {
+    err = cuda::launch_f32(args, fa.batch, vec, ept, stream);
+  } else if (dt == LogitsDtype::kBFloat16) {
+    err = cuda::launch_bf16(args, fa.batch, vec, ept, stream);
+  } else {
+    err = cuda::launch_f16(args, fa.batch, vec, ept, stream);
+  }
+  C10_CUDA_CHECK(err);
+  return fa.outputs;
+}
+
+int64_t cuda_kernel_version(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return cuda::kernel_image_version();
+}
+
+std::string cuda_build_archs() {
+#ifdef PROXYKERN_CUDA_ARCHS
+  return PK_STR(PROXYKERN_CUDA_ARCHS);
+#else
+  return "unknown";
+#endif
+}
+
+}  // namespace proxykern
