@@ -57,6 +57,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .generate import fused_proxy_generate
+from .ops import resolve_backend
 from .scoring import proxy_logprobs
 
 MODES = ("proxy", "base", "expert")
@@ -185,9 +186,7 @@ class ProxyKernLM(TemplateLM):
         self.batch_size = _as_int("batch_size", batch_size, 1)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 1)
         self.seed = _as_int("seed", seed, 0)
-        if not isinstance(backend, str):
-            raise ValueError(f"model_args backend must be a string, got {backend!r}")
-        self.op_backend = backend
+        max_length = None if max_length is None else _as_int("max_length", max_length, 2)
 
         if device is None or device == "":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,6 +196,10 @@ class ProxyKernLM(TemplateLM):
             raise ValueError(f"model_args device: {device!r} is not a torch device ({exc})") from None
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"model_args device={device!r} but CUDA is not available here")
+        try:
+            self.op_backend = resolve_backend(backend, self._device)
+        except ValueError as exc:
+            raise ValueError(f"model_args backend: {exc}") from None
         if not isinstance(dtype, (str, torch.dtype)) or (
                 isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES):
             raise ValueError(f"model_args dtype must be auto, float32, bfloat16 or float16, "
@@ -242,9 +245,8 @@ class ProxyKernLM(TemplateLM):
             limits = [getattr(getattr(m, "config", None), "max_position_embeddings", None)
                       for m in self.models]
             limits = [x for x in limits if isinstance(x, int) and x > 0]
-            self._max_length = min(limits) if limits else DEFAULT_MAX_LENGTH
-        else:
-            self._max_length = _as_int("max_length", max_length, 2)
+            max_length = min(limits) if limits else DEFAULT_MAX_LENGTH
+        self._max_length = max_length
         self.eos_ids = self._eos_ids()
         if not self.eos_ids:
             raise ValueError("model_args tokenizer: no EOS token id in the tokenizer or the "

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from .generation_args import MODEL_NAMES, input_width, shared_vocab_size
-from .ops import check_sampling_arg, proxy_sample_with_status
+from .ops import check_sampling_arg, proxy_sample_with_status, resolve_backend
 from .reference import STATUS_EMPTY, STATUS_NONFINITE
 
 #: Scored positions combined per fused-op call (rows of V in fp32 held at once).
@@ -125,9 +125,9 @@ def _check_range(name: str, rows, limit: int | None, what: str) -> None:
     if limit is None:
         return
     for i, r in enumerate(rows):
-        for t in r:
-            if t < 0 or t >= limit:
-                raise ValueError(f"{name}[{i}] holds token id {t}, outside [0, {limit}) ({what})")
+        if r and (min(r) < 0 or max(r) >= limit):
+            t = min(r) if min(r) < 0 else max(r)
+            raise ValueError(f"{name}[{i}] holds token id {t}, outside [0, {limit}) ({what})")
 
 
 def _per_row(name: str, value, B: int, device, positive: bool):
@@ -180,21 +180,24 @@ def _forward_scored(model, ids, mask, n_scored: int) -> torch.Tensor:
 
 
 def _run_forwards(jobs: dict, device) -> dict:
-    """Run each distinct (model, ids, mask) job; on CUDA the later ones on side streams."""
+    """Run each distinct (model, ids, mask) job: on CUDA all but the first on their own
+    side streams, launched first so they overlap the first (the base) on the current one."""
+    items = list(jobs.items())
+    if device.type != "cuda":
+        return {key: _forward_scored(*job) for key, job in items}
+    main = torch.cuda.current_stream(device)
     results, events = {}, {}
-    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    for i, (key, (model, ids, mask, n)) in enumerate(jobs.items()):
-        if main is None or i == 0:
-            results[key] = _forward_scored(model, ids, mask, n)
-            continue
+    for key, (model, ids, mask, n) in items[1:]:
         stream = torch.cuda.Stream(device)
-        stream.wait_stream(main)
+        stream.wait_stream(main)  # the packed ids and masks are ready
         ids.record_stream(stream)
         mask.record_stream(stream)
         with torch.cuda.stream(stream):
             results[key] = _forward_scored(model, ids, mask, n)
             events[key] = torch.cuda.Event()
             events[key].record(stream)
+    key, job = items[0]
+    results[key] = _forward_scored(*job)
     for key, event in events.items():
         main.wait_event(event)
         results[key].record_stream(main)
@@ -254,6 +257,7 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
         raise TypeError(f"return_model_logprobs must be True or False, got {return_model_logprobs!r}")
     alpha = _per_row("alpha", alpha, B, device, positive=False)
     temperature = _per_row("temperature", temperature, B, device, positive=True)
+    backend = resolve_backend(backend, device)
 
     V = shared_vocab_size(base, expert, anti_expert)
     readers = {"base": (base, anti_expert) if expert_context is not None else

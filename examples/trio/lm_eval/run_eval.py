@@ -10,7 +10,7 @@ proxy-tuned base (``alpha``), then prints one row per model. Each row is what
 
 prints for that model. Needs the ``eval`` extra (``pip install -e ".[eval]"``).
 
-    python examples/trio/lm_eval/run_eval.py [--limit N] [--alpha 1.0] [--device cpu]
+    python examples/trio/lm_eval/run_eval.py [--limit N] [--alpha 1.0] [--device cpu] [--threads 1]
 """
 from __future__ import annotations
 
@@ -69,7 +69,11 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="items per task (default all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (the trio is tiny: more threads only add overhead)")
     args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
     for name in ("lm-eval", "lm_eval", "datasets"):  # the table is the output
         logging.getLogger(name).setLevel(logging.ERROR)
     table = evaluate(args.models, args.alpha, args.limit, args.batch_size, args.device)
