@@ -193,7 +193,8 @@ class ProxyKernLM(TemplateLM):
         try:
             self._device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"model_args device: {device!r} is not a torch device ({exc})") from None
+            raise ValueError(f"model_args device: {device!r} is not a torch device "
+                             f"({exc})") from None
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"model_args device={device!r} but CUDA is not available here")
         try:
@@ -218,7 +219,8 @@ class ProxyKernLM(TemplateLM):
                         path, dtype=torch_dtype, trust_remote_code=trust_remote_code
                     ).to(self._device).eval()
                 except (OSError, ValueError) as exc:  # no such folder / repo, bad config
-                    raise ValueError(f"model_args {name}={path!r} cannot be loaded: {exc}") from None
+                    raise ValueError(f"model_args {name}={path!r} cannot be loaded: "
+                                     f"{exc}") from None
             return loaded[path]
 
         if mode == "proxy":
@@ -238,8 +240,8 @@ class ProxyKernLM(TemplateLM):
                              f"{tok_path!r}: {exc}") from None
         if self.expert_tokenizer is not None and not getattr(self.expert_tokenizer,
                                                              "chat_template", None):
-            raise ValueError(f"model_args chat_expert: the expert's tokenizer ({paths['expert']!r}) "
-                             f"has no chat template")
+            raise ValueError(f"model_args chat_expert: the expert's tokenizer "
+                             f"({paths['expert']!r}) has no chat template")
 
         if max_length is None:
             limits = [getattr(getattr(m, "config", None), "max_position_embeddings", None)
@@ -281,11 +283,12 @@ class ProxyKernLM(TemplateLM):
 
     def _eos_ids(self) -> list[int]:
         ids = []
-        sources = [getattr(getattr(self.models[0], "generation_config", None), "eos_token_id", None),
-                   self.tokenizer.eos_token_id]
+        def config_eos(model):
+            return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+
+        sources = [config_eos(self.models[0]), self.tokenizer.eos_token_id]
         if self.expert_tokenizer is not None:  # a chat expert ends its turn with its own EOS
-            sources += [getattr(getattr(self.models[1], "generation_config", None),
-                                "eos_token_id", None), self.expert_tokenizer.eos_token_id]
+            sources += [config_eos(self.models[1]), self.expert_tokenizer.eos_token_id]
         for e in sources:
             for x in ([e] if isinstance(e, int) else list(e or [])):
                 if x not in ids:
@@ -385,23 +388,30 @@ class ProxyKernLM(TemplateLM):
         if not all(isinstance(u, str) for u in until):
             raise ValueError(f"generate_until: until must be a string or a list of strings, "
                              f"got {gen_kwargs.get('until')!r}")
+        def get(key, default, kind):
+            value = gen_kwargs.get(key)
+            if value is None:
+                return default
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"generate_until: generation kwarg {key} must be "
+                                 f"{kind.__name__}, got {value!r}") from None
+
         max_new = next((gen_kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
                         if gen_kwargs.get(k) is not None), self.max_gen_toks)
         max_new = _as_int("max_gen_toks", max_new, 1)
-        temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+        temperature = get("temperature", 0.0, float)
         do_sample = gen_kwargs.get("do_sample")
         if do_sample is None:
             do_sample = temperature > 0
         if not do_sample:
             temperature = 0.0
-        elif temperature == 0.0 and "temperature" not in gen_kwargs:
-            temperature = 1.0
+        elif "temperature" not in gen_kwargs:
+            temperature = 1.0  # do_sample without a temperature: HF's default
         return dict(until=until, max_new_tokens=max_new, temperature=temperature,
-                    top_k=int(gen_kwargs.get("top_k", 0) or 0),
-                    top_p=float(gen_kwargs.get("top_p", 1.0) if gen_kwargs.get("top_p") is not None else 1.0),
-                    min_p=float(gen_kwargs.get("min_p", 0.0) or 0.0),
-                    seed=int(gen_kwargs.get("seed", self.seed) if gen_kwargs.get("seed") is not None
-                             else self.seed))
+                    top_k=get("top_k", 0, int), top_p=get("top_p", 1.0, float),
+                    min_p=get("min_p", 0.0, float), seed=get("seed", self.seed, int))
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups = {}
@@ -485,6 +495,6 @@ def _left_pad(rows, device):
 
 
 def cli_main() -> None:
-    """``proxykern-lm-eval``: lm-eval's own command line, with the ``proxykern`` model registered."""
+    """``proxykern-lm-eval``: lm-eval's command line, with the ``proxykern`` model registered."""
     from lm_eval.__main__ import cli_evaluate
     sys.exit(cli_evaluate())

@@ -254,7 +254,8 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not isinstance(return_model_logprobs, bool):
-        raise TypeError(f"return_model_logprobs must be True or False, got {return_model_logprobs!r}")
+        raise TypeError(f"return_model_logprobs must be True or False, "
+                        f"got {return_model_logprobs!r}")
     alpha = _per_row("alpha", alpha, B, device, positive=False)
     temperature = _per_row("temperature", temperature, B, device, positive=True)
     backend = resolve_backend(backend, device)

@@ -7,6 +7,7 @@ exact match base 30/90, expert 20/90, proxy 57/90 (the same answers as tests/tes
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -107,8 +108,9 @@ def test_loglikelihood_is_proxy_logprobs(proxy_lm):
     tok = proxy_lm.tokenizer
     ctx = tok(QUESTION).input_ids
     out = proxy_logprobs(*proxy_lm.models, [ctx] * 3, [tok(c).input_ids for c in conts])
-    for (ll, greedy), total, g in zip(got, out.logprobs.sum(1).tolist(), out.greedy.all(1).tolist()):
-        assert ll == pytest.approx(total, abs=1e-4) and greedy == g
+    totals, greedy = out.logprobs.sum(1).tolist(), out.greedy.all(1).tolist()
+    for (ll, is_greedy), total, g in zip(got, totals, greedy):
+        assert ll == pytest.approx(total, abs=1e-4) and is_greedy == g
     assert got[0][0] > got[1][0] and got[0][1]  # the right, greedy answer is likelier
 
 
@@ -159,6 +161,26 @@ def test_generate_until_honours_stops_and_per_request_kwargs(proxy_lm):
     assert got[4 * n:] == [t.split("works")[0].split(".")[0] for t in texts]
     with pytest.raises(ValueError, match="num_beams"):
         proxy_lm.generate_until([req("generate_until", QUESTION, {"num_beams": 4})])
+    with pytest.raises(ValueError, match="top_p"):
+        proxy_lm.generate_until([req("generate_until", QUESTION, {"top_p": "high"})])
+
+
+def test_stop_strings_end_the_decode_early(proxy_lm, monkeypatch):
+    base = proxy_lm.models[0]
+    forwards = []
+    forward = type(base).forward
+
+    @functools.wraps(forward)  # keeps the signature the decode engine inspects
+    def counting(self, *args, **kwargs):
+        if self is base:
+            forwards.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(base), "forward", counting)
+    (text,) = proxy_lm.generate_until([req("generate_until", QUESTION,
+                                           {"until": ["."], "max_gen_toks": 40})])
+    assert text == "gus wren lives in emberly"
+    assert len(forwards) <= 8  # prefill + a step per token up to the ".", not 40
 
 
 def test_stop_watch_ends_generation_once_every_row_stopped(proxy_lm):
@@ -227,6 +249,6 @@ def test_bad_model_args_name_the_argument(args, name):
 
 
 def test_missing_model_is_named():
+    base, expert = (os.path.join(DEFAULT_TRIO, n) for n in ("base", "expert"))
     with pytest.raises(ValueError, match="anti_expert"):
-        get_model("proxykern").create_from_arg_string(
-            f"base={os.path.join(DEFAULT_TRIO, 'base')},expert={os.path.join(DEFAULT_TRIO, 'expert')}")
+        get_model("proxykern").create_from_arg_string(f"base={base},expert={expert}")

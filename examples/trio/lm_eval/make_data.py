@@ -1,4 +1,4 @@
-"""Write the local lm-eval data of the trio's held-out questions: ``trio_qa.jsonl``, ``trio_values.json``.
+"""Write the trio's held-out questions as local lm-eval data (``trio_qa.jsonl`` and more).
 
 One line per held-out item of ``../models/heldout.json`` (600: three questions about each
 of 200 people no model was tuned on)::
@@ -45,7 +45,8 @@ def person_of(prompt: str, attribute: str) -> str:
 def make_docs(heldout: dict) -> list[dict]:
     facts = {}
     for it in heldout["items"]:
-        facts.setdefault(person_of(it["prompt"], it["attribute"]), {})[it["attribute"]] = it["answer"]
+        person = person_of(it["prompt"], it["attribute"])
+        facts.setdefault(person, {})[it["attribute"]] = it["answer"]
     docs = []
     for i, it in enumerate(heldout["items"]):
         attr, answer = it["attribute"], it["answer"]

@@ -11,7 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_trio_qa(**_kwargs):
-    """The held-out questions of ``trio_qa.jsonl`` as a ``datasets.DatasetDict`` (split ``test``)."""
+    """The questions of ``trio_qa.jsonl`` as a ``datasets.DatasetDict`` (split ``test``)."""
     import datasets
 
     with open(os.path.join(HERE, "trio_qa.jsonl")) as f:
