@@ -1,4 +1,4 @@
-# Two entry points on a fresh machine: `make demo` and `make test`.
+# Entry points on a fresh machine: `make demo`, `make test` and `make eval`.
 PYTHON_SYS ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0+PTX
 PYTEST_ARGS ?=
+EVAL_ARGS ?=
 
-.PHONY: test demo bench build bench-cpu gpu-check clean
+.PHONY: test demo eval bench build bench-cpu gpu-check clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -29,6 +30,16 @@ test: build
 
 demo: build
 	$(VENV)/bin/proxykern demo
+
+# The eval extra of pyproject.toml (lm-eval), then the trio's lm-eval table (base / expert / proxy).
+$(VENV)/.eval-deps: $(VENV)/.deps
+	$(PY) -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb")); \
+		print("\n".join(d["project"]["optional-dependencies"]["eval"]))' > $(VENV)/requirements-eval.txt
+	$(PIP) install -qq -r $(VENV)/requirements-eval.txt
+	touch $@
+
+eval: build $(VENV)/.eval-deps
+	$(PY) examples/trio/lm_eval/run_eval.py $(EVAL_ARGS)
 
 bench: build
 	$(VENV)/bin/proxykern bench kernel

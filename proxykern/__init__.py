@@ -1,4 +1,4 @@
-"""proxykern: fast proxy tuning (Liu et al. 2024) -- a fused sampling op and generation.
+"""proxykern: fast proxy tuning (Liu et al. 2024) -- a fused sampling op, generation and scoring.
 
 ``import proxykern`` loads torch and the op; transformers is imported only when a
 generation entry point or the logits processor is used.
@@ -7,9 +7,11 @@ from .baseline import naive_proxy_generate
 from .generate import fused_proxy_generate
 from .ops import SampleOutput, proxy_sample
 from .outputs import ProxyGenerateOutput
+from .scoring import ProxyLogprobs, proxy_logprobs
 
 __all__ = ["SampleOutput", "proxy_sample", "ProxyGenerateOutput", "fused_proxy_generate",
-           "naive_proxy_generate", "ProxyTuningLogitsProcessor"]
+           "naive_proxy_generate", "ProxyTuningLogitsProcessor", "ProxyLogprobs",
+           "proxy_logprobs"]
 __version__ = "0.1.0"
 
 
