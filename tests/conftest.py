@@ -1,5 +1,15 @@
-"""Shared pytest setup: GPU tests skip without CUDA; Triton runs through its interpreter on CPU."""
+"""Shared pytest setup: GPU tests skip without CUDA; Triton runs through its interpreter on CPU.
+
+Required backends (``op_cases.required_backends``): the suite knows which fused backends
+must exist where it runs -- ``cpu`` and ``triton`` always, ``cuda`` on a GPU machine with
+a CUDA torch (or with ``PROXYKERN_REQUIRE_CUDA=1``). A missing one fails the run: its
+parametrized tests fail with the import error, ``test_backends.py`` names it, the header
+and the summary print why, and ``"auto"`` falling back from it is an error in every test
+(no test can quietly compare the reference with itself).
+"""
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -11,6 +21,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from proxykern import ops  # noqa: E402  (after TRITON_INTERPRET)
+from op_cases import missing_required_backends, required_backends  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -19,3 +32,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def _required_summary():
+    return ", ".join(f"{b} ({d})" for d in ("cpu", "cuda") for b in required_backends(d))
+
+
+def pytest_report_header(config):
+    lines = [f"proxykern required backends: {_required_summary()}"]
+    for backend, device, reason in missing_required_backends():
+        lines.append(f"proxykern MISSING required backend {backend!r} on {device}: {reason}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    missing = missing_required_backends()
+    if missing:
+        terminalreporter.section("proxykern: required backends missing", sep="=", red=True,
+                                 bold=True)
+        for backend, device, reason in missing:
+            terminalreporter.line(f"{backend} ({device}): {reason}", red=True)
+
+
+@pytest.fixture(autouse=True)
+def _fallback_from_a_required_backend_is_an_error(monkeypatch):
+    """``backend="auto"`` silently running the reference instead of a required kernel
+    fails the test (the op warns once per process, so the memory of that is reset)."""
+    preferred = [b for b in ("cpu", "cuda") if b in required_backends(b)]
+    monkeypatch.setattr(ops, "_warned_fallbacks", set())
+    with warnings.catch_warnings():
+        if preferred:
+            warnings.filterwarnings(
+                "error", category=RuntimeWarning,
+                message=r"proxykern: backend (%s) is unavailable" % "|".join(
+                    re.escape(repr(b)) for b in preferred))
+        yield

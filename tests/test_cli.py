@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 import types
-import warnings
 
 import pytest
 import torch
@@ -18,13 +17,6 @@ PROMPT = "the cat sat on the mat"
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     return save_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_backend_fallback():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def _argv(paths, *extra):

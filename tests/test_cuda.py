@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from proxykern import ops, reference
-from op_cases import TOLERANCES, run
+from op_cases import TOLERANCES, cuda_required, run
 
 pytestmark = pytest.mark.cuda
 
@@ -44,6 +44,9 @@ def _cuda_ready():
 @pytest.fixture(autouse=True)
 def _needs_cuda_kernel():
     if not _cuda_ready():
+        if torch.cuda.is_available() and cuda_required():  # a GPU and a CUDA build: no skipping
+            pytest.fail("the cuda backend is required here but not available: "
+                        + str(ops.backend_unavailable_reason("cuda", torch.device("cuda"))))
         pytest.skip("the cuda backend is not available: "
                     + str(ops.backend_unavailable_reason("cuda", torch.device("cuda"))))
 

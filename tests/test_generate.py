@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
-import warnings
 
 import pytest
 import torch
@@ -20,13 +19,6 @@ from gen_fixtures import (FAMILIES, PAD_ID, VOCAB, pad_left, ragged_batch, recom
 
 GENERATORS = [fused_proxy_generate, naive_proxy_generate]
 SAMPLING = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_backend_fallback():
-    with warnings.catch_warnings():  # "auto" falls back to "torch" without the extension
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def trimmed(tokens, length):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -11,13 +10,6 @@ from transformers import LogitsProcessorList
 from proxykern import ProxyTuningLogitsProcessor, fused_proxy_generate
 
 from gen_fixtures import PAD_ID, VOCAB, full_logits, pad_left, ragged_batch, tiny_model, trio
-
-
-@pytest.fixture(autouse=True)
-def _quiet_backend_fallback():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def hf_generate(base, ids, mask, processor, **kw):

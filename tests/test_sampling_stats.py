@@ -4,7 +4,7 @@ import torch
 from scipy import stats
 
 from proxykern import reference
-from op_cases import available_backends, random_logits, run
+from op_cases import fused_backends, random_logits, run
 
 DRAWS = 50_000
 MODES = {
@@ -15,7 +15,7 @@ MODES = {
     "all": dict(temperature=0.9, top_k=25, top_p=0.9, min_p=0.03),
 }
 # The interpreter runs one Python program per row: 50k rows would take minutes there.
-BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
+BACKENDS = [b for b in fused_backends("cpu") if b != "triton"] + ["torch"]
 
 
 @pytest.mark.parametrize("mode", MODES)
