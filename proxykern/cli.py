@@ -87,15 +87,23 @@ def _load(args):
              else torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = {}
 
-    def model(path):
+    def loads(flag, path, load):  # name the flag and the path of what does not load
+        try:
+            return load(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{flag} {path!r} does not load: {exc}") from None
+
+    def model(flag, path):
         if path not in loaded:
-            loaded[path] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            loaded[path] = loads(flag, path, lambda p: AutoModelForCausalLM.from_pretrained(
+                p, dtype=dtype).to(device).eval())
         return loaded[path]
 
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
-    expert_tokenizer = AutoTokenizer.from_pretrained(args.expert) if args.chat_expert else None
-    return (model(args.base), model(args.expert), model(args.anti_expert), tokenizer,
-            expert_tokenizer)
+    tokenizer = loads("--base", args.base, AutoTokenizer.from_pretrained)
+    expert_tokenizer = (loads("--expert", args.expert, AutoTokenizer.from_pretrained)
+                        if args.chat_expert else None)
+    return (model("--base", args.base), model("--expert", args.expert),
+            model("--anti-expert", args.anti_expert), tokenizer, expert_tokenizer)
 
 
 def _eos_ids(*models) -> list:
