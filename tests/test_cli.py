@@ -1,6 +1,7 @@
 """The ``proxykern`` console script end to end on tiny saved checkpoints."""
 from __future__ import annotations
 
+import copy
 import sys
 import types
 
@@ -78,3 +79,67 @@ def test_bench_subcommand_dispatches_lazily(monkeypatch):
     monkeypatch.setattr(proxykern, "bench", fake, raising=False)
     assert cli.main(["bench", "--quick", "--device", "cpu"]) == 0
     assert seen == [["--quick", "--device", "cpu"]]
+
+
+# --------------------------------------------------------------------------- flags
+
+def _text(tokens):
+    return tiny_tokenizer().decode(tokens[0], skip_special_tokens=True).strip()
+
+
+def test_min_p_flag_reaches_generation(checkpoints, capsys):
+    """--min-p changes the draws: the CLI's text is the min_p one, not the unfiltered one."""
+    base, expert, anti = llama_trio()
+    enc = tiny_tokenizer()(PROMPT, return_tensors="pt")
+    kw = dict(max_new_tokens=12, temperature=1.5, eos_token_id=[])
+    for seed in range(20):  # a seed where min_p matters (found here, whatever the seed mixing)
+        with_min_p = fused_proxy_generate(base, expert, anti, enc["input_ids"], min_p=0.3,
+                                          seed=seed, **kw)
+        without = fused_proxy_generate(base, expert, anti, enc["input_ids"], seed=seed, **kw)
+        if _text(with_min_p.tokens) != _text(without.tokens):
+            break
+    else:
+        pytest.fail("min_p=0.3 never changed the text: the test needs other settings")
+    assert cli.main(_argv(checkpoints, "--max-new-tokens", "12", "--temperature", "1.5",
+                          "--min-p", "0.3", "--seed", str(seed))) == 0
+    assert capsys.readouterr().out.strip() == _text(with_min_p.tokens)
+
+
+def test_dtype_flag_loads_the_models_in_that_dtype(checkpoints, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    loaded_dtypes = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loaded_dtypes.append(next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    assert cli.main(_argv(checkpoints, "--max-new-tokens", "8", "--dtype", "bfloat16")) == 0
+    assert loaded_dtypes == [torch.bfloat16] * 3
+    base, expert, anti = (m.to(torch.bfloat16) for m in map(copy.deepcopy, llama_trio()))
+    enc = tiny_tokenizer()(PROMPT, return_tensors="pt")
+    ref = fused_proxy_generate(base, expert, anti, enc["input_ids"], enc["attention_mask"],
+                               max_new_tokens=8)
+    assert capsys.readouterr().out.strip() == _text(ref.tokens)
+    loaded_dtypes.clear()
+    assert cli.main(_argv(checkpoints, "--max-new-tokens", "2", "--dtype", "auto")) == 0
+    assert loaded_dtypes == [torch.float32] * 3  # auto on CPU
+
+
+@pytest.mark.parametrize("flag", ["--base", "--expert", "--anti-expert"])
+def test_a_model_that_does_not_load_exits_1_naming_it(checkpoints, capsys, tmp_path, flag):
+    empty = str(tmp_path)  # a folder without a model
+    paths = dict(checkpoints)
+    paths[{"--base": "base", "--expert": "expert", "--anti-expert": "anti"}[flag]] = empty
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_argv(paths))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert f"proxykern: error: {flag} {empty!r} does not load: " in err
+    assert "Traceback" not in err
+    missing = "/nonexistent/proxykern-model"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_argv({**checkpoints, "base": missing}))
+    assert exc.value.code == 1 and f"--base {missing!r}" in capsys.readouterr().err
