@@ -19,9 +19,13 @@ Contract and choices:
   matched by repeating the prompts; beam reordering is detected by comparing
   the rows with the ones seen last and the caches are reordered to match.
 * ``scores`` is what ``generate`` hands over: the base's logits after the
-  processors that ran before this one (e.g. a repetition penalty; a temperature
-  warper when sampling). For the paper's formula use it alone, with greedy or
-  temperature 1 -- then greedy ``generate`` picks the tokens of
+  processors that ran before this one (e.g. a repetition penalty). They are raw,
+  not tempered, also with ``do_sample=True``: ``generate`` (transformers 5.x)
+  runs its sampling warpers (temperature, top-k, top-p, min-p) after every
+  custom processor, so they apply to the combined
+  ``z = scores + alpha * (expert - anti_expert)`` -- the op's order, softmax(z / T)
+  then the filters (pinned by ``tests/test_generation_edges.py``). Greedy
+  ``generate`` with this processor alone picks the tokens of
   ``fused_proxy_generate(temperature=0)``. The combination is the op's
   (:func:`proxykern.reference.combine_logits`, fp32; a token that is ``-inf``
   in any input stays ``-inf``); columns of ``scores`` beyond the shared
