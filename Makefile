@@ -10,7 +10,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0+PTX
 PYTEST_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: test demo eval bench build bench-cpu gpu-check clean
+.PHONY: test demo eval bench build bench-cpu gpu-check clean mutants
 
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -55,6 +55,10 @@ GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Mutation check (not in CI; before a release): small plausible bugs the suite must catch.
+mutants: build
+	$(PY) tests/mutants.py $(MUTANTS_ARGS)
 
 clean:
 	rm -rf build *.egg-info proxykern/_C*.so
