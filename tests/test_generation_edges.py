@@ -64,9 +64,11 @@ def test_bf16_models_fused_equals_naive():
                                      return_model_logprobs=True, **kw)
         assert torch.equal(fused.tokens, naive.tokens), kw
         assert fused.logprobs.dtype == torch.float32
-        torch.testing.assert_close(fused.logprobs, naive.logprobs, atol=1e-4, rtol=1e-4)
+        # bf16 forwards round differently in the engine's static cache and the baseline's
+        # dynamic one (seen: up to 0.016 in a logprob); the tokens must still agree.
+        torch.testing.assert_close(fused.logprobs, naive.logprobs, atol=5e-2, rtol=2e-2)
         for name, lp in naive.model_logprobs.items():
-            torch.testing.assert_close(fused.model_logprobs[name], lp, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fused.model_logprobs[name], lp, atol=5e-2, rtol=2e-2)
     # bf16 really reached the op: the tokens are not the fp32 models' ones everywhere.
     fp32 = fused_proxy_generate(*trio(family), ids, mask, max_new_tokens=12, eos_token_id=[],
                                 return_logprobs=True)
