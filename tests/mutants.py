@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,15 +89,15 @@ MUTANTS = [
       "words = philox4x32(v >> 2, 0 * step, 0 * step,",
       ("tests/test_ops.py::test_same_tokens_as_reference_across_seeds", "-k", "cpu"),
       "the reference's noise ignores the step"),
-    M("gen_step_fixed", "proxykern/generate.py",
-      "**args.sampling, step=t,", "**args.sampling, step=0,",
+    M("gen_step_fixed", "proxykern/engine/step.py",
+      "self.step_rows.add_(1)", "self.step_rows.add_(0)",
       ("tests/test_generate.py::test_seeded_sampling_reproducible_batch_invariant_and_equal_to_naive",),
       "fused generation draws every token with the noise of step 0"),
-    M("gen_finished_status_unmasked", "proxykern/generate.py",
-      "status_seen |= status.masked_fill(finished, 0)", "status_seen |= status",
+    M("gen_finished_status_unmasked", "proxykern/engine/step.py",
+      "self.status.bitwise_or_(status.masked_fill(finished, 0))", "self.status.bitwise_or_(status)",
       ("tests/test_generation_edges.py::test_a_finished_rows_bad_logits_are_ignored",),
       "fused generation raises on a finished row's garbage logits"),
-    M("naive_finished_status_unmasked", "proxykern/reference.py",
+    M("naive_finished_status_unmasked", "proxykern/baseline.py",
       "status = status.masked_fill(finished, 0)", "status = status",
       ("tests/test_generation_edges.py::test_a_finished_rows_bad_logits_are_ignored",),
       "naive generation raises on a finished row's garbage logits"),
@@ -189,6 +190,9 @@ def main(argv=None) -> int:
             print(f"{m.name:32} {m.path:42} {' '.join(m.tests)}\n{'':32} {m.why}")
         return 0
 
+    def interrupted(*_):  # SIGTERM: stop the child and clean up, as for Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupted)
     copy = tempfile.mkdtemp(prefix="proxykern-mutants-")
     try:
         make_copy(copy)
