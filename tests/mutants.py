@@ -149,7 +149,10 @@ def run_tests(python: str, copy: str, args, timeout: float):
     try:
         proc = subprocess.run(cmd, cwd=copy, env=child_env(copy), capture_output=True,
                               text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # The first failing test (pytest -ra summary), else the last lines.
+        first = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))][:1]
+        rc, tail = proc.returncode, first or lines[-3:]
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", []
     return rc, time.monotonic() - start, tail
@@ -226,6 +229,8 @@ def main(argv=None) -> int:
                       else "SURVIVED" if rc == 0 else f"error {rc}")
             rows.append((m, result, secs, tail))
             print(f"{m.name:32} {result:9} {secs:6.1f}s  {m.path}", flush=True)
+            if result == "killed" and tail:
+                print(f"{'':32} by {tail[0][:110]}", flush=True)
     finally:
         if args.keep:
             print(f"scratch copy kept in {copy}")
