@@ -159,8 +159,8 @@ def test_mixed_per_row_parameters(backend):
     got = run(backend, *inputs, **kwargs)
     assert torch.equal(got[0], ref[0])
     for row in range(batch):
-        scalars = {k: v[row].item() for k, v in kwargs.items()}
-        alone = run(backend, *(t[row:row + 1] for t in inputs), **scalars)
+        single = {k: v[row:row + 1] for k, v in kwargs.items()}  # per-row seeds are used as given
+        alone = run(backend, *(t[row:row + 1] for t in inputs), **single)
         assert alone[0].item() == got[0][row].item()
     # top_k=1 is greedy whatever the temperature.
     greedy = run("torch", *inputs, alpha=kwargs["alpha"])[0]
@@ -285,7 +285,9 @@ def test_scalar_and_tensor_parameters_agree():
                                     min_p=0.01, seed=42, step=7)
     full = {k: torch.full((5,), v) for k, v in dict(alpha=0.5, temperature=0.9, top_p=0.8,
                                                     min_p=0.01).items()}
-    tensor = proxykern.proxy_sample(*inputs, top_k=torch.full((5,), 30), seed=torch.full((5,), 42),
+    # A number seed gives row r the seed reference.row_seeds(seed, r).
+    tensor = proxykern.proxy_sample(*inputs, top_k=torch.full((5,), 30),
+                                    seed=reference.row_seeds(42, torch.arange(5)),
                                     step=torch.full((5,), 7), **full)
     assert torch.equal(scalar.tokens, tensor.tokens)
     torch.testing.assert_close(scalar.logprobs, tensor.logprobs)
