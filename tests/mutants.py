@@ -102,7 +102,9 @@ MUTANTS = [
       ("tests/test_generation_edges.py::test_a_finished_rows_bad_logits_are_ignored",),
       "naive generation raises on a finished row's garbage logits"),
     M("runner_mask_not_growing", "proxykern/runner.py",
-      "self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=1)", "pass",
+      "if self.length >= self.mask.shape[1]:\n"
+      "            self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=1)",
+      "if self.length >= self.mask.shape[1]:\n            pass",
       ("tests/test_generation_edges.py::test_processor_past_its_initial_capacity",),
       "the runner's mask buffer no longer grows (the processor dies after 64 tokens)"),
     M("cli_drops_min_p", "proxykern/cli.py",

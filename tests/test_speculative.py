@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import warnings
 
 import pytest
 import torch
@@ -23,13 +22,6 @@ from proxykern.engine.speculative import SpeculativeStats
 from gen_fixtures import FAMILIES, pad_left, ragged_batch, trio
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_backend_fallback():
-    with warnings.catch_warnings():  # "auto" falls back to "torch" without the extension
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def assert_same(spec, plain):
