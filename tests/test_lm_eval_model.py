@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import pytest
 import torch
@@ -31,13 +30,6 @@ MARGIN = 0.1
 QUESTION = "question : where does gus wren live ? answer :"
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(DEFAULT_TRIO), reason="no shipped trio")
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def trio_args(mode="proxy"):

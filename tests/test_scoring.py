@@ -1,7 +1,6 @@
 """proxy_logprobs on tiny random models (CPU, fp32): teacher-forced proxy-tuned log-probs."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -14,13 +13,6 @@ from gen_fixtures import FAMILIES, VOCAB, pad_left, ragged_batch, trio
 CONTEXTS = [[11, 57, 203, 9, 400], [77], [5, 6, 7, 8, 9, 10, 999], [42, 43]]
 CONTINUATIONS = [[12, 13, 14], [600, 1, 2, 3, 4, 5], [], [999]]
 EXPERT_CONTEXTS = [[2, 30, 31, 11, 57, 203, 9, 400, 3], [2, 77, 3], [5, 999], [2, 3, 42, 43, 8]]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_backend_fallback():
-    with warnings.catch_warnings():  # "auto" falls back to "torch" without the extension
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def own_logits(model, ctx, cont):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from proxykern import ops
-from op_cases import TOLERANCES, run
+from op_cases import TOLERANCES, required_backends, run
 
 pytestmark = pytest.mark.cuda
 
@@ -33,6 +33,8 @@ def _needs_triton_on_gpu():
         pytest.skip("needs a CUDA GPU")
     reason = ops.backend_unavailable_reason("triton", torch.device("cuda"))
     if reason is not None:
+        if "triton" in required_backends("cuda"):  # required on a GPU: no skipping
+            pytest.fail(f"the triton backend is required here but not available: {reason}")
         pytest.skip(f"the triton backend is not available: {reason}")
 
 
