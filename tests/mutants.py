@@ -10,7 +10,8 @@ Usage (``make mutants``; not in CI -- run it before a release, ~5-10 minutes on 
 The package (``proxykern/`` with its built ``_C*.so``, ``kernels/`` as
 ``proxykern/kernels``) and ``tests/`` are copied once to a scratch folder. Each mutant is
 one exact text replacement in one file of that copy; the pattern must occur exactly once
-(otherwise the run stops: the mutant list has gone stale and needs updating). The
+(or the mutant's stated ``count`` times; otherwise the run stops: the mutant list has
+gone stale and needs updating). The
 mutant's tests then run there with ``PYTHONPATH`` pointing at the copy (checked: the
 child imports the copy, not the editable install), the file is restored, and the next
 mutant follows. A mutant is *killed* when its tests fail (pytest exit code 1, or 2 for an
@@ -44,6 +45,7 @@ class Mutant:
     new: str
     tests: tuple       # pytest arguments (node ids, -k ...)
     why: str
+    count: int = 1     # occurrences of ``old`` expected (all are replaced)
 
 
 M = Mutant
@@ -78,7 +80,7 @@ MUTANTS = [
     M("triton_alpha_sign", "proxykern/kernels/proxy_sample_triton.py",
       "b + alpha * (e - a))", "b - alpha * (e - a))",
       ("tests/test_per_row.py::test_per_row_alpha_greedy", "-k", "triton"),
-      "the Triton kernel subtracts the expert's advantage"),
+      "the Triton kernel subtracts the expert's advantage (both combine helpers)", count=2),
     M("ref_neg_inf_rule_base_only", "proxykern/reference.py",
       "excluded = torch.isneginf(b) | torch.isneginf(e) | torch.isneginf(a)",
       "excluded = torch.isneginf(b)",
@@ -165,9 +167,9 @@ def apply(copy: str, mutant: Mutant) -> str:
     with open(path) as f:
         original = f.read()
     count = original.count(mutant.old)
-    if count != 1:
+    if count != mutant.count:
         sys.exit(f"mutants: {mutant.name}: the pattern occurs {count} times in {mutant.path} "
-                 f"(must be exactly once; update the mutant list):\n    {mutant.old!r}")
+                 f"(must be exactly {mutant.count}; update the mutant list):\n    {mutant.old!r}")
     with open(path, "w") as f:
         f.write(original.replace(mutant.old, mutant.new))
     return original
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         check_imports_the_copy(args.python, copy)
         for m in mutants:  # every pattern must still be there before spending any time
             with open(os.path.join(copy, m.path)) as f:
-                if f.read().count(m.old) != 1:
+                if f.read().count(m.old) != m.count:
                     apply(copy, m)  # exits with the message
         if not args.skip_baseline:
             selected = []
