@@ -174,11 +174,15 @@ def base_graph_ms(base, ids, n_new, device) -> float:
 
 def naive_ms(models, ids, n_new, device) -> float:
     """(T(N) - T(1)) / (N - 1) of whole naive_proxy_generate calls: ms per decode step."""
-    def call(n):
-        with Timer(device) as t:
-            naive_proxy_generate(*models, ids, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
-        return t.seconds
-    call(2)  # warm-up
+    def call(n, repeats=2):  # the best of two: one noisy call must not make a step negative
+        best = float("inf")
+        for _ in range(repeats):
+            with Timer(device) as t:
+                naive_proxy_generate(*models, ids, max_new_tokens=n, eos_token_id=[],
+                                     pad_token_id=0)
+            best = min(best, t.seconds)
+        return best
+    call(2, repeats=1)  # warm-up
     return (call(n_new) - call(1)) * 1e3 / (n_new - 1)
 
 

@@ -199,7 +199,9 @@ def test_bench_generate_runs_on_cpu(tmp_path):
     assert "| tiny | 2 |" in out.stdout
     import json
     rows = json.load(open(tmp_path / "generate.json"))["rows"]
-    assert rows[0]["naive"] > 0 and rows[0]["eager"] > 0
+    # Timings on a shared 2-core machine are noise; the run and its fields are what is checked.
+    assert all(isinstance(rows[0][c], float) for c in ("naive", "eager", "graphs", "floor"))
+    assert rows[0]["eager"] > 0
 
 
 # --------------------------------------------------------------------------- CUDA
