@@ -138,7 +138,8 @@ def generate_main(args) -> int:
     from transformers import TextStreamer
 
     from .generate import fused_proxy_generate
-    from .jsonl_generate import generate_file, left_pad
+    from .jsonl_generate import generate_file
+    from .runner import left_pad
 
     if (args.input is None) != (args.output is None):
         raise ValueError("--input and --output go together (file mode)")

@@ -39,6 +39,7 @@ import torch
 
 from .ops import SAMPLING_RULES, check_sampling_arg
 from .reference import row_seeds
+from .runner import left_pad
 
 #: Per-row sampling fields a line may carry: name -> dtype of the batch tensor.
 ROW_FIELDS = {"alpha": torch.float32, "temperature": torch.float32, "top_k": torch.int64,
@@ -96,17 +97,6 @@ def read_records(path: str, defaults: dict, skip_bad_lines: bool) -> list[dict]:
             if record is not None:
                 records.append(record)
     return records
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> left-padded (ids, mask)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids, mask
 
 
 def _batches(records: list[dict], lengths: list[int], batch_size: int):

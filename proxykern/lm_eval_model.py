@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from .generate import fused_proxy_generate
 from .ops import resolve_backend
+from .runner import left_pad
 from .scoring import proxy_logprobs
 
 MODES = ("proxy", "base", "expert")
@@ -451,10 +452,10 @@ class ProxyKernLM(TemplateLM):
             expert_rows = None
         else:
             rows, models, alpha = plain, (base, expert, anti), self.alpha
-        ids, mask = _left_pad(rows, self.device)
+        ids, mask = left_pad(rows, 0, self.device)
         e_ids = e_mask = None
         if expert_rows is not None:
-            e_ids, e_mask = _left_pad(expert_rows, self.device)
+            e_ids, e_mask = left_pad(expert_rows, 0, self.device)
         pad = self.tokenizer.pad_token_id
         pad = self.eos_ids[0] if pad is None else pad
         seeds = torch.tensor([settings["seed"] + i for i in request_ids], dtype=torch.long,
@@ -483,15 +484,6 @@ def _register() -> None:
 
 _register()
 
-
-def _left_pad(rows, device):
-    T = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), T), dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def cli_main() -> None:

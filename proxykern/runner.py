@@ -59,6 +59,62 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def left_pad(rows, pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded ``(ids, mask)`` int64 tensors (B, longest row)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class SideStreamLaunch:
+    """How a runner works beside the base: ``launch_prefill()`` / ``launch_step(tokens)``
+    queue the work on ``self.stream`` (after it waits on the current stream), and
+    ``join()`` returns the logits once the current stream may read them. Without a
+    stream (CPU, or the base) the work runs inline. Subclasses define ``prefill()`` and
+    ``step(tokens)``; ``keep_alive`` makes the caching allocator keep the arguments and
+    the logits alive across streams (eager runners whose tensors come and go; a
+    capture-ready runner uses persistent buffers and sets it False).
+    """
+
+    stream = None
+    keep_alive = True
+    _done = None
+    _logits = None
+
+    def _launch(self, fn, *args) -> None:
+        if self.stream is None:
+            self._logits = fn(*args)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())  # the tokens (and prompt) are ready
+        if self.keep_alive:
+            for t in args:
+                t.record_stream(self.stream)
+        with torch.cuda.stream(self.stream):
+            self._logits = fn(*args)
+            self._done = torch.cuda.Event()
+            self._done.record(self.stream)
+
+    def launch_prefill(self) -> None:
+        self._launch(self.prefill)
+
+    def launch_step(self, tokens: torch.Tensor) -> None:
+        self._launch(self.step, tokens)
+
+    def join(self) -> torch.Tensor:
+        """The logits of the last launch, safe to read on the current stream."""
+        logits, self._logits = self._logits, None
+        if self.stream is not None:
+            consumer = torch.cuda.current_stream()
+            consumer.wait_event(self._done)
+            if self.keep_alive:
+                logits.record_stream(consumer)
+        return logits
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1`` clamped at 0: the position of every prompt column."""
     return (mask.long().cumsum(-1) - 1).clamp_(min=0)
@@ -75,7 +131,7 @@ def forward_logits(model, input_ids, attention_mask, position_ids, cache, last_o
     return logits[:, -1, :] if last_only else logits
 
 
-class ModelRunner:
+class ModelRunner(SideStreamLaunch):
     """One model's decode state: its KV cache, attention mask buffer and next positions.
 
     ``prefill()`` runs the prompt and returns the last position's logits (B, V);
@@ -103,8 +159,6 @@ class ModelRunner:
         self.next_pos = None     # (B, 1) int64, position of the next token per row
         self.uncommitted = 0     # tentative columns appended by extend(), not yet kept
         self.cache = None
-        self._done = None        # CUDA event recorded after the last launch on ``stream``
-        self._logits = None
 
     # ------------------------------------------------------------------ eager calls
 
@@ -174,32 +228,3 @@ class ModelRunner:
         self.mask = self.mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
 
-    # ------------------------------------------------------------------ stream-aware calls
-
-    def _launch(self, fn, *args) -> None:
-        if self.stream is None:
-            self._logits = fn(*args)
-            return
-        producer = torch.cuda.current_stream()
-        self.stream.wait_stream(producer)  # the tokens (and prompt) are ready
-        for t in args:
-            t.record_stream(self.stream)   # keep them alive for the side stream
-        with torch.cuda.stream(self.stream):
-            self._logits = fn(*args)
-            self._done = torch.cuda.Event()
-            self._done.record(self.stream)
-
-    def launch_prefill(self) -> None:
-        self._launch(self.prefill)
-
-    def launch_step(self, tokens: torch.Tensor) -> None:
-        self._launch(self.step, tokens)
-
-    def join(self) -> torch.Tensor:
-        """The logits of the last launch, safe to read on the current stream."""
-        logits, self._logits = self._logits, None
-        if self.stream is not None:
-            consumer = torch.cuda.current_stream()
-            consumer.wait_event(self._done)
-            logits.record_stream(consumer)
-        return logits

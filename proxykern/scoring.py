@@ -51,6 +51,7 @@ import torch
 from .generation_args import MODEL_NAMES, input_width, shared_vocab_size
 from .ops import check_sampling_arg, proxy_sample_with_status, resolve_backend
 from .reference import STATUS_EMPTY, STATUS_NONFINITE
+from .runner import left_pad, model_device
 
 #: Scored positions combined per fused-op call (rows of V in fp32 held at once).
 DEFAULT_CHUNK_SIZE = 1024
@@ -75,15 +76,6 @@ class ProxyLogprobs(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks
-
-def _model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
 
 def _id_rows(name: str, value, B: int | None, allow_empty: bool) -> list[list[int]]:
     """Ragged token-id rows from a list of sequences or a 2-D integer tensor."""
@@ -157,14 +149,7 @@ def _accepts_logits_to_keep(forward_fn) -> bool:
 
 def _pack(contexts, continuations, device):
     """Left-padded (B, T) ids and mask of context + continuation (continuations end-aligned)."""
-    seqs = [c + x for c, x in zip(contexts, continuations)]
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
+    return left_pad([c + x for c, x in zip(contexts, continuations)], 0, device)
 
 
 def _forward_scored(model, ids, mask, n_scored: int) -> torch.Tensor:
@@ -239,10 +224,10 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{name} must be a Hugging Face causal LM (a torch.nn.Module), "
                             f"got {type(model).__name__}")
-    device = _model_device(base)
+    device = model_device(base)
     for name, model in (("expert", expert), ("anti_expert", anti_expert)):
-        if _model_device(model) != device:
-            raise ValueError(f"{name} is on {_model_device(model)} but base is on {device}: "
+        if model_device(model) != device:
+            raise ValueError(f"{name} is on {model_device(model)} but base is on {device}: "
                              f"the three models must share one device")
     ctx = _id_rows("context", context, None, allow_empty=False)
     B = len(ctx)

@@ -19,7 +19,8 @@ import inspect
 
 import torch
 
-from ..runner import _forward_params, accepts_logits_to_keep, cache_kwarg, positions_from_mask
+from ..runner import (SideStreamLaunch, _forward_params, accepts_logits_to_keep, cache_kwarg,
+                      positions_from_mask)
 
 
 def static_cache_unsupported_reason(model) -> str | None:
@@ -38,14 +39,16 @@ def static_cache_unsupported_reason(model) -> str | None:
     return None
 
 
-class StaticRunner:
+class StaticRunner(SideStreamLaunch):
     """One model's static decode state; same calls as :class:`proxykern.runner.ModelRunner`.
 
     ``launch_prefill()`` runs the prompt, ``launch_step(tokens)`` appends one token per
     row; both write the logits of the next token into :attr:`logits` (B, V), and
-    ``join()`` returns that buffer once it is safe to read on the current stream.
-    With ``stream`` (CUDA) the work runs there after waiting on the current stream.
+    ``join()`` returns that buffer once it is safe to read on the current stream
+    (:class:`proxykern.runner.SideStreamLaunch`).
     """
+
+    keep_alive = False  # persistent buffers; record_stream has no place in a captured step
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  capacity: int, stream=None):
@@ -65,7 +68,6 @@ class StaticRunner:
         self.cache_position = torch.full((1,), self.prompt_len, dtype=torch.long, device=device)
         self.logits = None  # (B, V), allocated by the prefill in the model's output dtype
         self._cache_arg = cache_kwarg(model)
-        self._done = None
 
     def _forward(self, input_ids, position_ids, cache_position, **extra):
         out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids,
@@ -89,26 +91,4 @@ class StaticRunner:
         self.logits.copy_(self._forward(self.tokens, self.position_ids, self.cache_position))
         self.position_ids.add_(1)
         self.cache_position.add_(1)
-        return self.logits
-
-    # The same stream protocol as ModelRunner: launch on the side stream, join on the consumer.
-    def _launch(self, fn, *args) -> None:
-        if self.stream is None:
-            fn(*args)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream())  # the tokens are ready
-        with torch.cuda.stream(self.stream):
-            fn(*args)
-            self._done = torch.cuda.Event()
-            self._done.record(self.stream)
-
-    def launch_prefill(self) -> None:
-        self._launch(self.prefill)
-
-    def launch_step(self, tokens: torch.Tensor) -> None:
-        self._launch(self.step, tokens)
-
-    def join(self) -> torch.Tensor:
-        if self.stream is not None:
-            torch.cuda.current_stream().wait_event(self._done)
         return self.logits
