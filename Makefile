@@ -1,4 +1,5 @@
-# Entry points on a fresh machine: `make demo`, `make test` and `make eval`.
+# Two entry points on a fresh machine: `make demo` and `make test` (more: eval, bench,
+# gpu-check, mutants).
 PYTHON_SYS ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
