@@ -1,5 +1,8 @@
 """Kernel benchmark: the naive sampling step as users write it against proxykern's backends.
 
+``proxykern bench generate [...]`` runs the generation benchmark instead
+(:mod:`proxykern.bench_generate`: naive_proxy_generate vs the engine, eager and graphs).
+
 ``proxykern bench kernel`` prints, for the device at hand, the median time of the
 naive step and of each available backend, the effective bandwidth (three input
 reads once) and the speed-up over the naive step measured in the same run.
@@ -119,8 +122,12 @@ GPU_MODES = dict(DEFAULT_MODES, **{"top_k=50": dict(temperature=1.0, top_k=50),
 
 
 def main(argv=None) -> int:
+    argv = list(argv or [])
+    if argv[:1] == ["generate"]:  # the generation benchmark has its own flags
+        from . import bench_generate
+        return bench_generate.main(argv[1:])
     parser = argparse.ArgumentParser(prog="proxykern bench", description=__doc__)
-    parser.add_argument("what", nargs="?", default="kernel", choices=["kernel"])
+    parser.add_argument("what", nargs="?", default="kernel", choices=["kernel", "generate"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, nargs="+")
     parser.add_argument("--vocab", type=int, nargs="+")

@@ -190,8 +190,8 @@ def test_import_proxykern_does_not_import_transformers():
 
 def test_bench_generate_runs_on_cpu(tmp_path):
     """The generation benchmark's plumbing (tiny config on CPU; the real run is on a GPU)."""
-    script = os.path.join(os.path.dirname(PACKAGE), "benchmarks", "bench_generate.py")
-    out = subprocess.run([sys.executable, script, "--configs", "tiny", "--batches", "2",
+    out = subprocess.run([sys.executable, "-m", "proxykern.cli", "bench", "generate",
+                          "--configs", "tiny", "--batches", "2",
                           "--prompt-len", "8", "--new-tokens", "6", "--naive-tokens", "3",
                           "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
