@@ -333,7 +333,11 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
                         f"got {type(streamer).__name__}")
     _check_bool("return_logprobs", return_logprobs)
     _check_bool("return_model_logprobs", return_model_logprobs)
-    use_graphs = check_cuda_graphs(cuda_graphs, device, (base, expert, anti_expert))
+    if num_draft_tokens > 0 and cuda_graphs is True:
+        raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
+                         "speculative rounds run eagerly (use cuda_graphs='auto' or False)")
+    use_graphs = num_draft_tokens == 0 and check_cuda_graphs(cuda_graphs, device,
+                                                             (base, expert, anti_expert))
     backend = resolve_backend(backend, device)
 
     temperature = sampling["temperature"]

@@ -187,6 +187,9 @@ def test_num_draft_tokens_is_checked():
     out = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=0,
                                num_draft_tokens=2)
     assert out.tokens.shape == (3, 0)
+    with pytest.raises(ValueError, match="cuda_graphs=True .*num_draft_tokens"):
+        fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=2,
+                             num_draft_tokens=2, cuda_graphs=True)
 
 
 def test_padded_vocabulary_and_bad_row():
