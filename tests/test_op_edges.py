@@ -53,7 +53,7 @@ def _neg_inf_inputs(which: str):
 
 
 def _direct(base, expert, anti, excluded, alpha, temperature, seed, step):
-    """Token and lse written out from API.md: -inf in any input excludes the token."""
+    """Token and lse written out from docs/api.md: -inf in any input excludes the token."""
     e = expert.masked_fill(excluded, 0.0)
     a = anti.masked_fill(excluded, 0.0)
     z = (base + torch.tensor(alpha, dtype=torch.float32) * (e - a)).masked_fill(excluded, NEG_INF)

@@ -103,7 +103,7 @@ PVALUE_MIN = 1e-4
 
 
 def kept_distribution(z: np.ndarray, temperature, top_k, top_p, min_p) -> np.ndarray:
-    """The spec's kept distribution of one row of z (float64), written from API.md alone."""
+    """The spec's kept distribution of one row of z (float64), written from docs/api.md alone."""
     if temperature == 0:
         probs = np.zeros_like(z)
         probs[int(np.argmax(z))] = 1.0
