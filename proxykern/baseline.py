@@ -11,19 +11,10 @@ from __future__ import annotations
 import torch
 
 from .generation_args import prepare_generation
-from .ops import raise_on_bad_rows
+from .ops import raise_on_bad_rows, row_params
 from .outputs import ProxyGenerateOutput, empty_output, own_logprobs
 from .reference import STATUS_EMPTY, STATUS_NONFINITE, combine_logits, proxy_sample_reference
 from .runner import cache_kwarg, new_dynamic_cache, positions_from_mask
-
-
-def _rows(value, B: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A sampling parameter as a (B,) tensor (unsigned 64-bit seeds wrap to int64, as in the op)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype).expand(B)
-    if dtype == torch.int64 and value >= 2 ** 63:
-        value -= 2 ** 64
-    return torch.full((B,), value, dtype=dtype, device=device)
 
 
 def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=None, *,
@@ -59,13 +50,7 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
             streamer.end()
         return empty_output(args)
 
-    s = args.sampling
-    params = dict(alpha=_rows(s["alpha"], B, torch.float32, dev),
-                  temperature=_rows(s["temperature"], B, torch.float32, dev),
-                  top_k=_rows(s["top_k"], B, torch.int64, dev),
-                  top_p=_rows(s["top_p"], B, torch.float32, dev),
-                  min_p=_rows(s["min_p"], B, torch.float32, dev),
-                  seed=_rows(s["seed"], B, torch.int64, dev))
+    params = row_params(args.sampling, B, dev)
     names = ("base", "expert", "anti_expert")
     models = (base, expert, anti_expert)
     ids = [args.input_ids, args.expert_input_ids, args.input_ids]

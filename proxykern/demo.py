@@ -64,17 +64,6 @@ def answers(tok, base, expert, anti, prompts, alpha, *, generate=fused_proxy_gen
     return texts
 
 
-def _tokens_per_second(fn, out_lengths_of, repeats=3):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return int(out_lengths_of(out).sum()) / best
-
-
 def _interleaved_rates(fns, out_lengths_of, repeats=3):
     """Best tokens/s of each of ``fns``, timed in turn (ABAB..., fair under changing load);
     returns [(rate, last output)] in the order given."""
@@ -132,9 +121,10 @@ def main(argv=None) -> int:
                         alpha=args.alpha, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
 
-    rates = {name: _tokens_per_second(lambda g=g: run(g), lambda o: o.lengths)
-             for name, g in (("naive_proxy_generate", naive_proxy_generate),
-                             ("fused_proxy_generate", fused_proxy_generate))}
+    names = ("naive_proxy_generate", "fused_proxy_generate")
+    timed = _interleaved_rates([lambda: run(naive_proxy_generate),
+                                lambda: run(fused_proxy_generate)], lambda o: o.lengths)
+    rates = {name: rate for name, (rate, _) in zip(names, timed)}
     print(f"throughput, batch {len(batch)}, up to 16 new tokens, {device}:")
     for name, rate in rates.items():
         print(f"   {name:<22} {rate:8.1f} tokens/s")

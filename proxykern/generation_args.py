@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend
+from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend, row_params
 from .reference import row_seeds
 from .runner import model_device
 
@@ -203,25 +203,29 @@ def generation_seeds(seed, n_prompts: int, n_samples: int, device) -> torch.Tens
     """The (n_prompts * n_samples,) int64 seeds of a generation call, derived once.
 
     A Python number (or 0-d tensor): every returned row gets its own,
-    ``row_seeds(seed, row)``. A
+    ``row_seeds(seed, row)`` -- the op's own rule (:func:`proxykern.ops.row_params`). A
     tensor with one seed per returned row: used exactly as given. A tensor with one
     seed per prompt: used as given when ``n_samples == 1``, else sample ``j`` of
     prompt ``i`` gets ``row_seeds(seed[i], j)`` (so a prompt's samples do not depend
     on the batch either way).
     """
-    if isinstance(seed, torch.Tensor) and seed.dim() == 0:  # a number held in a tensor
-        check_sampling_arg("seed", seed, 1)
-        return row_seeds(seed.to(device=device, dtype=torch.int64),
-                         torch.arange(n_prompts * n_samples, device=device))
-    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and seed.shape[0] == n_prompts \
-            and n_samples > 1:
+    rows = n_prompts * n_samples
+    if not isinstance(seed, torch.Tensor) or seed.dim() == 0:
+        return row_params({"seed": seed}, rows, device)["seed"]
+    if seed.dim() == 1 and seed.shape[0] == n_prompts and n_samples > 1:
         seed = _check_sampling("seed", seed, n_prompts, 1, device)
         sample = torch.arange(n_samples, device=device).repeat(n_prompts)
         return row_seeds(seed.to(torch.int64).repeat_interleave(n_samples), sample)
-    seed = _check_sampling("seed", seed, n_prompts, n_samples, device)
-    if isinstance(seed, torch.Tensor):
-        return seed.to(torch.int64).contiguous()
-    return row_seeds(seed, torch.arange(n_prompts * n_samples, device=device))
+    return _check_sampling("seed", seed, n_prompts, n_samples, device).to(torch.int64).contiguous()
+
+
+def _check_count(name, value, minimum: int) -> int:
+    """An int >= ``minimum`` (``TypeError`` / ``ValueError`` naming it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def _check_bool(name, value):
@@ -268,10 +272,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
             raise ValueError(f"{name} is on {model_device(model)} but base is on {device}: "
                              f"the three models must share one device")
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
 
     input_ids = _check_ids("input_ids", input_ids, device)
     attention_mask = _check_mask("attention_mask", attention_mask, input_ids, "input_ids", device)
@@ -294,17 +295,8 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         _check_id_range("expert_input_ids", e_ids, (expert,))
 
     vocab_size = shared_vocab_size(base, expert, anti_expert)
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences,
-                                                                 numbers.Integral):
-        raise TypeError(f"num_return_sequences must be an int, "
-                        f"got {type(num_return_sequences).__name__}")
-    if num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-    n = int(num_return_sequences)
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, numbers.Integral):
-        raise TypeError(f"num_draft_tokens must be an int, got {type(num_draft_tokens).__name__}")
-    if num_draft_tokens < 0:
-        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    n = _check_count("num_return_sequences", num_return_sequences, 1)
+    num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
     sampling = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
         ("min_p", min_p))}
@@ -343,11 +335,11 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     temperature = sampling["temperature"]
     return GenerationArgs(
         device=device, input_ids=input_ids, attention_mask=attention_mask,
-        expert_input_ids=e_ids, expert_attention_mask=e_mask, max_new_tokens=int(max_new_tokens),
+        expert_input_ids=e_ids, expert_attention_mask=e_mask, max_new_tokens=max_new_tokens,
         sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
         eos_token_ids=eos, pad_token_id=pads[0], vocab_size=vocab_size,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
-        num_return_sequences=n, cuda_graphs=use_graphs, num_draft_tokens=int(num_draft_tokens),
+        num_return_sequences=n, cuda_graphs=use_graphs, num_draft_tokens=num_draft_tokens,
         streamer=streamer, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs,
         eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)

@@ -37,13 +37,12 @@ import time
 
 import torch
 
-from .ops import SAMPLING_RULES, check_sampling_arg
-from .reference import row_seeds
+from .ops import PARAM_DTYPES, check_sampling_arg
+from .reference import as_int64, row_seeds
 from .runner import left_pad
 
-#: Per-row sampling fields a line may carry: name -> dtype of the batch tensor.
-ROW_FIELDS = {"alpha": torch.float32, "temperature": torch.float32, "top_k": torch.int64,
-              "top_p": torch.float32, "min_p": torch.float32, "seed": torch.int64}
+#: Per-row sampling fields a line may carry: the op's parameters less the step.
+ROW_FIELDS = tuple(name for name in PARAM_DTYPES if name != "step")
 
 
 class BadLine(ValueError):
@@ -74,8 +73,8 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
             raise BadLine(f"line {number}: {exc}") from None
     if "seed" not in obj:
         params["seed"] = int(row_seeds(defaults["seed"], torch.tensor([number - 1])))
-    elif params["seed"] >= 2 ** 63:
-        params["seed"] -= 2 ** 64
+    else:
+        params["seed"] = as_int64(params["seed"])
     n_new = obj.get("max_new_tokens", defaults["max_new_tokens"])
     if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral) or n_new < 0:
         raise BadLine(f"line {number}: max_new_tokens must be an int >= 0, got {n_new!r}")
@@ -152,8 +151,8 @@ def generate_file(args, models, tokenizer, encode_expert, eos_ids, pad_id, devic
                     [row if row is not None else base_rows[i] for row, i in zip(own, index)],
                     pad_id))
             params = {name: torch.tensor([records[i]["params"][name] for i in index],
-                                         dtype=dtype, device=device)
-                      for name, dtype in ROW_FIELDS.items()}
+                                         dtype=PARAM_DTYPES[name], device=device)
+                      for name in ROW_FIELDS}
             limits = [records[i]["max_new_tokens"] for i in index]
             out = fused_proxy_generate(
                 *models, ids.to(device), mask.to(device), max_new_tokens=max(limits),
@@ -183,6 +182,3 @@ def generate_file(args, models, tokenizer, encode_expert, eos_ids, pad_id, devic
             os.remove(tmp_path)
         raise
     return len(records)
-
-
-assert set(ROW_FIELDS) <= set(SAMPLING_RULES)  # one set of rules for flags, fields and the op

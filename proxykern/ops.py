@@ -283,8 +283,8 @@ def _row_param(name, value, B, device, dtype):
         return value.to(dtype).contiguous()
     if name == "seed":  # each row its own seed, derived on the device (reference.row_seeds)
         return reference.row_seeds(value, torch.arange(B, device=device))
-    if name == "step" and value >= 2 ** 63:
-        value -= 2 ** 64  # unsigned 64-bit values wrap to the same bits in int64
+    if name == "step":
+        value = reference.as_int64(value)  # unsigned 64-bit values wrap to the same bits
     return torch.full((B,), value, dtype=dtype, device=device)
 
 

@@ -131,7 +131,7 @@ SPLITMIX64_MUL_B = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
 
 
-def _as_int64(value: int) -> int:
+def as_int64(value: int) -> int:
     """An unsigned 64-bit value as the signed int64 with the same bits."""
     value &= _MASK64
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -144,8 +144,8 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def splitmix64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64's output mix of int64 tensors (wrapping arithmetic: the bits of mod 2**64)."""
-    x = (x ^ _shr(x, 30)) * _as_int64(SPLITMIX64_MUL_A)
-    x = (x ^ _shr(x, 27)) * _as_int64(SPLITMIX64_MUL_B)
+    x = (x ^ _shr(x, 30)) * as_int64(SPLITMIX64_MUL_A)
+    x = (x ^ _shr(x, 27)) * as_int64(SPLITMIX64_MUL_B)
     return x ^ _shr(x, 31)
 
 
@@ -156,9 +156,9 @@ def row_seeds(seed, index: torch.Tensor) -> torch.Tensor:
     int64 tensor broadcastable to ``index``; ``index`` holds the row numbers (or,
     for several samples of one prompt, the sample number). See the module docstring.
     """
-    base = _as_int64(int(seed)) if not isinstance(seed, torch.Tensor) else seed.to(torch.int64)
+    base = as_int64(int(seed)) if not isinstance(seed, torch.Tensor) else seed.to(torch.int64)
     # int64 arithmetic wraps like uint64 mod 2**64, so the bits are SplitMix64's.
-    return splitmix64((index.to(torch.int64) + 1) * _as_int64(SPLITMIX64_GAMMA) + base)
+    return splitmix64((index.to(torch.int64) + 1) * as_int64(SPLITMIX64_GAMMA) + base)
 
 
 def combine_logits(base, expert, anti, alpha, vocab_size: int) -> torch.Tensor:
