@@ -22,17 +22,18 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
                          min_p=0.0, seed=0, eos_token_id=None, pad_token_id=None,
                          expert_input_ids=None, expert_attention_mask=None,
                          return_logprobs=False, return_model_logprobs=False, streamer=None,
-                         num_return_sequences=1, backend="auto", cuda_graphs="auto"):
+                         num_return_sequences=1, backend="auto"):
     """The baseline: proxy-tuned decoding the way the paper's reference code does it.
 
     Same signature as :func:`proxykern.fused_proxy_generate` less ``num_draft_tokens``
-    (seeds and ``num_return_sequences`` follow the same rules). Each step runs the three models one after the other (eager, each with its own
+    and ``cuda_graphs`` (seeds and ``num_return_sequences`` follow the same rules).
+    Each step runs the three models one after the other (eager, each with its own
     HF ``DynamicCache``), combines their last logits with plain PyTorch ops, draws
     the token (greedy: argmax; sampling: :func:`proxy_sample_reference`, the op's
     spec, so the tokens equal ``fused_proxy_generate``'s), and reads the finished
     flags on the host. Same arguments, checks and output as
-    :func:`proxykern.fused_proxy_generate`; ``backend`` and ``cuda_graphs`` are
-    checked but unused (nothing here is fused or captured). It is the spec the
+    :func:`proxykern.fused_proxy_generate`; ``backend`` is checked but unused
+    (nothing here is fused). It is the spec the
     tests compare against and the baseline every benchmark reports a ratio to.
     """
     args = prepare_generation(
@@ -41,7 +42,7 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, expert_input_ids=expert_input_ids,
         expert_attention_mask=expert_attention_mask, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
-        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
+        cuda_graphs=False, num_return_sequences=num_return_sequences)
     B, dev, V = args.batch_size, args.device, args.vocab_size
     if streamer is not None:
         streamer.put(args.input_ids.cpu())

@@ -375,6 +375,8 @@ def _bad_cases():
 def test_bad_inputs_raise_naming_the_argument(fn):
     cases, ok = _bad_cases()
     for name, change, error in cases:
+        if fn is naive_proxy_generate and name == "cuda_graphs":
+            error = TypeError  # the baseline has no cuda_graphs argument (nothing is captured)
         kw = {**ok, **change}
         args = [kw.pop(k) for k in ("base", "expert", "anti_expert", "input_ids")]
         with pytest.raises(error, match=name):
@@ -408,6 +410,7 @@ def test_cuda_graph_options_and_signatures():
     assert torch.equal(a.tokens, b.tokens)
     fused_params = dict(inspect.signature(fused_proxy_generate).parameters)
     assert fused_params.pop("num_draft_tokens").default == 0  # fused only (speculative)
+    assert fused_params.pop("cuda_graphs").default == "auto"  # fused only (nothing to capture)
     assert fused_params == dict(inspect.signature(naive_proxy_generate).parameters)
     assert proxykern.ProxyGenerateOutput._fields == ("sequences", "tokens", "lengths", "logprobs",
                                                      "model_logprobs", "stats")
