@@ -19,7 +19,9 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
               sanitizer test (the stage above covers it)
   kernels     the kernel table: naive step, torch.compile of it, triton, cuda over vocab
               {32000, 128256, 151936} x batch {1, 8, 64, 256}, bf16, five modes; plus the
-              device-to-device copy bandwidth. kernel_table.json and kernel_table.md
+              device-to-device copy bandwidth. kernel_table.json and kernel_table.md.
+              At batch <= 16 also triton_rowwise (one program per row: no split, no
+              staged search), to choose the Triton launches per shape
   generate    benchmarks/bench_generate.py --out DIR $GPU_CHECK_GENERATE_ARGS (default
               "--configs small,paper --new-tokens 64 --naive-tokens 16": naive vs the
               engine eager vs CUDA graphs vs the base's captured step vs the weight-read
@@ -293,6 +295,8 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
     compile_s = {}  # first-call seconds of each torch.compile case
     rows = []
     for vocab in vocabs:
+        tri_cfg = (ops._triton_kernels().default_config(device, vocab)
+                   if "triton_rowwise" in impls else None)
         for batch in batches:
             set_bytes = 3 * batch * vocab * 2
             # Rotate through copies whose total passes 2x the L2 (do_bench flushes L2 too).
@@ -319,7 +323,15 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
                         fns[impl] = lambda c=compiled[mode_name]: c(*nxt())
                     elif impl == "triton":
                         tri = ops._triton_kernels().proxy_sample_triton
-                        fns[impl] = lambda p=params, t=tri: t(*nxt(), *p, vocab)
+                        # (the op's launch hint, as proxy_sample gives it)
+                        fns[impl] = lambda p=params, t=tri, f=ops.may_filter(mode, vocab): t(
+                            *nxt(), *p, vocab, may_filter=f)
+                    elif impl == "triton_rowwise":  # small batch: one program per row instead
+                        if batch > tri_cfg["SPLIT_MAX_BATCH"]:  # (there it is what "triton" runs)
+                            continue
+                        tri = ops._triton_kernels().proxy_sample_triton
+                        fns[impl] = lambda p=params, t=tri: t(*nxt(), *p, vocab,
+                                                              config=dict(split=False))
                     elif impl in ("cuda", "cpu"):
                         fns[impl] = lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab)
                     elif impl == "torch":
@@ -424,6 +436,8 @@ def kernels_stage(args, out_dir) -> int:
         device = torch.device("cuda")
         impls = ["naive", "torch.compile"] + [
             b for b in ("triton", "cuda") if ops.backend_unavailable_reason(b, device) is None]
+        if "triton" in impls:  # split / staged at small batch vs one program per row
+            impls.insert(impls.index("triton") + 1, "triton_rowwise")
         vocabs, batches, modes = KERNEL_VOCABS, KERNEL_BATCHES, KERNEL_MODES
         budget, warmup, rep = args.measure_s, 5, 25
         bw_bytes = 1 << 30

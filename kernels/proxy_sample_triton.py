@@ -1,27 +1,28 @@
-"""The fused proxy-tuning sampler in Triton: one program per row (pass 1 split across
-programs at small batch), no host sync.
+"""The fused proxy-tuning sampler in Triton, no host sync: one program per row at large
+batch; at small batch each pass runs as one program per (segment, row).
 
 Semantics are :mod:`proxykern.reference`'s (the spec); this module only makes them fast.
 Every pass below re-reads the row's three logit inputs and recomputes
 ``z = base + alpha * (expert - anti)`` (fp32; ``-inf`` in any input gives ``-inf``)
 and ``z' = z / T`` bit-identically (``T = 1`` for greedy rows).
 
+Segments: a row is cut into segments of ``SEG = SEG_BLOCKS * BLOCK`` columns (a function
+of the vocabulary alone). Every pass is computed segment by segment, each segment's
+result reduced to a few numbers, and the segments folded in column order -- by the
+row's program, or by programs of their own whose results the row's fold reads. The same
+arithmetic in the same order either way: a row's result is bitwise the same alone or in
+any batch, split or not.
+
 Pass 1 (every row)
     Online max and rescaled sum-exp of ``z'`` (-> ``lse``), running argmax (lowest
     index), the count of tokens tied at the max, the smallest finite ``z'``, the
     status flags and -- for a sampling row with no filter -- the running Gumbel-max
     ``argmax(z' + g)``. All of it is kept per lane of the ``(BLOCK/4, 4)`` block
-    (each lane its own online max and sum) and reduced once after the loop, so the
-    loop body has no cross-thread reduction. One Philox call serves four
-    neighbouring tokens: a block's row ``i`` holds tokens ``4i .. 4i+3`` and each
-    takes its word of that group's call. Greedy rows and sampling rows without
-    filters are done after this one pass. The row is cut into segments of
-    ``SEG_BLOCKS * BLOCK`` columns (a function of the vocabulary alone); each segment's
-    lanes are reduced to a few scalars and the segments folded in column order. At
-    small batch (``B <= SPLIT_MAX_BATCH``) a first kernel runs one program per
-    (segment, row) and the row's program folds their results; otherwise the row's
-    program runs the segments itself. The same arithmetic in the same order either
-    way: a row's result is bitwise the same alone or in any batch.
+    (each lane its own online max and sum) and reduced once per segment, so the loop
+    body has no cross-thread reduction. One Philox call serves four neighbouring
+    tokens: a block's row ``i`` holds tokens ``4i .. 4i+3`` and each takes its word of
+    that group's call. Greedy rows and sampling rows without filters are done after
+    this one pass (then the overflow rule, see reference.py, by the row's program).
 
 Threshold search (rows with ``top_k`` and/or ``top_p`` active)
     Both thresholds are "the largest present value ``v`` with ``F(v) >= target``",
@@ -32,22 +33,40 @@ Threshold search (rows with ``top_k`` and/or ``top_p`` active)
     the monotone int32 image of the float bits, so the bracket shrinks by ``>= P/2``
     per pass even for wild value ranges) and, per pivot, also the smallest present
     value at or above it and the largest below it, to which the new bracket snaps.
-    Pivot passes run until the bracket holds at most ``C`` tokens (or is a single
-    value); the last pass then resolves the threshold exactly. ``top_k`` is searched
-    first; when ``top_p`` is active too and at most ``C`` tokens lie at or above the
-    ``top_k`` bracket, both thresholds are resolved together in the last pass,
-    otherwise ``tau_k`` is made exact and ``top_p`` is searched in ``[tau_k, max]``.
-    Tokens tied at the max that already reach ``k`` or the ``top_p`` mass end the
-    search before it starts.
+    A pivot pass reads ``SROWS * SBLOCK`` columns a step into a ``(SROWS, SBLOCK, P)``
+    tile whose first axis Triton keeps within a thread (threads go to the pivots,
+    warps to the slots): each thread folds many columns against its pivot into
+    ``(SBLOCK, P)`` accumulators with no shuffle, reduced once per segment.
+    The search is a small state machine (``_search_settle`` / ``_search_step``):
+    phase 1 searches ``top_k``, phase 2 ``top_p``; a phase runs pivot passes until the
+    bracket holds at most ``C`` tokens (or is a single value), and the last pass then
+    resolves its threshold exactly. When ``top_p`` is active too and at most ``C``
+    tokens lie at or above the ``top_k`` bracket, both thresholds are resolved together
+    in the last pass, otherwise ``tau_k`` is made exact and ``top_p`` is searched in
+    ``[tau_k, max]``. Tokens tied at the max that already reach ``k`` or the ``top_p``
+    mass end the search before it starts.
 
 Last pass (rows with any filter)
     Gumbel-max over the kept tokens. Tokens strictly above the bracket are kept
-    (their count, mass and best key are aggregated); the <= ``C`` tokens inside the
-    bracket are compacted into ``C`` register slots (block-local prefix sum plus a
-    binary search with ``tl.gather``), and after the pass the exact thresholds are
-    found among the slots (``C x C`` comparisons), the slots' keys below the
-    threshold dropped and the two best keys merged (lowest index on ties). Blocks
-    holding no token that could be kept are skipped (no Philox for them).
+    (their count, mass and best key are aggregated); the bracket's tokens are
+    compacted into ``C`` register slots (block-local prefix sum plus a binary search
+    with ``tl.gather``; a segment's slots go after the previous segments'), and then
+    the exact thresholds are found among the slots (``C x C`` comparisons), the
+    slots' keys below the threshold dropped and the two best keys merged (lowest index
+    on ties). Blocks holding no token that could be kept are skipped (no Philox).
+
+Launches (``launch_plan``). Large batch (``B > SPLIT_MAX_BATCH``, or one segment): one
+kernel, one program per row, every pass in it. Small batch: ``_segment_kernel`` runs
+pass 1 as (segment, row) programs; if no row may filter (the caller's ``may_filter``),
+``_proxy_sample_kernel`` folds it and finishes. Otherwise the search is staged:
+``_plan_kernel`` folds pass 1 and writes each row's plan and search state to a
+workspace; ``STAGED_ROUNDS`` times ``_pivot_segment_kernel`` (one pivot pass, (segment,
+row) programs) and ``_pivot_fold_kernel`` (the row's fold, one search step);
+``_last_segment_kernel`` runs the last pass for rows whose search is over; and
+``_proxy_sample_kernel`` folds it -- or, for a row still searching (a large ``top_k``
+with ``top_p``, a flat row), finishes the search and the last pass in its own program.
+Every launch has a fixed grid: CUDA-graph capturable; a kernel with nothing to do for a
+row returns at once.
 
 Passes over the inputs per row (``debug=True`` reports them): greedy or plain
 temperature sampling 1; ``min_p`` alone 2; ``top_k`` and/or ``top_p``: 2 + the pivot
@@ -57,20 +76,17 @@ for a large ``top_k`` with ``top_p`` (``tau_k`` must be exact before the ``top_p
 search). The key-space pivots bound the worst case by ``ceil(32 / log2(P/2)) + 1``
 pivot passes per threshold (9 for ``P = 32``; ``MAX_PASSES`` caps NaN rows).
 
-Loads and compilations: every pass reads its blocks as 1-D column ranges (reshaped to
-``(BLOCK/4, 4)`` where Philox groups matter), full blocks without a mask and the tail
+Loads and compilations: every pass reads its blocks as 1-D column ranges (reshaped
+where Philox groups or pivot tiles need it), full blocks without a mask and the tail
 (if any) with one, so aligned rows get 16-byte vector loads whatever the vocabulary
-(e.g. 50257). ``vocab`` is not specialized: one compilation per dtype triple and row
-alignment (times two: split or not; plus the segment kernel). A pivot pass keeps
-``(SBLOCK, P)`` accumulators and reduces them once after its loop; pivot passes and the
-last pass still run in the row's one program. Compiled offline for sm_90 (triton 3.8,
-bf16, no GPU): main kernel 221 registers (176 when split), segment kernel 188, no
-spills, 16-byte loads in pass 1 and the last pass (the previous 4-wide tiles: 181
-registers, scalar loads only). Not yet timed on a GPU.
+(e.g. 50257). ``vocab`` is not specialized: one compilation per kernel, dtype triple
+and row alignment. ``benchmarks/triton_sm90_check.py`` compiles every kernel for
+sm_90 without a GPU and reports registers, spills and vector loads (the numbers are in
+benchmarks/NOTES.md; tests/test_triton_sm90.py fails on a spill). Not yet timed on a GPU.
 
-Exactness notes: the kernel is launched with ``enable_fp_fusion=False`` on GPU so
+Exactness notes: the kernels are launched with ``enable_fp_fusion=False`` on GPU so
 that ``b + alpha * (e - a)`` is not contracted into an FMA (the reference rounds
-twice), and uses ``tl.math.div_rn`` for ``z / T`` (Triton's ``/`` is approximate on
+twice), and use ``tl.math.div_rn`` for ``z / T`` (Triton's ``/`` is approximate on
 NVIDIA). ``exp``/``log`` are Triton's, so Gumbel keys and masses may differ from the
 reference's in the last bit; only exact near-ties can then pick another token. The
 masses are summed in fp32 (the reference's top-p cumsum is fp64).
@@ -81,7 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["proxy_sample_triton", "default_config"]
+__all__ = ["proxy_sample_triton", "default_config", "launch_plan"]
 
 _STATUS_NONFINITE = tl.constexpr(1)  # reference.STATUS_NONFINITE
 _STATUS_EMPTY = tl.constexpr(2)      # reference.STATUS_EMPTY
@@ -133,15 +149,16 @@ def _combine(b, e, a, alpha, t_eff):
 
 
 @triton.jit
-def _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, N: tl.constexpr,
+def _block_logits(b_ptr, e_ptr, a_ptr, start, stop, alpha, t_eff, N: tl.constexpr,
                   MASKED: tl.constexpr):
     """(z, z') of columns start .. start + N - 1 as 1-D ranges (16-byte vector loads when
-    the rows are aligned). MASKED=False: a full block, no mask (start + N <= vocab), so
-    the loads stay vectorized whatever the vocabulary; True: the tail, padding -inf."""
+    the rows are aligned). MASKED=False: a full block, no mask (start + N <= stop), so
+    the loads stay vectorized whatever the vocabulary; True: the tail, columns from
+    ``stop`` on (the end of the segment or row) padded with -inf."""
     ninf: tl.constexpr = float("-inf")
     offs = start + tl.arange(0, N)
     if MASKED:
-        mask = offs < vocab
+        mask = offs < stop
         z, zp = _combine(tl.load(b_ptr + offs, mask=mask, other=ninf),
                          tl.load(e_ptr + offs, mask=mask, other=0.0),
                          tl.load(a_ptr + offs, mask=mask, other=0.0), alpha, t_eff)
@@ -244,100 +261,187 @@ def _key_float(k):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS: tl.constexpr):
-    """One block of a pivot pass folded into the (SBLOCK, P) accumulators."""
-    pinf: tl.constexpr = float("inf")
-    ninf: tl.constexpr = float("-inf")
-    zc = zp[:, None]
-    ge = zc >= pv[None, :]
-    cnt2 += ge.to(tl.int32)
-    if MASS:
-        w = tl.exp(zp - row_max)
-        fm2 += tl.where(ge, w[:, None], 0.0)
-    amin2 = tl.minimum(amin2, tl.where(ge, zc, pinf))
-    bmax2 = tl.maximum(bmax2, tl.where(ge, ninf, zc))
-    return cnt2, fm2, amin2, bmax2
-
+# --------------------------------------------------------------------------- threshold search
+#
+# The search state of a row, carried in scalars (and, between the staged kernels, in the
+# state workspace): phase (0 done, 1 top_k search, 2 top_p search), the bracket lo <= hi,
+# cnt_lo = count(z' >= lo), cnt_gt = count(z' > hi), total (the top_p mass base F(lo on
+# entry), -1 before the phase's first pass), n (passes of the phase), and what the last
+# pass needs: tau_d (the threshold when no bracket is left open), collect (the last pass
+# resolves [c_lo, c_hi] among its slots), res_k / res_p (which thresholds it resolves),
+# total_p (the top_p mass base, -1: measured in the last pass).
 
 @triton.jit
-def _pivot_search(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, row_max, lo, hi, cnt_lo, target,
-                  p_frac, chain, MASS: tl.constexpr, SBLOCK: tl.constexpr, P: tl.constexpr,
-                  C: tl.constexpr, MAX_PASSES: tl.constexpr):
-    """Pivot passes narrowing the bracket [lo, hi] of the threshold (see module doc).
-
-    The threshold is the largest present z' value v with F(v) >= target; on entry
-    lo <= it <= hi (both present values, hi the row max), cnt_lo = count(z' >= lo)
-    and F(lo) >= target (lo is taken to satisfy it). MASS: F is the mass
-    sum exp(z' - row_max) of z' >= v and the target is p_frac * F(lo on entry),
-    measured by the first pass; else F is the count and the target ``target``.
-    Runs while lo < hi and more than C tokens are in [lo, hi] (``chain``: at or
-    above lo). Returns (lo, hi, cnt_lo, cnt_gt = count(z' > hi), F(lo on entry)
-    or -1 when no pass ran, passes).
-    """
+def _pivots(lo, hi, P: tl.constexpr):
+    """P pivots in [lo, hi]: P/2 evenly in value (the first is lo), P/2 evenly over the
+    monotone int32 image of the float bits (the last is hi)."""
     PV: tl.constexpr = P // 2
     PK: tl.constexpr = P - PV
     j = tl.arange(0, P)
     frac = j.to(tl.float32) * (1.0 / PV)
     kstep = (j - PV + 1).to(tl.int64)
+    pv_val = lo + (hi - lo) * frac
+    klo = _float_key(lo).to(tl.int64)
+    khi = _float_key(hi).to(tl.int64)
+    pv_key = _key_float((klo + ((khi - klo) * kstep) // PK).to(tl.int32))
+    pv = tl.where(j < PV, pv_val, pv_key)
+    pv = tl.where(pv == pv, pv, lo)
+    return tl.minimum(tl.maximum(pv, lo), hi)
+
+
+@triton.jit
+def _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS: tl.constexpr):
+    """One (SROWS, SBLOCK) block of a pivot pass folded into the (SBLOCK, P) accumulators.
+
+    The SROWS columns of an accumulator slot are folded along the first axis of the
+    (SROWS, SBLOCK, P) tile, which Triton keeps within a thread (threads and warps go
+    to the pivots and slots first): many columns per thread, no shuffle in the loop.
+    """
     pinf: tl.constexpr = float("inf")
     ninf: tl.constexpr = float("-inf")
-    n = tl.full([], 0, tl.int32)
-    cnt_gt = tl.full([], 0, tl.int32)
-    total = tl.full([], -1.0, tl.float32)
-    stop = cnt_lo
-    while (lo < hi) & (stop > C) & (n < MAX_PASSES):
-        # P pivots in [lo, hi]: PV evenly in value (the first is lo), PK evenly in key
-        # space (the last is hi).
-        pv_val = lo + (hi - lo) * frac
-        klo = _float_key(lo).to(tl.int64)
-        khi = _float_key(hi).to(tl.int64)
-        pv_key = _key_float((klo + ((khi - klo) * kstep) // PK).to(tl.int32))
-        pv = tl.where(j < PV, pv_val, pv_key)
-        pv = tl.where(pv == pv, pv, lo)
-        pv = tl.minimum(tl.maximum(pv, lo), hi)
+    zc = zp[:, :, None]
+    ge = zc >= pv[None, None, :]
+    cnt2 += tl.reduce(ge.to(tl.int32), 0, _SUM)
+    if MASS:
+        w = tl.exp(zp - row_max)
+        fm2 += tl.reduce(tl.where(ge, w[:, :, None], 0.0), 0, _SUM)
+    amin2 = tl.minimum(amin2, tl.reduce(tl.where(ge, zc, pinf), 0, _MIN))
+    bmax2 = tl.maximum(bmax2, tl.reduce(tl.where(ge, ninf, zc), 0, _MAX))
+    return cnt2, fm2, amin2, bmax2
 
-        # Per-(column slot, pivot) accumulators, reduced once after the loop: the loop
-        # body has no cross-thread reduction.
-        cnt2 = tl.zeros([SBLOCK, P], dtype=tl.int32)
-        fm2 = tl.zeros([SBLOCK, P], dtype=tl.float32)
-        amin2 = tl.full([SBLOCK, P], pinf, dtype=tl.float32)   # smallest z' >= pivot
-        bmax2 = tl.full([SBLOCK, P], ninf, dtype=tl.float32)   # largest z' < pivot
-        n_full = vocab - vocab % SBLOCK
-        for start in range(0, n_full, SBLOCK):
-            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, SBLOCK, False)
-            cnt2, fm2, amin2, bmax2 = _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS)
-        if n_full < vocab:
-            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, n_full, vocab, alpha, t_eff, SBLOCK, True)
-            cnt2, fm2, amin2, bmax2 = _pivot_step(zp, pv, row_max, cnt2, fm2, amin2, bmax2, MASS)
-        cnt = tl.reduce(cnt2, 0, _SUM)
-        if MASS:
-            fm = tl.reduce(fm2, 0, _SUM)
-        above_min = tl.reduce(amin2, 0, _MIN)
-        below_max = tl.reduce(bmax2, 0, _MAX)
 
-        if MASS:
-            f_lo = tl.reduce(tl.where(j == 0, fm, 0.0), None, _SUM)   # pivot 0 is lo
-            total = tl.where(n == 0, f_lo, total)
-            target = p_frac * total
-            sat = (fm >= target) | (pv == lo)
-        else:
-            sat = (cnt >= target) | (pv == lo)
-        lo_pivot = tl.reduce(tl.where(sat, pv, ninf), None, _MAX)
-        sel = sat & (pv == lo_pivot)
-        new_lo = tl.reduce(tl.where(sel, above_min, ninf), None, _MAX)
-        cnt_lo = tl.reduce(tl.where(sel, cnt, -1), None, _MAX)
-        unsat = ~sat
-        hi_pivot = tl.reduce(tl.where(unsat, pv, pinf), None, _MIN)
-        sel = unsat & (pv == hi_pivot)
-        any_unsat = tl.reduce(unsat.to(tl.int32), None, _MAX) > 0
-        hi = tl.where(any_unsat, tl.reduce(tl.where(sel, below_max, ninf), None, _MAX), hi)
-        cnt_gt = tl.where(any_unsat, tl.reduce(tl.where(sel, cnt, -1), None, _MAX), cnt_gt)
-        lo = new_lo
-        stop = tl.where(chain, cnt_lo, cnt_lo - cnt_gt)
-        n += 1
-    return lo, hi, cnt_lo, cnt_gt, total, n
+@triton.jit
+def _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, seg_stop, pv, row_max,
+                   MASS: tl.constexpr, SBLOCK: tl.constexpr, SROWS: tl.constexpr,
+                   P: tl.constexpr):
+    """A pivot pass over the columns [seg_start, seg_stop): per pivot, the count and (MASS)
+    the mass sum exp(z' - row_max) of z' >= pivot, the smallest z' >= pivot and the
+    largest z' < pivot. Accumulators (SBLOCK, P), reduced once at the end."""
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    N: tl.constexpr = SROWS * SBLOCK
+    cnt2 = tl.zeros([SBLOCK, P], dtype=tl.int32)
+    fm2 = tl.zeros([SBLOCK, P], dtype=tl.float32)
+    amin2 = tl.full([SBLOCK, P], pinf, tl.float32)   # smallest z' >= pivot
+    bmax2 = tl.full([SBLOCK, P], ninf, tl.float32)   # largest z' < pivot
+    full_end = seg_start + ((seg_stop - seg_start) // N) * N
+    for start in range(seg_start, full_end, N):
+        _, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, seg_stop, alpha, t_eff, N, False)
+        cnt2, fm2, amin2, bmax2 = _pivot_step(tl.reshape(zp, [SROWS, SBLOCK]), pv, row_max,
+                                              cnt2, fm2, amin2, bmax2, MASS)
+    if full_end < seg_stop:
+        _, zp = _block_logits(b_ptr, e_ptr, a_ptr, full_end, seg_stop, alpha, t_eff, N, True)
+        cnt2, fm2, amin2, bmax2 = _pivot_step(tl.reshape(zp, [SROWS, SBLOCK]), pv, row_max,
+                                              cnt2, fm2, amin2, bmax2, MASS)
+    return (tl.reduce(cnt2, 0, _SUM), tl.reduce(fm2, 0, _SUM), tl.reduce(amin2, 0, _MIN),
+            tl.reduce(bmax2, 0, _MAX))
 
+
+@triton.jit
+def _pivot_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, pv, row_max,
+                MASS: tl.constexpr, SEG: tl.constexpr, SBLOCK: tl.constexpr,
+                SROWS: tl.constexpr, P: tl.constexpr):
+    """A pivot pass over the whole row by one program: segment by segment, folded in
+    order -- the arithmetic of the staged kernels, so the bits do not depend on the batch."""
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    cnt = tl.zeros([P], dtype=tl.int32)
+    fm = tl.zeros([P], dtype=tl.float32)
+    amin = tl.full([P], pinf, tl.float32)
+    bmax = tl.full([P], ninf, tl.float32)
+    for seg in range(0, n_seg):
+        seg_start = seg * SEG
+        c_s, f_s, a_s, b_s = _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
+                                            tl.minimum(seg_start + SEG, vocab), pv, row_max,
+                                            MASS, SBLOCK, SROWS, P)
+        cnt += c_s
+        fm += f_s
+        amin = tl.minimum(amin, a_s)
+        bmax = tl.maximum(bmax, b_s)
+    return cnt, fm, amin, bmax
+
+
+@triton.jit
+def _search_settle(phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi,
+                   res_k, res_p, total_p, m_run, p_on, C: tl.constexpr,
+                   MAX_PASSES: tl.constexpr):
+    """Ends the phase whose passes are over: a phase runs while lo < hi and more than C
+    tokens are in [lo, hi] (top_k with top_p: at or above lo) and n < MAX_PASSES.
+
+    top_k ends with a bracket -> the last pass resolves top_k (and top_p among all tokens
+    >= lo); with lo == hi -> tau_d = lo, then the top_p search in [tau_d, max].
+    top_p ends with a bracket -> the last pass resolves it; else tau_d = lo."""
+    pinf: tl.constexpr = float("inf")
+    open_ = lo < hi
+    stop = tl.where((phase == 1) & p_on, cnt_lo, cnt_lo - cnt_gt)
+    going = open_ & (stop > C) & (n < MAX_PASSES)
+    end_k = (phase == 1) & (~going)
+    k_coll = end_k & open_
+    collect = tl.where(k_coll, 1, collect)
+    c_lo = tl.where(k_coll, lo, c_lo)
+    c_hi = tl.where(k_coll, tl.where(p_on, pinf, hi), c_hi)
+    res_k = tl.where(k_coll, 1, res_k)
+    res_p = tl.where(k_coll, p_on.to(tl.int32), res_p)
+    k_done = end_k & (~open_)
+    tau_d = tl.where(k_done, lo, tau_d)
+    to_p = k_done & p_on                      # the top_p search starts at [tau_k, max]
+    phase = tl.where(end_k, tl.where(to_p, 2, 0), phase)
+    hi = tl.where(to_p, m_run, hi)
+    cnt_gt = tl.where(to_p, 0, cnt_gt)
+    n = tl.where(to_p, 0, n)
+    total = tl.where(to_p, -1.0, total)
+
+    open_ = lo < hi
+    going = open_ & (cnt_lo - cnt_gt > C) & (n < MAX_PASSES)
+    end_p = (phase == 2) & (~going)
+    p_coll = end_p & open_
+    collect = tl.where(p_coll, 1, collect)
+    c_lo = tl.where(p_coll, lo, c_lo)
+    c_hi = tl.where(p_coll, hi, c_hi)
+    res_p = tl.where(p_coll, 1, res_p)
+    total_p = tl.where(p_coll, total, total_p)
+    tau_d = tl.where(end_p & (~open_), lo, tau_d)
+    phase = tl.where(end_p, 0, phase)
+    return phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p, total_p
+
+
+@triton.jit
+def _search_step(phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k,
+                 res_p, total_p, passes, pv, cnt, fm, amin, bmax, m_run, k32, p_frac, p_on,
+                 P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """Narrows the bracket from one pivot pass's per-pivot results, then settles.
+
+    The threshold is the largest present z' value v with F(v) >= target: F the count and
+    target top_k (phase 1), or F the mass and target top_p * F(lo on the phase's entry,
+    measured by its first pass: pivot 0 is lo) (phase 2). lo snaps up to the smallest
+    present value at or above the highest satisfied pivot, hi down to the largest
+    present value below the lowest unsatisfied one."""
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    j = tl.arange(0, P)
+    mass = phase == 2
+    f_lo = tl.reduce(tl.where(j == 0, fm, 0.0), None, _SUM)
+    total = tl.where(mass & (n == 0), f_lo, total)
+    sat = tl.where(mass, fm >= p_frac * total, cnt >= k32) | (pv == lo)
+    lo_pivot = tl.reduce(tl.where(sat, pv, ninf), None, _MAX)
+    sel = sat & (pv == lo_pivot)
+    new_lo = tl.reduce(tl.where(sel, amin, ninf), None, _MAX)
+    cnt_lo = tl.reduce(tl.where(sel, cnt, -1), None, _MAX)
+    unsat = ~sat
+    hi_pivot = tl.reduce(tl.where(unsat, pv, pinf), None, _MIN)
+    sel = unsat & (pv == hi_pivot)
+    any_unsat = tl.reduce(unsat.to(tl.int32), None, _MAX) > 0
+    hi = tl.where(any_unsat, tl.reduce(tl.where(sel, bmax, ninf), None, _MAX), hi)
+    cnt_gt = tl.where(any_unsat, tl.reduce(tl.where(sel, cnt, -1), None, _MAX), cnt_gt)
+    lo = new_lo
+    n += 1
+    passes += 1
+    phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p, total_p = (
+        _search_settle(phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi,
+                       res_k, res_p, total_p, m_run, p_on, C, MAX_PASSES))
+    return (phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
+            total_p, passes)
+# --------------------------------------------------------------------------- block steps, last pass
 
 @triton.jit
 def _pass1_step(z, zp, cols, group, lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag,
@@ -405,7 +509,130 @@ def _last_step(zp, cols, group, lane, do_collect, c_lo, c_hi, tau_d, m_run, min_
     return a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll
 
 
-# --------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _last_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, seg_stop, do_collect, c_lo,
+                  c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+                  BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, C: tl.constexpr):
+    """The last pass over the columns [seg_start, seg_stop): (count, mass, best Gumbel key
+    and its index) of the kept tokens above the bracket (or, with no bracket, of all kept
+    tokens), and the segment's first C bracket tokens in slots (value, index, key) with
+    their count."""
+    ninf: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
+    G: tl.constexpr = BLOCK // 4
+    grp0 = tl.arange(0, G)[:, None]
+    lane = tl.arange(0, 4)[None, :]
+    offs0 = grp0 * 4 + lane
+    s_val = tl.full([C], ninf, tl.float32)
+    s_idx = tl.full([C], 0, tl.int32)
+    s_key = tl.full([C], ninf, tl.float32)
+    n_coll = tl.full([], 0, tl.int32)
+    a_cnt = tl.zeros([G, 4], dtype=tl.int32)      # per lane: tokens above the bracket,
+    a_mass = tl.zeros([G, 4], dtype=tl.float32)   # their mass,
+    a_key = tl.full([G, 4], ninf, tl.float32)     # best key among them and its index
+    a_kidx = tl.full([G, 4], BIG, tl.int32)
+    full_end = seg_start + ((seg_stop - seg_start) // BLOCK) * BLOCK
+    for start in range(seg_start, full_end, BLOCK):
+        _, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, seg_stop, alpha, t_eff, BLOCK, False)
+        a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll = _last_step(
+            tl.reshape(zp, [G, 4]), start + offs0, (start // 4) + grp0, lane, do_collect,
+            c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+            a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll, BLOCK, LOG2_BLOCK, C)
+    if full_end < seg_stop:
+        _, zp = _block_logits(b_ptr, e_ptr, a_ptr, full_end, seg_stop, alpha, t_eff, BLOCK, True)
+        a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll = _last_step(
+            tl.reshape(zp, [G, 4]), full_end + offs0, (full_end // 4) + grp0, lane, do_collect,
+            c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+            a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll, BLOCK, LOG2_BLOCK, C)
+    key = tl.reduce(a_key, None, _MAX)
+    kidx = tl.reduce(tl.where(a_key == key, a_kidx, BIG), None, _MIN)
+    return (tl.reduce(a_cnt, None, _SUM), tl.reduce(a_mass, None, _SUM), key, kidx, s_val, s_idx,
+            s_key, n_coll)
+
+
+@triton.jit
+def _merge_last(cnt_a, mass_a, key_a, kidx_a, val_a, idx_a, skey_a, n_a,
+                cnt_b, mass_b, key_b, kidx_b, val_b, idx_b, skey_b, n_b, C: tl.constexpr):
+    """Folds segment b's last-pass results into a's (the columns before b's): b's slots
+    go after a's (the first C bracket tokens of the row in column order), ties of the
+    best key keep a's lower index."""
+    slot = tl.arange(0, C)
+    pos = slot - n_a
+    fill = (pos >= 0) & (pos < n_b)
+    src = tl.where(fill, pos, 0)
+    val = tl.where(fill, tl.gather(val_b, src, 0), val_a)
+    idx = tl.where(fill, tl.gather(idx_b, src, 0), idx_a)
+    skey = tl.where(fill, tl.gather(skey_b, src, 0), skey_a)
+    take = key_b > key_a
+    return (cnt_a + cnt_b, mass_a + mass_b, tl.where(take, key_b, key_a),
+            tl.where(take, kidx_b, kidx_a), val, idx, skey, n_a + n_b)
+
+
+@triton.jit
+def _last_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, do_collect, c_lo, c_hi, tau_d,
+               m_run, min_p, seed_lo, seed_hi, step_lo, step_hi, SEG: tl.constexpr,
+               BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, C: tl.constexpr):
+    """The last pass over the whole row by one program, segment by segment (as staged)."""
+    ninf: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
+    cnt = tl.full([], 0, tl.int32)
+    mass = tl.full([], 0.0, tl.float32)
+    key = tl.full([], ninf, tl.float32)
+    kidx = tl.full([], BIG, tl.int32)
+    s_val = tl.full([C], ninf, tl.float32)
+    s_idx = tl.full([C], 0, tl.int32)
+    s_key = tl.full([C], ninf, tl.float32)
+    n_coll = tl.full([], 0, tl.int32)
+    for seg in range(0, n_seg):
+        seg_start = seg * SEG
+        cnt_b, mass_b, key_b, kidx_b, val_b, idx_b, skey_b, n_b = _last_segment(
+            b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, tl.minimum(seg_start + SEG, vocab),
+            do_collect, c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+            BLOCK, LOG2_BLOCK, C)
+        cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll = _merge_last(
+            cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll,
+            cnt_b, mass_b, key_b, kidx_b, val_b, idx_b, skey_b, n_b, C)
+    return cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll
+
+
+@triton.jit
+def _resolve(do_collect, c_lo, tau_d, res_k, res_p, k32, p_frac, total_p, m_run, cnt_gt,
+             mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll, C: tl.constexpr):
+    """The exact thresholds among the <= C bracket tokens (C x C comparisons), then the
+    best key among the kept slots merged with the best above the bracket (lowest index
+    on ties). Returns (token, the final value threshold)."""
+    ninf: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
+    best_idx = tl.where(best_key > ninf, best_idx, 0)
+    tau = tau_d
+    if do_collect:
+        slot = tl.arange(0, C)
+        valid = slot < n_coll
+        w_s = tl.where(valid, tl.exp(s_val - m_run), 0.0)
+        ge = (s_val[None, :] >= s_val[:, None]) & valid[None, :]   # [i, j]: v_j >= v_i
+        cnt_ge = cnt_gt + tl.reduce(ge.to(tl.int32), 1, _SUM)          # count(z' >= v_i)
+        mass_ge = mass_gt + tl.reduce(tl.where(ge, w_s[None, :], 0.0), 1, _SUM)
+        tau = c_lo
+        if res_k != 0:
+            reach_k = valid & (cnt_ge >= k32)
+            tau = tl.maximum(c_lo, tl.reduce(tl.where(reach_k, s_val, ninf), None, _MAX))
+        if res_p != 0:
+            in_k = valid & (s_val >= tau)
+            total = tl.where(total_p >= 0.0, total_p,
+                             mass_gt + tl.reduce(tl.where(in_k, w_s, 0.0), None, _SUM))
+            target = p_frac * total
+            reach_p = in_k & (mass_ge >= target)
+            tau = tl.maximum(tau, tl.reduce(tl.where(reach_p, s_val, ninf), None, _MAX))
+        kept = valid & (s_val >= tau)
+        ckey = tl.where(kept, s_key, ninf)
+        cbest = tl.reduce(ckey, None, _MAX)
+        cidx = tl.reduce(tl.where(kept & (ckey == cbest), s_idx, BIG), None, _MIN)
+        take = (cbest > best_key) | ((cbest == best_key) & (cidx < best_idx))
+        best_idx = tl.where(take, cidx, best_idx)
+    return best_idx, tau
+# --------------------------------------------------------------------------- row parameters, pass 1
 
 @triton.jit
 def _row_params(alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row,
@@ -429,14 +656,15 @@ def _row_params(alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, 
     # Filters as the reference applies them (a NaN top_p / min_p counts as active).
     k_may = sampling & (top_k > 0) & (top_k < vocab)
     p_on = sampling & (~(top_p >= 1.0))
+    p_frac = tl.where(top_p > 0.0, top_p, 0.0)   # NaN / <= 0: the max alone
     m_on = sampling & (~(min_p <= 0.0))
     draw = sampling & (~k_may) & (~p_on) & (~m_on)
-    return (alpha, temp, top_k, top_p, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
+    return (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
             sampling, t_eff, k_may, p_on, m_on, draw)
 
 
 @triton.jit
-def _segment_stats(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, seg_start, seg_stop, draw,
+def _segment_stats(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, seg_stop, draw,
                    seed_lo, seed_hi, step_lo, step_hi, BLOCK: tl.constexpr):
     """Pass 1 over the columns [seg_start, seg_stop) of a row, its lanes reduced:
     (max z', sum exp(z' - max), lowest argmax, count at the max, smallest finite z',
@@ -462,13 +690,13 @@ def _segment_stats(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, seg_start, seg_stop
     # Full blocks without a mask, then the tail (so any vocabulary keeps vector loads).
     full_end = seg_start + ((seg_stop - seg_start) // BLOCK) * BLOCK
     for start in range(seg_start, full_end, BLOCK):
-        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, BLOCK, False)
+        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, seg_stop, alpha, t_eff, BLOCK, False)
         l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx = _pass1_step(
             tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), start + offs0, (start // 4) + grp0,
             lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx,
             draw, seed_lo, seed_hi, step_lo, step_hi)
     if full_end < seg_stop:
-        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, full_end, vocab, alpha, t_eff, BLOCK, True)
+        z, zp = _block_logits(b_ptr, e_ptr, a_ptr, full_end, seg_stop, alpha, t_eff, BLOCK, True)
         l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag, l_key, l_kidx = _pass1_step(
             tl.reshape(z, [G, 4]), tl.reshape(zp, [G, 4]), full_end + offs0,
             (full_end // 4) + grp0, lane, l_max, l_sum, l_arg, l_cnt, l_min, l_fin, l_flag,
@@ -509,69 +737,15 @@ def _merge_stats(m_a, s_a, arg_a, cnt_a, mn_a, nfin_a, fl_a, key_a, kidx_a,
             tl.where(take, key_b, key_a), tl.where(take, kidx_b, kidx_a))
 
 
-@triton.jit(do_not_specialize=["vocab", "n_seg"])
-def _segment_kernel(
-        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
-        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
-        ws_f_ptr, ws_i_ptr, vocab, n_seg, BLOCK: tl.constexpr, SEG: tl.constexpr):
-    """Split pass 1: program (segment, row) writes the segment's stats (small batches)."""
-    seg = tl.program_id(0)
-    row = tl.program_id(1)
-    row64 = row.to(tl.int64)
-    (alpha, temp, top_k, top_p, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy, sampling,
-     t_eff, k_may, p_on, m_on, draw) = _row_params(alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr,
-                                                   min_p_ptr, seed_ptr, step_ptr, row, vocab)
-    seg_start = seg * SEG
-    m, sm, arg, cnt, mn, nfin, fl, key, kidx = _segment_stats(
-        base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
-        anti_ptr + row64 * stride_anti, alpha, t_eff, vocab, seg_start,
-        tl.minimum(seg_start + SEG, vocab), draw, seed_lo, seed_hi, step_lo, step_hi, BLOCK)
-    slot = row64 * n_seg + seg
-    tl.store(ws_f_ptr + slot * 4 + 0, m)
-    tl.store(ws_f_ptr + slot * 4 + 1, sm)
-    tl.store(ws_f_ptr + slot * 4 + 2, mn)
-    tl.store(ws_f_ptr + slot * 4 + 3, key)
-    tl.store(ws_i_ptr + slot * 5 + 0, arg.to(tl.int64))
-    tl.store(ws_i_ptr + slot * 5 + 1, cnt.to(tl.int64))
-    tl.store(ws_i_ptr + slot * 5 + 2, nfin.to(tl.int64))
-    tl.store(ws_i_ptr + slot * 5 + 3, fl)
-    tl.store(ws_i_ptr + slot * 5 + 4, kidx.to(tl.int64))
-
-
-# vocab is not specialized (one compilation for every vocabulary: full blocks need no
-# mask, so its divisibility does not matter); the row strides are (16-byte aligned rows
-# keep vector loads), as are the pointers' alignments.
-@triton.jit(do_not_specialize=["vocab", "n_seg"])
-def _proxy_sample_kernel(
-        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
-        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
-        tokens_ptr, logprobs_ptr, lse_ptr, status_ptr, debug_ptr, ws_f_ptr, ws_i_ptr, vocab,
-        n_seg, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
-        P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr, DEBUG: tl.constexpr,
-        SEG: tl.constexpr, SPLIT: tl.constexpr):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
-    b_ptr = base_ptr + row64 * stride_base
-    e_ptr = expert_ptr + row64 * stride_expert
-    a_ptr = anti_ptr + row64 * stride_anti
-
-    (alpha, temp, top_k, top_p, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy, sampling,
-     t_eff, k_may, p_on, m_on, draw_in_pass1) = _row_params(
-        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
-
+@triton.jit
+def _pass1(b_ptr, e_ptr, a_ptr, ws_f_ptr, ws_i_ptr, row64, alpha, t_eff, vocab, n_seg, draw,
+           seed_lo, seed_hi, step_lo, step_hi, SPLIT: tl.constexpr, SEG: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """Pass 1 of a row, its segments folded in column order: computed by this program, or
+    (SPLIT) read from _segment_kernel's workspace -- the same numbers either way."""
     pinf: tl.constexpr = float("inf")
     ninf: tl.constexpr = float("-inf")
     BIG: tl.constexpr = 2147483647
-    G: tl.constexpr = BLOCK // 4
-    grp0 = tl.arange(0, G)[:, None]
-    lane = tl.arange(0, 4)[None, :]
-    offs0 = grp0 * 4 + lane                                   # (G, 4), token order
-    n_full = vocab - vocab % BLOCK                            # columns in full blocks
-
-    # ---------------------------------------------------------------- pass 1
-    # Segment by segment (SEG columns, from the vocabulary alone), folded in order: by
-    # this program, or (SPLIT, small batches) read from _segment_kernel's workspace --
-    # the same numbers either way, so a row's result never depends on its batch.
     m_run = tl.full([], ninf, tl.float32)
     s_run = tl.full([], 0.0, tl.float32)
     arg_max = tl.full([], BIG, tl.int32)
@@ -596,12 +770,23 @@ def _proxy_sample_kernel(
         else:
             seg_start = seg * SEG
             m_b, s_b, arg_b, cnt_b, mn_b, nfin_b, fl_b, key_b, kidx_b = _segment_stats(
-                b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, seg_start,
-                tl.minimum(seg_start + SEG, vocab), draw_in_pass1, seed_lo, seed_hi, step_lo,
-                step_hi, BLOCK)
+                b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, tl.minimum(seg_start + SEG, vocab),
+                draw, seed_lo, seed_hi, step_lo, step_hi, BLOCK)
         m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx = (
             _merge_stats(m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key,
                          best_idx, m_b, s_b, arg_b, cnt_b, mn_b, nfin_b, fl_b, key_b, kidx_b))
+    return m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx
+
+
+@triton.jit
+def _plan(b_ptr, e_ptr, a_ptr, alpha, temp, top_k, p_frac, greedy, sampling, k_may, p_on, draw,
+          vocab, m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx,
+          BLOCK: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """From pass 1 to the row's plan: status, the overflow rule, lse, the pass-1 token
+    (greedy, or Gumbel-max without filters), and the threshold search's initial state."""
+    pinf: tl.constexpr = float("inf")
+    ninf: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
     arg_max = tl.where(arg_max == BIG, 0, arg_max)
     nonfinite = flag_cnt & 0x1FFFFF
     any_z = (flag_cnt >> 21) & 0x1FFFFF
@@ -610,7 +795,7 @@ def _proxy_sample_kernel(
     status = tl.where(nonfinite > 0, _STATUS_NONFINITE, 0) | tl.where(any_z > 0, 0, _STATUS_EMPTY)
     ok = status == 0
     # The overflow rule: a good sampled row whose max z / T is +-inf is sampled as greedy
-    # (one more pass, over z). Rare: T tiny against the logits.
+    # (one more pass, over z, by this program). Rare: T tiny against the logits.
     overflow = sampling & ok & (tl.abs(m_run) == pinf)
     if overflow:
         m_run, s_run, arg_max = _greedy_stats(b_ptr, e_ptr, a_ptr, alpha, vocab, BLOCK)
@@ -620,109 +805,357 @@ def _proxy_sample_kernel(
     lse = m_run + tl.log(s_run)
     lse = tl.where(m_run == pinf, pinf, tl.where(m_run == ninf, ninf, lse))
     lse = tl.where(nan_zp > 0, float("nan"), lse)
-
-    passes = tl.full([], 1, tl.int32)
-    tau = tl.full([], ninf, tl.float32)
-    if ok & sampling & (~draw_in_pass1):
-        # ------------------------------------------------------ threshold search
-        k_on = k_may & (top_k < n_fin)
-        k32 = tl.where(k_on, top_k, 1).to(tl.int32)
-        p_frac = tl.where(top_p > 0.0, top_p, 0.0)   # NaN / <= 0: the max alone
-        tau_d = tl.full([], ninf, tl.float32)        # threshold when nothing is left open
-        collect = tl.full([], 0, tl.int32)           # last pass resolves [c_lo, c_hi]
-        c_lo = tl.full([], ninf, tl.float32)
-        c_hi = tl.full([], pinf, tl.float32)
-        res_k = tl.full([], 0, tl.int32)
-        res_p = tl.full([], 0, tl.int32)
-        total_p = tl.full([], -1.0, tl.float32)      # top_p mass base, -1: in the last pass
-        if (p_on & (p_frac * s_run <= n_at_max.to(tl.float32))) | (k_on & (k32 <= n_at_max)):
-            tau_d = m_run                            # the tokens at the max suffice
-        else:
-            cnt_lo = n_fin
-            if k_on:
-                lo_k, hi_k, cnt_lo, _gt, _t, n_k = _pivot_search(
-                    b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, m_run, min_fin, m_run, n_fin, k32,
-                    p_frac, p_on, False, SBLOCK, P, C, MAX_PASSES)
-                passes += n_k
-                if lo_k < hi_k:
-                    collect = 1
-                    c_lo = lo_k
-                    c_hi = tl.where(p_on, pinf, hi_k)  # with top_p: all tokens >= lo_k
-                    res_k = 1
-                    res_p = p_on.to(tl.int32)
-                else:
-                    tau_d = lo_k
-            if p_on & (collect == 0):
-                lo_p0 = tl.where(k_on, tau_d, min_fin)
-                lo_p, hi_p, _cl, _gt, total_p, n_p = _pivot_search(
-                    b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, m_run, lo_p0, m_run, cnt_lo,
-                    total_p, p_frac, False, True, SBLOCK, P, C, MAX_PASSES)
-                passes += n_p
-                if lo_p < hi_p:
-                    collect = 1
-                    c_lo = lo_p
-                    c_hi = hi_p
-                    res_p = 1
-                else:
-                    tau_d = lo_p
-
-        # ---------------------------------------------------------- last pass
-        passes += 1
-        do_collect = collect != 0
-        slot = tl.arange(0, C)
-        s_val = tl.full([C], ninf, tl.float32)
-        s_idx = tl.full([C], 0, tl.int32)
-        s_key = tl.full([C], ninf, tl.float32)
-        n_coll = tl.full([], 0, tl.int32)
-        a_cnt = tl.zeros([G, 4], dtype=tl.int32)      # per lane: tokens above the bracket,
-        a_mass = tl.zeros([G, 4], dtype=tl.float32)   # their mass,
-        a_key = tl.full([G, 4], ninf, tl.float32)     # best key among them and its index
-        a_kidx = tl.full([G, 4], BIG, tl.int32)
-        for start in range(0, n_full, BLOCK):
-            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, start, vocab, alpha, t_eff, BLOCK, False)
-            a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll = _last_step(
-                tl.reshape(zp, [G, 4]), start + offs0, (start // 4) + grp0, lane, do_collect,
-                c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
-                a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll, BLOCK, LOG2_BLOCK, C)
-        if n_full < vocab:
-            _, zp = _block_logits(b_ptr, e_ptr, a_ptr, n_full, vocab, alpha, t_eff, BLOCK, True)
-            a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll = _last_step(
-                tl.reshape(zp, [G, 4]), n_full + offs0, (n_full // 4) + grp0, lane, do_collect,
-                c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
-                a_cnt, a_mass, a_key, a_kidx, s_val, s_idx, s_key, n_coll, BLOCK, LOG2_BLOCK, C)
-        cnt_gt = tl.reduce(a_cnt, None, _SUM)
-        mass_gt = tl.reduce(a_mass, None, _SUM)
-        best_key = tl.reduce(a_key, None, _MAX)
-        best_idx = tl.reduce(tl.where(a_key == best_key, a_kidx, BIG), None, _MIN)
-        best_idx = tl.where(best_key > ninf, best_idx, 0)
-
-        tau = tau_d
-        if do_collect:
-            valid = slot < n_coll
-            w_s = tl.where(valid, tl.exp(s_val - m_run), 0.0)
-            ge = (s_val[None, :] >= s_val[:, None]) & valid[None, :]   # [i, j]: v_j >= v_i
-            cnt_ge = cnt_gt + tl.reduce(ge.to(tl.int32), 1, _SUM)          # count(z' >= v_i)
-            mass_ge = mass_gt + tl.reduce(tl.where(ge, w_s[None, :], 0.0), 1, _SUM)
-            tau = c_lo
-            if res_k != 0:
-                reach_k = valid & (cnt_ge >= k32)
-                tau = tl.maximum(c_lo, tl.reduce(tl.where(reach_k, s_val, ninf), None, _MAX))
-            if res_p != 0:
-                in_k = valid & (s_val >= tau)
-                total = tl.where(total_p >= 0.0, total_p,
-                                 mass_gt + tl.reduce(tl.where(in_k, w_s, 0.0), None, _SUM))
-                target = p_frac * total
-                reach_p = in_k & (mass_ge >= target)
-                tau = tl.maximum(tau, tl.reduce(tl.where(reach_p, s_val, ninf), None, _MAX))
-            kept = valid & (s_val >= tau)
-            ckey = tl.where(kept, s_key, ninf)
-            cbest = tl.reduce(ckey, None, _MAX)
-            cidx = tl.reduce(tl.where(kept & (ckey == cbest), s_idx, BIG), None, _MIN)
-            take = (cbest > best_key) | ((cbest == best_key) & (cidx < best_idx))
-            best_idx = tl.where(take, cidx, best_idx)
-            best_key = tl.maximum(best_key, cbest)
-
     token = tl.where(greedy, arg_max, best_idx)
+
+    # The threshold search (rows with top_k and/or top_p), in phases (_search_settle).
+    need_last = ok & sampling & (~draw)
+    k_on = k_may & (top_k < n_fin)
+    k32 = tl.where(k_on, top_k, 1).to(tl.int32)
+    # The tokens tied at the max already reach k or the top_p mass: no search.
+    quick = (p_on & (p_frac * s_run <= n_at_max.to(tl.float32))) | (k_on & (k32 <= n_at_max))
+    searching = need_last & (~quick)
+    phase = tl.where(searching & k_on, 1, tl.where(searching & p_on, 2, 0)).to(tl.int32)
+    tau_d = tl.where(need_last & quick, m_run, ninf)
+    zero = tl.full([], 0, tl.int32)
+    phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p, total_p = (
+        _search_settle(phase, min_fin, m_run, n_fin, zero, tl.full([], -1.0, tl.float32), zero,
+                       tau_d, zero, tl.full([], ninf, tl.float32), tl.full([], pinf, tl.float32),
+                       zero, zero, tl.full([], -1.0, tl.float32), m_run, p_on, C, MAX_PASSES))
+    return (m_run, lse, t_eff, token, status, greedy, need_last, k32, phase, lo, hi,
+            cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p, total_p)
+
+
+# --------------------------------------------------------------------------- kernels
+
+# The state workspace of the staged kernels: per row, _STATE_F floats and _STATE_I int32
+# at these offsets (_store_state's order).
+_STATE_F = tl.constexpr(10)
+_SF_M_RUN, _SF_T_EFF, _SF_LO, _SF_HI, _SF_TAU_D, _SF_C_LO, _SF_C_HI = (
+    tl.constexpr(0), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4), tl.constexpr(6),
+    tl.constexpr(7), tl.constexpr(8))
+_STATE_I = tl.constexpr(13)
+_SI_NEED_LAST, _SI_PHASE, _SI_COLLECT = tl.constexpr(3), tl.constexpr(5), tl.constexpr(9)
+
+
+@triton.jit
+def _store_state(st_f_ptr, st_i_ptr, row64, m_run, lse, t_eff, lo, hi, total, tau_d, c_lo, c_hi,
+                 total_p, token, status, greedy, need_last, k32, phase, cnt_lo, cnt_gt, n,
+                 collect, res_k, res_p, passes):
+    f = st_f_ptr + row64 * _STATE_F
+    tl.store(f + 0, m_run)
+    tl.store(f + 1, lse)
+    tl.store(f + 2, t_eff)
+    tl.store(f + 3, lo)
+    tl.store(f + 4, hi)
+    tl.store(f + 5, total)
+    tl.store(f + 6, tau_d)
+    tl.store(f + 7, c_lo)
+    tl.store(f + 8, c_hi)
+    tl.store(f + 9, total_p)
+    i = st_i_ptr + row64 * _STATE_I
+    tl.store(i + 0, token.to(tl.int32))
+    tl.store(i + 1, status.to(tl.int32))
+    tl.store(i + 2, greedy.to(tl.int32))
+    tl.store(i + 3, need_last.to(tl.int32))
+    tl.store(i + 4, k32.to(tl.int32))
+    tl.store(i + 5, phase.to(tl.int32))
+    tl.store(i + 6, cnt_lo.to(tl.int32))
+    tl.store(i + 7, cnt_gt.to(tl.int32))
+    tl.store(i + 8, n.to(tl.int32))
+    tl.store(i + 9, collect.to(tl.int32))
+    tl.store(i + 10, res_k.to(tl.int32))
+    tl.store(i + 11, res_p.to(tl.int32))
+    tl.store(i + 12, passes.to(tl.int32))
+
+
+@triton.jit
+def _load_state(st_f_ptr, st_i_ptr, row64):
+    """The row state _store_state wrote (flags as int32; test them with != 0)."""
+    f = st_f_ptr + row64 * _STATE_F
+    i = st_i_ptr + row64 * _STATE_I
+    return (tl.load(f + 0), tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4),
+            tl.load(f + 5), tl.load(f + 6), tl.load(f + 7), tl.load(f + 8), tl.load(f + 9),
+            tl.load(i + 0), tl.load(i + 1), tl.load(i + 2), tl.load(i + 3), tl.load(i + 4),
+            tl.load(i + 5), tl.load(i + 6), tl.load(i + 7), tl.load(i + 8), tl.load(i + 9),
+            tl.load(i + 10), tl.load(i + 11), tl.load(i + 12))
+
+
+@triton.jit
+def _last_fold(sg_f_ptr, sg_i_ptr, row64, n_seg, SG_F: tl.constexpr, SG_I: tl.constexpr,
+               C: tl.constexpr):
+    """The staged last pass's per-segment results (from _last_segment_kernel) folded in
+    column order, as _last_pass folds them."""
+    ninf: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
+    cj = tl.arange(0, C)
+    cnt = tl.full([], 0, tl.int32)
+    mass = tl.full([], 0.0, tl.float32)
+    key = tl.full([], ninf, tl.float32)
+    kidx = tl.full([], BIG, tl.int32)
+    s_val = tl.full([C], ninf, tl.float32)
+    s_idx = tl.full([C], 0, tl.int32)
+    s_key = tl.full([C], ninf, tl.float32)
+    n_coll = tl.full([], 0, tl.int32)
+    for seg in range(0, n_seg):
+        f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
+        i = sg_i_ptr + (row64 * n_seg + seg) * SG_I
+        cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll = _merge_last(
+            cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll,
+            tl.load(i + 0), tl.load(f + 0), tl.load(f + 1), tl.load(i + 1), tl.load(f + 2 + cj),
+            tl.load(i + 3 + cj), tl.load(f + 2 + C + cj), tl.load(i + 2), C)
+    return cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll
+
+
+# Every kernel takes the same arguments up to the sizes (unused ones are ignored):
+# the row inputs and parameters, the pass-1 workspace (ws_*, per (row, segment)), the
+# staged kernels' state (st_*, per row) and per-segment results (sg_*, per (row,
+# segment): a pivot pass's counts, masses, bounds or a last pass's aggregates and slots).
+# vocab and n_seg are not specialized (one compilation for every vocabulary: full blocks
+# need no mask); the row strides are (16-byte aligned rows keep vector loads), as are
+# the pointers' alignments.
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _segment_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
+        BLOCK: tl.constexpr, SEG: tl.constexpr):
+    """Split pass 1: program (segment, row) writes the segment's stats (small batches)."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
+     sampling, t_eff, k_may, p_on, m_on, draw) = _row_params(
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
+    seg_start = seg * SEG
+    m, sm, arg, cnt, mn, nfin, fl, key, kidx = _segment_stats(
+        base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
+        anti_ptr + row64 * stride_anti, alpha, t_eff, seg_start,
+        tl.minimum(seg_start + SEG, vocab), draw, seed_lo, seed_hi, step_lo, step_hi, BLOCK)
+    slot = row64 * n_seg + seg
+    tl.store(ws_f_ptr + slot * 4 + 0, m)
+    tl.store(ws_f_ptr + slot * 4 + 1, sm)
+    tl.store(ws_f_ptr + slot * 4 + 2, mn)
+    tl.store(ws_f_ptr + slot * 4 + 3, key)
+    tl.store(ws_i_ptr + slot * 5 + 0, arg.to(tl.int64))
+    tl.store(ws_i_ptr + slot * 5 + 1, cnt.to(tl.int64))
+    tl.store(ws_i_ptr + slot * 5 + 2, nfin.to(tl.int64))
+    tl.store(ws_i_ptr + slot * 5 + 3, fl)
+    tl.store(ws_i_ptr + slot * 5 + 4, kidx.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _plan_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
+        BLOCK: tl.constexpr, SEG: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """Staged: a row's pass-1 segments folded, its plan written to the state workspace."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    b_ptr = base_ptr + row64 * stride_base
+    e_ptr = expert_ptr + row64 * stride_expert
+    a_ptr = anti_ptr + row64 * stride_anti
+    (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
+     sampling, t_eff, k_may, p_on, m_on, draw) = _row_params(
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
+    m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx = _pass1(
+        b_ptr, e_ptr, a_ptr, ws_f_ptr, ws_i_ptr, row64, alpha, t_eff, vocab, n_seg, draw,
+        seed_lo, seed_hi, step_lo, step_hi, True, SEG, BLOCK)
+    (m_run, lse, t_eff, token, status, greedy, need_last, k32, phase, lo, hi, cnt_lo, cnt_gt,
+     total, n, tau_d, collect, c_lo, c_hi, res_k, res_p, total_p) = _plan(
+        b_ptr, e_ptr, a_ptr, alpha, temp, top_k, p_frac, greedy, sampling, k_may, p_on, draw,
+        vocab, m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx,
+        BLOCK, C, MAX_PASSES)
+    _store_state(st_f_ptr, st_i_ptr, row64, m_run, lse, t_eff, lo, hi, total, tau_d, c_lo, c_hi,
+                 total_p, token, status, greedy, need_last, k32, phase, cnt_lo, cnt_gt, n,
+                 collect, res_k, res_p, tl.full([], 1, tl.int32))
+
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _pivot_segment_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
+        SEG: tl.constexpr, SBLOCK: tl.constexpr, SROWS: tl.constexpr, P: tl.constexpr,
+        SG_F: tl.constexpr, SG_I: tl.constexpr):
+    """Staged: program (segment, row) runs a searching row's pivot pass over its segment."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    phase = tl.load(st_i_ptr + row64 * _STATE_I + _SI_PHASE)
+    if phase != 0:
+        f = st_f_ptr + row64 * _STATE_F
+        m_run = tl.load(f + _SF_M_RUN)
+        t_eff = tl.load(f + _SF_T_EFF)
+        pv = _pivots(tl.load(f + _SF_LO), tl.load(f + _SF_HI), P)
+        alpha = tl.load(alpha_ptr + row).to(tl.float32)
+        b_ptr = base_ptr + row64 * stride_base
+        e_ptr = expert_ptr + row64 * stride_expert
+        a_ptr = anti_ptr + row64 * stride_anti
+        seg_start = seg * SEG
+        seg_stop = tl.minimum(seg_start + SEG, vocab)
+        if phase == 2:
+            cnt, fm, amin, bmax = _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
+                                                 seg_stop, pv, m_run, True, SBLOCK, SROWS, P)
+        else:
+            cnt, fm, amin, bmax = _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
+                                                 seg_stop, pv, m_run, False, SBLOCK, SROWS, P)
+        pj = tl.arange(0, P)
+        out_f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
+        tl.store(out_f + pj, fm)
+        tl.store(out_f + P + pj, amin)
+        tl.store(out_f + 2 * P + pj, bmax)
+        tl.store(sg_i_ptr + (row64 * n_seg + seg) * SG_I + pj, cnt)
+
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _pivot_fold_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
+        P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr, SG_F: tl.constexpr,
+        SG_I: tl.constexpr):
+    """Staged: a searching row's pivot-pass segments folded in order, its search advanced."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    (m_run, lse, t_eff, lo, hi, total, tau_d, c_lo, c_hi, total_p, token, status, greedy,
+     need_last, k32, phase, cnt_lo, cnt_gt, n, collect, res_k, res_p, passes) = _load_state(
+        st_f_ptr, st_i_ptr, row64)
+    if phase != 0:
+        (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy_p,
+         sampling, t_p, k_may, p_on, m_on, draw) = _row_params(
+            alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
+        pinf: tl.constexpr = float("inf")
+        ninf: tl.constexpr = float("-inf")
+        pj = tl.arange(0, P)
+        cnt = tl.zeros([P], dtype=tl.int32)
+        fm = tl.zeros([P], dtype=tl.float32)
+        amin = tl.full([P], pinf, tl.float32)
+        bmax = tl.full([P], ninf, tl.float32)
+        for seg in range(0, n_seg):
+            f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
+            cnt += tl.load(sg_i_ptr + (row64 * n_seg + seg) * SG_I + pj)
+            fm += tl.load(f + pj)
+            amin = tl.minimum(amin, tl.load(f + P + pj))
+            bmax = tl.maximum(bmax, tl.load(f + 2 * P + pj))
+        (phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
+         total_p, passes) = _search_step(
+            phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
+            total_p, passes, _pivots(lo, hi, P), cnt, fm, amin, bmax, m_run, k32, p_frac, p_on,
+            P, C, MAX_PASSES)
+        _store_state(st_f_ptr, st_i_ptr, row64, m_run, lse, t_eff, lo, hi, total, tau_d, c_lo,
+                     c_hi, total_p, token, status, greedy, need_last, k32, phase, cnt_lo, cnt_gt,
+                     n, collect, res_k, res_p, passes)
+
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _last_segment_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
+        SEG: tl.constexpr, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, C: tl.constexpr,
+        SG_F: tl.constexpr, SG_I: tl.constexpr):
+    """Staged: program (segment, row) runs the last pass over its segment for a row whose
+    search is over (a row still searching finishes in _proxy_sample_kernel)."""
+    seg = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    st_i = st_i_ptr + row64 * _STATE_I
+    if (tl.load(st_i + _SI_NEED_LAST) != 0) & (tl.load(st_i + _SI_PHASE) == 0):
+        (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
+         sampling, t_p, k_may, p_on, m_on, draw) = _row_params(
+            alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
+        f = st_f_ptr + row64 * _STATE_F
+        seg_start = seg * SEG
+        cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll = _last_segment(
+            base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
+            anti_ptr + row64 * stride_anti, alpha, tl.load(f + _SF_T_EFF), seg_start,
+            tl.minimum(seg_start + SEG, vocab), tl.load(st_i + _SI_COLLECT) != 0,
+            tl.load(f + _SF_C_LO), tl.load(f + _SF_C_HI), tl.load(f + _SF_TAU_D),
+            tl.load(f + _SF_M_RUN), min_p, seed_lo, seed_hi, step_lo, step_hi, BLOCK, LOG2_BLOCK, C)
+        cj = tl.arange(0, C)
+        out_f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
+        out_i = sg_i_ptr + (row64 * n_seg + seg) * SG_I
+        tl.store(out_f + 0, mass)
+        tl.store(out_f + 1, key)
+        tl.store(out_f + 2 + cj, s_val)
+        tl.store(out_f + 2 + C + cj, s_key)
+        tl.store(out_i + 0, cnt)
+        tl.store(out_i + 1, kidx)
+        tl.store(out_i + 2, n_coll)
+        tl.store(out_i + 3 + cj, s_idx)
+
+
+@triton.jit(do_not_specialize=["vocab", "n_seg"])
+def _proxy_sample_kernel(
+        base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+        ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
+        tokens_ptr, logprobs_ptr, lse_ptr, status_ptr, debug_ptr,
+        BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+        SROWS: tl.constexpr, P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr,
+        DEBUG: tl.constexpr, SEG: tl.constexpr, SPLIT: tl.constexpr, STAGED: tl.constexpr,
+        SG_F: tl.constexpr, SG_I: tl.constexpr):
+    """A row's result. Unstaged: pass 1 (SPLIT: folded from _segment_kernel's results),
+    the plan, the search and the last pass, all by this program. STAGED: from the state
+    the staged kernels left; a search still open is finished here, as is its last pass."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    b_ptr = base_ptr + row64 * stride_base
+    e_ptr = expert_ptr + row64 * stride_expert
+    a_ptr = anti_ptr + row64 * stride_anti
+    (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
+     sampling, t_eff, k_may, p_on, m_on, draw) = _row_params(
+        alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
+    if STAGED:
+        (m_run, lse, t_eff, lo, hi, total, tau_d, c_lo, c_hi, total_p, token, status, greedy,
+         need_last, k32, phase, cnt_lo, cnt_gt, n, collect, res_k, res_p, passes) = _load_state(
+            st_f_ptr, st_i_ptr, row64)
+        need_last = need_last != 0
+        staged_last = phase == 0            # _last_segment_kernel ran for this row
+    else:
+        m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx = _pass1(
+            b_ptr, e_ptr, a_ptr, ws_f_ptr, ws_i_ptr, row64, alpha, t_eff, vocab, n_seg, draw,
+            seed_lo, seed_hi, step_lo, step_hi, SPLIT, SEG, BLOCK)
+        (m_run, lse, t_eff, token, status, greedy, need_last, k32, phase, lo, hi, cnt_lo,
+         cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p, total_p) = _plan(
+            b_ptr, e_ptr, a_ptr, alpha, temp, top_k, p_frac, greedy, sampling, k_may, p_on, draw,
+            vocab, m_run, s_run, arg_max, n_at_max, min_fin, n_fin, flag_cnt, best_key, best_idx,
+            BLOCK, C, MAX_PASSES)
+        passes = tl.full([], 1, tl.int32)
+        staged_last = phase < 0             # never: there were no staged kernels
+
+    # ------------------------------------------------ the threshold search (what is left)
+    while phase != 0:
+        pv = _pivots(lo, hi, P)
+        if phase == 2:
+            cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, pv,
+                                              m_run, True, SEG, SBLOCK, SROWS, P)
+        else:
+            cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, pv,
+                                              m_run, False, SEG, SBLOCK, SROWS, P)
+        (phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
+         total_p, passes) = _search_step(
+            phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
+            total_p, passes, pv, cnt, fm, amin, bmax, m_run, k32, p_frac, p_on, P, C, MAX_PASSES)
+
+    # ---------------------------------------------------------------- the last pass
+    tau = tl.full([], float("-inf"), tl.float32)
+    if need_last:
+        do_collect = collect != 0
+        if staged_last:
+            cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll = _last_fold(
+                sg_f_ptr, sg_i_ptr, row64, n_seg, SG_F, SG_I, C)
+        else:
+            cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll = _last_pass(
+                b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, do_collect, c_lo, c_hi, tau_d,
+                m_run, min_p, seed_lo, seed_hi, step_lo, step_hi, SEG, BLOCK, LOG2_BLOCK, C)
+        token, tau = _resolve(do_collect, c_lo, tau_d, res_k, res_p, k32, p_frac, total_p, m_run,
+                              cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll, C)
+        passes += 1
+
+    ok = status == 0
     token = tl.where(ok, token, -1)
     # logprob = z'[token] - lse (column 0 for a bad row, like the reference's gather).
     tok_col = tl.maximum(token, 0)
@@ -738,6 +1171,9 @@ def _proxy_sample_kernel(
 
 # --------------------------------------------------------------------------- launcher
 
+_MAX_PASSES = 48  # pivot passes per threshold at most (a bound for NaN rows)
+
+
 def _interpreting() -> bool:
     """Whether the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     return type(_proxy_sample_kernel).__name__ == "InterpretedFunction"
@@ -746,34 +1182,98 @@ def _interpreting() -> bool:
 def default_config(device: torch.device | None = None, vocab_size: int | None = None) -> dict:
     """Launch parameters.
 
-    BLOCK: columns per step of pass 1 and the last pass; SBLOCK: of a pivot pass;
-    P: pivots per pivot pass; C: bracket slots of the last pass; num_warps;
-    SEG_BLOCKS: blocks per pass-1 segment; SPLIT_MAX_BATCH: up to this batch (and with
-    more than one segment) pass 1 runs as one program per (segment, row).
-    Under the interpreter every block costs Python overhead, so it takes the row in
-    a few large blocks; on a GPU the (SBLOCK, P) pivot tiles must fit in registers.
-    Every value here may depend on the vocabulary, never on the batch (invariance).
+    BLOCK: columns per step of pass 1 and the last pass; SBLOCK x SROWS: columns per step
+    of a pivot pass (SBLOCK accumulator slots, each folding SROWS columns within a
+    thread); P: pivots per pivot pass; C: bracket slots of the last pass; num_warps;
+    SEG_BLOCKS: blocks per segment, the unit every pass is computed and folded in;
+    SPLIT_MAX_BATCH: up to this batch (and with more than one segment) pass 1 runs as
+    one program per (segment, row), and when a row may filter the search is staged too:
+    STAGED_ROUNDS pivot passes and the last pass as (segment, row) programs, each
+    followed by the row's fold (a search still open after them finishes in the row's
+    program). Under the interpreter every block costs Python overhead, so it takes the
+    row in a few large blocks; on a GPU the (SBLOCK, P) pivot accumulators must fit in
+    registers. Every value may depend on the vocabulary, never on the batch (invariance).
     """
     if _interpreting():
         whole = triton.next_power_of_2(max(int(vocab_size or 1), 16))
-        return dict(BLOCK=min(whole, 32768), SBLOCK=min(whole, 32768), P=32, C=64, num_warps=4,
-                    SEG_BLOCKS=1, SPLIT_MAX_BATCH=16)
-    return dict(BLOCK=2048, SBLOCK=128, P=32, C=64, num_warps=8, SEG_BLOCKS=2, SPLIT_MAX_BATCH=16)
+        return dict(BLOCK=min(whole, 32768), SBLOCK=min(whole, 32768), SROWS=1, P=32, C=64,
+                    num_warps=4, SEG_BLOCKS=1, SPLIT_MAX_BATCH=16, STAGED_ROUNDS=2)
+    return dict(BLOCK=2048, SBLOCK=32, SROWS=16, P=32, C=64, num_warps=8, SEG_BLOCKS=2,
+                SPLIT_MAX_BATCH=16, STAGED_ROUNDS=2)
+
+
+def launch_plan(batch: int, vocab_size: int, cfg: dict, *, may_filter: bool = True,
+                debug: bool = False) -> dict:
+    """What a call runs: ``kernels`` [(kernel, grid, constexprs)] in launch order, the
+    segment count ``n_seg`` and the ``workspace`` buffers in the kernels' argument order,
+    each (elements, dtype) (0 elements: unused).
+
+    ``cfg`` is a full :func:`default_config` (plus ``split`` / ``staged`` overrides).
+    Used by the launcher and by the offline compile check (benchmarks/triton_sm90_check.py).
+    """
+    for name in ("BLOCK", "SBLOCK", "P", "C"):
+        if cfg[name] < 4 or cfg[name] & (cfg[name] - 1):
+            raise ValueError(f"{name} must be a power of two >= 4, got {cfg[name]}")
+    if cfg["SROWS"] < 1 or cfg["SROWS"] & (cfg["SROWS"] - 1):
+        raise ValueError(f"SROWS must be a power of two, got {cfg['SROWS']}")
+    B = batch
+    seg = cfg["SEG_BLOCKS"] * cfg["BLOCK"]
+    n_seg = -(-vocab_size // seg)
+    split = cfg.get("split", "auto")
+    if split == "auto":
+        split = n_seg > 1 and B <= cfg["SPLIT_MAX_BATCH"]
+    split = bool(split) and B <= 65535  # (the grid's second dimension)
+    staged = cfg.get("staged", "auto")
+    if staged == "auto":
+        staged = may_filter and cfg["STAGED_ROUNDS"] > 0
+    staged = bool(staged) and split
+    P, C, block = cfg["P"], cfg["C"], cfg["BLOCK"]
+    log2_block = block.bit_length() - 1
+    sg_f, sg_i = max(3 * P, 2 + 2 * C), max(P, 3 + C)  # per (row, segment)
+    sizes = dict(SG_F=sg_f, SG_I=sg_i)
+    kernels = []
+    if split:
+        kernels.append((_segment_kernel, (n_seg, B), dict(BLOCK=block, SEG=seg)))
+    if staged:
+        kernels.append((_plan_kernel, (B,), dict(BLOCK=block, SEG=seg, C=C,
+                                                 MAX_PASSES=_MAX_PASSES)))
+        for _ in range(cfg["STAGED_ROUNDS"]):
+            kernels.append((_pivot_segment_kernel, (n_seg, B), dict(
+                SEG=seg, SBLOCK=cfg["SBLOCK"], SROWS=cfg["SROWS"], P=P, **sizes)))
+            kernels.append((_pivot_fold_kernel, (B,), dict(P=P, C=C, MAX_PASSES=_MAX_PASSES,
+                                                           **sizes)))
+        kernels.append((_last_segment_kernel, (n_seg, B), dict(
+            SEG=seg, BLOCK=block, LOG2_BLOCK=log2_block, C=C, **sizes)))
+    kernels.append((_proxy_sample_kernel, (B,), dict(
+        BLOCK=block, LOG2_BLOCK=log2_block, SBLOCK=cfg["SBLOCK"], SROWS=cfg["SROWS"], P=P, C=C,
+        MAX_PASSES=_MAX_PASSES, DEBUG=debug, SEG=seg, SPLIT=split, STAGED=staged, **sizes)))
+    # In the kernels' argument order: (elements, dtype).
+    workspace = dict(ws_f=(B * n_seg * 4 if split else 0, torch.float32),
+                     ws_i=(B * n_seg * 5 if split else 0, torch.int64),
+                     st_f=(B * _STATE_F.value if staged else 0, torch.float32),
+                     st_i=(B * _STATE_I.value if staged else 0, torch.int32),
+                     sg_f=(B * n_seg * sg_f if staged else 0, torch.float32),
+                     sg_i=(B * n_seg * sg_i if staged else 0, torch.int32))
+    return dict(kernels=kernels, n_seg=n_seg, workspace=workspace)
 
 
 def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step,
-                        vocab_size: int, *, config: dict | None = None,
+                        vocab_size: int, *, may_filter: bool = True, config: dict | None = None,
                         debug: bool = False):
     """Triton backend of ``proxykern::proxy_sample`` (semantics: :mod:`proxykern.reference`).
 
     ``base``/``expert``/``anti``: (B, >= vocab_size) fp32/bf16/fp16 with unit column
     stride (any row stride, dtypes may differ); the parameters are (B,) tensors
     (alpha, temperature, top_p, min_p float32; top_k, seed, step int64). Returns
-    ``(tokens int64, logprobs float32, lse float32, status int32)``, each (B,). One
-    launch on the current stream (two at small batch: pass 1 split by segments), no
-    host sync (CUDA-graph capturable). ``config`` overrides :func:`default_config`
-    (``split=True/False`` forces the split; the results are the same bits either way). ``debug=True`` appends a (B, 2)
-    float32 tensor: the passes over the inputs each row took and its final value
+    ``(tokens int64, logprobs float32, lse float32, status int32)``, each (B,). No host
+    sync (CUDA-graph capturable): one launch on the current stream at large batch; at
+    small batch pass 1 is split by segments (two launches) and, unless ``may_filter`` is
+    False (the caller knows no row has top_k / top_p / min_p active), the search and
+    last pass are staged (``4 + 2 * STAGED_ROUNDS`` launches). ``may_filter`` only picks
+    the launches: a wrong False gives the same results, found by one program per row.
+    ``config`` overrides :func:`default_config` (``split`` / ``staged`` = True / False
+    force those; the results are the same bits either way). ``debug=True`` appends a
+    (B, 2) float32 tensor: the passes over the inputs each row took and its final value
     threshold (kept: ``z' >= threshold``, with ``min_p`` on top; -inf: none).
     """
     B = base.shape[0]
@@ -803,34 +1303,22 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
     cfg = default_config(device, vocab_size)
     if config:
         cfg.update(config)
-    for name in ("BLOCK", "SBLOCK", "P", "C"):
-        if cfg[name] < 4 or cfg[name] & (cfg[name] - 1):
-            raise ValueError(f"{name} must be a power of two >= 4, got {cfg[name]}")
+    plan = launch_plan(B, vocab_size, cfg, may_filter=may_filter, debug=debug)
     launch = dict(num_warps=cfg["num_warps"])
     if not _interpreting():
         launch["enable_fp_fusion"] = False  # keep b + alpha * (e - a) rounded twice
-    seg = cfg["SEG_BLOCKS"] * cfg["BLOCK"]
-    n_seg = -(-vocab_size // seg)
-    split = cfg.get("split", "auto")
-    if split == "auto":
-        split = n_seg > 1 and B <= cfg["SPLIT_MAX_BATCH"]
-    split = bool(split) and B <= 65535  # (the grid's second dimension)
-    ws_f = torch.empty(B * n_seg * 4 if split else 1, dtype=torch.float32, device=device)
-    ws_i = torch.empty(B * n_seg * 5 if split else 1, dtype=torch.int64, device=device)
-    row_args = (base, expert, anti, base.stride(0), expert.stride(0), anti.stride(0),
-                param(alpha, torch.float32), param(temperature, torch.float32),
-                param(top_k, torch.int64), param(top_p, torch.float32), param(min_p, torch.float32),
-                param(seed, torch.int64), param(step, torch.int64))
-    consts = dict(BLOCK=cfg["BLOCK"], LOG2_BLOCK=cfg["BLOCK"].bit_length() - 1,
-                  SBLOCK=cfg["SBLOCK"], P=cfg["P"], C=cfg["C"], MAX_PASSES=48, DEBUG=debug,
-                  SEG=seg, SPLIT=split)
+    workspaces = tuple(torch.empty(max(1, n), dtype=dtype, device=device)
+                       for n, dtype in plan["workspace"].values())
+    common = (base, expert, anti, base.stride(0), expert.stride(0), anti.stride(0),
+              param(alpha, torch.float32), param(temperature, torch.float32),
+              param(top_k, torch.int64), param(top_p, torch.float32), param(min_p, torch.float32),
+              param(seed, torch.int64), param(step, torch.int64), *workspaces,
+              vocab_size, plan["n_seg"])
 
     def run():
-        if split:
-            _segment_kernel[(n_seg, B)](*row_args, ws_f, ws_i, vocab_size, n_seg,
-                                        BLOCK=cfg["BLOCK"], SEG=seg, **launch)
-        _proxy_sample_kernel[(B,)](*row_args, tokens, logprobs, lse, status, dbg, ws_f, ws_i,
-                                   vocab_size, n_seg, **consts, **launch)
+        for kernel, grid, consts in plan["kernels"]:
+            extra = (tokens, logprobs, lse, status, dbg) if kernel is _proxy_sample_kernel else ()
+            kernel[grid](*common, *extra, **consts, **launch)
 
     if device.type == "cuda":
         with torch.cuda.device(device):

@@ -178,20 +178,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     raise AssertionError("the torch backend is always available")
 
 
-def _run_native(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size):
+def _run_native(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size,
+                may_filter):
     return torch.ops.proxykern.fused_sample(base, expert, anti, alpha, temperature, top_k, top_p,
                                             min_p, seed, step, vocab_size)
 
 
 def _run_triton(*args):
-    return _triton_kernels().proxy_sample_triton(*args)
+    *args, may_filter = args
+    return _triton_kernels().proxy_sample_triton(*args, may_filter=may_filter)
+
+
+def _run_reference(*args):
+    return reference.proxy_sample_reference(*args[:-1])
 
 
 _BACKEND_IMPLS = {
     "cuda": _run_native,
     "cpu": _run_native,
     "triton": _run_triton,
-    "torch": reference.proxy_sample_reference,
+    "torch": _run_reference,
 }
 
 
@@ -199,11 +205,14 @@ _BACKEND_IMPLS = {
 def _proxy_sample_op(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
                      alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                      top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-                     step: torch.Tensor, vocab_size: int, backend: str
+                     step: torch.Tensor, vocab_size: int, backend: str, may_filter: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered op on validated inputs: (tokens, logprobs, lse, status)."""
+    """The registered op on validated inputs: (tokens, logprobs, lse, status).
+
+    ``may_filter`` (see :func:`may_filter`) only chooses how the Triton backend launches.
+    """
     return _BACKEND_IMPLS[backend](base, expert, anti, alpha, temperature, top_k, top_p, min_p,
-                                   seed, step, vocab_size)
+                                   seed, step, vocab_size, may_filter)
 
 
 _proxy_sample_op.register_fake(_fake_sample)
@@ -327,17 +336,38 @@ def row_params(sampling: dict, B: int, device: torch.device) -> dict:
             for name, value in sampling.items()}
 
 
+def may_filter(sampling: dict, vocab_size: int) -> bool:
+    """Whether a row may have top_k, top_p or min_p active, from the parameters as given
+    (numbers or tensors; missing ones take the op's defaults). False only when the
+    numbers rule it out (temperature 0, or every filter off); a tensor counts as
+    "may". It picks the Triton backend's launches (filters staged across programs at
+    small batch, or not), never a result."""
+    def number(name, default):
+        value = sampling.get(name, default)
+        return None if isinstance(value, torch.Tensor) else value
+
+    temperature = number("temperature", 0.0)
+    if temperature is not None and temperature == 0:
+        return False
+    top_k, top_p, min_p = number("top_k", 0), number("top_p", 1.0), number("min_p", 0.0)
+    filters_off = (top_k is not None and (top_k <= 0 or top_k >= vocab_size)
+                   and top_p is not None and top_p >= 1.0
+                   and min_p is not None and min_p <= 0.0)
+    return not filters_off
+
+
 def sample_rows(base, expert, anti, params: dict, step: torch.Tensor, vocab_size: int,
-                backend: str):
+                backend: str, filters: bool = True):
     """The decode step's entry to the op: no checks, no host sync, no parameter tensors built.
 
     ``params`` from :func:`row_params`, ``step`` a (B,) int64 tensor, ``backend``
-    resolved, logits with unit stride along the vocabulary. Returns
-    (tokens, logprobs, lse, status); a bad row has token -1 and status != 0.
+    resolved, logits with unit stride along the vocabulary, ``filters`` from
+    :func:`may_filter`. Returns (tokens, logprobs, lse, status); a bad row has token -1
+    and status != 0.
     """
     return torch.ops.proxykern.proxy_sample(
         base, expert, anti, params["alpha"], params["temperature"], params["top_k"],
-        params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend)
+        params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend, filters)
 
 
 def _is_capturing(device: torch.device) -> bool:
@@ -391,7 +421,7 @@ def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0
 
     tokens, logprobs, lse, status = sample_rows(
         unit_stride(base_logits), unit_stride(expert_logits), unit_stride(anti_logits),
-        params, params["step"], int(vocab_size), resolved)
+        params, params["step"], int(vocab_size), resolved, may_filter(given, int(vocab_size)))
     flags = _bad_param_flags(tensor_params)
     if flags is not None:
         status = status | flags

@@ -363,12 +363,15 @@ def test_auto_skips_a_cuda_kernel_built_for_another_architecture(monkeypatch):
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton is not available")
 @pytest.mark.parametrize("vocab,cfg", [
-    (96, dict(BLOCK=64, SBLOCK=32)), (1000, dict(BLOCK=64, SBLOCK=32, SEG_BLOCKS=3)),
-    (1000, dict(BLOCK=256, SBLOCK=16, P=8, C=16)), (4099, dict(BLOCK=1024, SBLOCK=512))])
+    (96, dict(BLOCK=64, SBLOCK=32)), (1000, dict(BLOCK=64, SBLOCK=8, SROWS=4, SEG_BLOCKS=3)),
+    (1000, dict(BLOCK=256, SBLOCK=16, SROWS=2, P=8, C=16, STAGED_ROUNDS=1)),
+    (4099, dict(BLOCK=1024, SBLOCK=128, SROWS=4))])
 def test_triton_full_blocks_then_tail(vocab, cfg):
-    """Small blocks: unmasked full blocks, a masked tail (or none), several pivot passes,
-    pass 1 in segments (split across programs or not: the same bits). The same tokens
-    as the reference, lse and logprobs within tolerance."""
+    """Small blocks: unmasked full blocks, a masked tail (or none), pivot passes folding
+    several columns per slot, several segments. One program per row, pass 1 split across
+    programs, and the search staged across programs (some rows still searching when the
+    staged rounds end) give the same bits; the same tokens as the reference, lse and
+    logprobs within tolerance."""
     from proxykern.kernels import proxy_sample_triton as pst
     batch = 4
     inputs = random_logits(batch, vocab, torch.float32, seed=vocab, width=vocab + 5)
@@ -382,12 +385,73 @@ def test_triton_full_blocks_then_tail(vocab, cfg):
                   torch.full((batch,), full["min_p"]), torch.arange(batch, dtype=torch.long) * 31 + 5,
                   torch.full((batch,), 3, dtype=torch.long))
         ref = reference.proxy_sample_reference(*inputs, *params, vocab)
-        got = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(cfg, split=True))
-        if name in ("temperature", "all", "slow"):
-            whole = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(cfg, split=False))
-            for a, b in zip(got, whole):
-                assert torch.equal(a, b), name
+        got = pst.proxy_sample_triton(*inputs, *params, vocab, debug=True,
+                                      config=dict(cfg, split=True, staged=True))
+        for launch in (dict(split=False), dict(split=True, staged=False)):
+            other = pst.proxy_sample_triton(*inputs, *params, vocab, debug=True,
+                                            config=dict(cfg, **launch))
+            for a, b in zip(got, other):
+                assert torch.equal(a, b), (name, launch)
         assert torch.equal(got[3], ref[3]), name
         assert torch.equal(got[0], ref[0]), (name, got[0].tolist(), ref[0].tolist())
         torch.testing.assert_close(got[2], ref[2], rtol=2e-5, atol=2e-4)
         torch.testing.assert_close(got[1], ref[1], rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton is not available")
+def test_triton_staged_search_resumes_in_the_row_program():
+    """A search still open after the staged rounds (0, 1 or many rounds) is finished by
+    the row's own program: the same bits as never staging, and the rows did need more
+    pivot passes than the staged rounds gave them."""
+    from proxykern.kernels import proxy_sample_triton as pst
+    batch, vocab = 3, 2000
+    inputs = random_logits(batch, vocab, torch.float32, seed=5)
+    params = (torch.full((batch,), 1.0), torch.full((batch,), 1.0),
+              torch.tensor([300, 0, 40]), torch.tensor([0.95, 0.9, 1.0]), torch.zeros(batch),
+              torch.arange(batch, dtype=torch.long), torch.full((batch,), 7, dtype=torch.long))
+    cfg = dict(BLOCK=128, SBLOCK=16, SROWS=2, P=8, C=16, SEG_BLOCKS=4)
+    whole = pst.proxy_sample_triton(*inputs, *params, vocab, debug=True,
+                                    config=dict(cfg, split=False))
+    assert (whole[4][:, 0] > 3).all(), whole[4]  # more than one pivot pass: rounds matter
+    for rounds in (0, 1, 6):
+        staged = pst.proxy_sample_triton(*inputs, *params, vocab, debug=True,
+                                         config=dict(cfg, split=True, staged=True,
+                                                     STAGED_ROUNDS=rounds))
+        for a, b in zip(staged, whole):
+            assert torch.equal(a, b), rounds
+    ref = reference.proxy_sample_reference(*inputs, *params, vocab)
+    assert torch.equal(whole[0], ref[0])
+
+
+def test_may_filter_rule():
+    """The launch hint: False only when the numbers rule every filter out."""
+    V = 100
+    assert not ops.may_filter({}, V)                                  # defaults: greedy
+    assert not ops.may_filter(dict(temperature=0.0, top_p=0.5), V)    # greedy ignores filters
+    assert not ops.may_filter(dict(temperature=0.7), V)
+    assert not ops.may_filter(dict(temperature=0.7, top_k=V, top_p=1.0, min_p=0.0), V)
+    assert ops.may_filter(dict(temperature=0.7, top_k=50), V)
+    assert ops.may_filter(dict(temperature=0.7, top_p=0.9), V)
+    assert ops.may_filter(dict(temperature=0.7, min_p=0.1), V)
+    assert ops.may_filter(dict(temperature=torch.zeros(2)), V) is False  # no filter either way
+    assert ops.may_filter(dict(temperature=torch.ones(2), top_p=torch.ones(2)), V)  # unknown
+    assert ops.may_filter(dict(temperature=0.7, top_k=torch.zeros(2, dtype=torch.long)), V)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton is not available")
+def test_triton_gets_the_filter_hint(monkeypatch):
+    """proxy_sample tells the Triton launcher whether a row may filter."""
+    from proxykern.kernels import proxy_sample_triton as pst
+    seen = []
+    real = pst.proxy_sample_triton
+
+    def spy(*args, may_filter, **kwargs):
+        seen.append(may_filter)
+        return real(*args, may_filter=may_filter, **kwargs)
+
+    monkeypatch.setattr(pst, "proxy_sample_triton", spy)
+    inputs = random_logits(2, 64, torch.float32, seed=2)
+    for kwargs in (dict(), dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
+                   dict(temperature=0.8, top_k=torch.tensor([0, 0]))):
+        proxykern.proxy_sample(*inputs, backend="triton", **kwargs)
+    assert seen == [False, False, True, True]

@@ -114,19 +114,27 @@ def test_overflow_rule():
 
 
 @pytest.mark.parametrize("vocab", [32000, 151936])
-def test_split_pass_one_gives_the_same_bits(vocab):
-    """Small batches split pass 1 across programs; large ones do not: the same bits."""
+def test_split_and_staged_give_the_same_bits(vocab):
+    """Small batches split pass 1 across programs and stage the search (pivot passes and
+    the last pass as (segment, row) programs); large batches do neither: the same bits.
+    Rows: greedy, plain, top_k, top_p, both (top_p 0.99 at T 1.5 needs several passes)."""
     from proxykern.kernels import proxy_sample_triton as pst
     batch, d = 20, "cuda"
     inputs = gpu_logits(batch, vocab, torch.bfloat16, seed=77)
     params = (torch.full((batch,), 1.1, device=d), torch.linspace(0.0, 1.5, batch, device=d),
-              torch.tensor([0, 50] * (batch // 2), device=d), torch.full((batch,), 0.9, device=d),
+              torch.tensor([0, 50, 0, 400] * (batch // 4), device=d),
+              torch.tensor([1.0, 1.0, 0.9, 0.99] * (batch // 4), device=d),
               torch.zeros(batch, device=d), torch.arange(batch, device=d) + 9,
               torch.full((batch,), 4, device=d))
-    split = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(split=True))
-    whole = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(split=False))
-    for a, b in zip(split, whole):
-        assert torch.equal(a, b)
-    alone = pst.proxy_sample_triton(*(t[3:4] for t in inputs), *(p[3:4] for p in params), vocab)
-    for a, b in zip(alone, whole):  # batch 1 splits by default, batch 20 does not
-        assert torch.equal(a[0], b[3])
+    whole = pst.proxy_sample_triton(*inputs, *params, vocab, config=dict(split=False), debug=True)
+    for launch in (dict(split=True, staged=False), dict(split=True, staged=True),
+                   dict(split=True, staged=True, STAGED_ROUNDS=0),
+                   dict(split=True, staged=True, STAGED_ROUNDS=8)):
+        got = pst.proxy_sample_triton(*inputs, *params, vocab, config=launch, debug=True)
+        for a, b in zip(got, whole):
+            assert torch.equal(a, b), launch
+    for row in (3, 6, 19):  # batch 1 splits and stages by default, batch 20 does neither
+        alone = pst.proxy_sample_triton(*(t[row:row + 1] for t in inputs),
+                                        *(p[row:row + 1] for p in params), vocab)
+        for a, b in zip(alone, whole):
+            assert torch.equal(a[0], b[row]), row

@@ -78,6 +78,7 @@ class ProxyStep:
         self._warm = False
 
         self.params = ops.row_params(args.sampling, B, dev)
+        self.may_filter = ops.may_filter(args.sampling, self.vocab_size)  # launches only
         self.backend = args.backend
         self.step_rows = torch.zeros(B, dtype=torch.long, device=dev)   # RNG step of every row
         self.column = torch.zeros(1, dtype=torch.long, device=dev)      # the same, as an index
@@ -102,7 +103,7 @@ class ProxyStep:
     def _sample(self, logits) -> None:
         """Draw token t from the three logit rows and record it (device only)."""
         tok, lp, _, status = ops.sample_rows(*logits, self.params, self.step_rows,
-                                             self.vocab_size, self.backend)
+                                             self.vocab_size, self.backend, self.may_filter)
         finished = self.finished
         self.status.bitwise_or_(status.masked_fill(finished, 0))  # a finished row's garbage is ignored
         token = torch.where(finished, self.pad, tok)
