@@ -357,17 +357,17 @@ def may_filter(sampling: dict, vocab_size: int) -> bool:
 
 
 def sample_rows(base, expert, anti, params: dict, step: torch.Tensor, vocab_size: int,
-                backend: str, filters: bool = True):
+                backend: str, may_filter: bool = True):
     """The decode step's entry to the op: no checks, no host sync, no parameter tensors built.
 
     ``params`` from :func:`row_params`, ``step`` a (B,) int64 tensor, ``backend``
-    resolved, logits with unit stride along the vocabulary, ``filters`` from
-    :func:`may_filter`. Returns (tokens, logprobs, lse, status); a bad row has token -1
+    resolved, logits with unit stride along the vocabulary, ``may_filter`` from
+    :func:`may_filter` (the function of that name). Returns (tokens, logprobs, lse, status); a bad row has token -1
     and status != 0.
     """
     return torch.ops.proxykern.proxy_sample(
         base, expert, anti, params["alpha"], params["temperature"], params["top_k"],
-        params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend, filters)
+        params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend, may_filter)
 
 
 def _is_capturing(device: torch.device) -> bool:
