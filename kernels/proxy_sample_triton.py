@@ -338,22 +338,48 @@ def _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, seg_stop, pv, r
 
 
 @triton.jit
-def _pivot_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, pv, row_max,
-                MASS: tl.constexpr, SEG: tl.constexpr, SBLOCK: tl.constexpr,
-                SROWS: tl.constexpr, P: tl.constexpr):
-    """A pivot pass over the whole row by one program: segment by segment, folded in
-    order -- the arithmetic of the staged kernels, so the bits do not depend on the batch."""
+def _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti, row64):
+    """The row's three logit pointers."""
+    return (base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
+            anti_ptr + row64 * stride_anti)
+
+
+@triton.jit
+def _segment_ws(sg_f_ptr, sg_i_ptr, row64, n_seg, seg, SG_F: tl.constexpr, SG_I: tl.constexpr):
+    """The (float, int32) workspace regions of one (row, segment) result of the staged
+    kernels. A pivot pass: floats [mass (P) | smallest >= pivot (P) | largest < pivot
+    (P)], ints [count (P)]. A last pass: floats [mass, key, slot values (C), slot keys
+    (C)], ints [count, key index, slots used, slot indices (C)]."""
+    slot = row64 * n_seg + seg
+    return sg_f_ptr + slot * SG_F, sg_i_ptr + slot * SG_I
+
+
+@triton.jit
+def _pivot_pass(b_ptr, e_ptr, a_ptr, sg_f_ptr, sg_i_ptr, row64, alpha, t_eff, vocab, n_seg, pv,
+                row_max, from_ws, MASS: tl.constexpr, SEG: tl.constexpr, SBLOCK: tl.constexpr,
+                SROWS: tl.constexpr, P: tl.constexpr, SG_F: tl.constexpr, SG_I: tl.constexpr):
+    """A pivot pass's per-pivot results for the whole row, segment by segment folded in
+    order: each segment computed by this program, or (``from_ws``) read from
+    _pivot_segment_kernel's results -- the same numbers either way."""
     pinf: tl.constexpr = float("inf")
     ninf: tl.constexpr = float("-inf")
+    pj = tl.arange(0, P)
     cnt = tl.zeros([P], dtype=tl.int32)
     fm = tl.zeros([P], dtype=tl.float32)
     amin = tl.full([P], pinf, tl.float32)
     bmax = tl.full([P], ninf, tl.float32)
     for seg in range(0, n_seg):
-        seg_start = seg * SEG
-        c_s, f_s, a_s, b_s = _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
-                                            tl.minimum(seg_start + SEG, vocab), pv, row_max,
-                                            MASS, SBLOCK, SROWS, P)
+        if from_ws:
+            f, i = _segment_ws(sg_f_ptr, sg_i_ptr, row64, n_seg, seg, SG_F, SG_I)
+            c_s = tl.load(i + pj)
+            f_s = tl.load(f + pj)
+            a_s = tl.load(f + P + pj)
+            b_s = tl.load(f + 2 * P + pj)
+        else:
+            seg_start = seg * SEG
+            c_s, f_s, a_s, b_s = _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
+                                                tl.minimum(seg_start + SEG, vocab), pv, row_max,
+                                                MASS, SBLOCK, SROWS, P)
         cnt += c_s
         fm += f_s
         amin = tl.minimum(amin, a_s)
@@ -571,12 +597,16 @@ def _merge_last(cnt_a, mass_a, key_a, kidx_a, val_a, idx_a, skey_a, n_a,
 
 
 @triton.jit
-def _last_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, do_collect, c_lo, c_hi, tau_d,
-               m_run, min_p, seed_lo, seed_hi, step_lo, step_hi, SEG: tl.constexpr,
-               BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr, C: tl.constexpr):
-    """The last pass over the whole row by one program, segment by segment (as staged)."""
+def _last_pass(b_ptr, e_ptr, a_ptr, sg_f_ptr, sg_i_ptr, row64, alpha, t_eff, vocab, n_seg,
+               from_ws, do_collect, c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo,
+               step_hi, SEG: tl.constexpr, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr,
+               C: tl.constexpr, SG_F: tl.constexpr, SG_I: tl.constexpr):
+    """The last pass's results for the whole row, segment by segment folded in column
+    order: each segment computed by this program, or (``from_ws``) read from
+    _last_segment_kernel's results -- the same numbers either way."""
     ninf: tl.constexpr = float("-inf")
     BIG: tl.constexpr = 2147483647
+    cj = tl.arange(0, C)
     cnt = tl.full([], 0, tl.int32)
     mass = tl.full([], 0.0, tl.float32)
     key = tl.full([], ninf, tl.float32)
@@ -586,11 +616,22 @@ def _last_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, do_collect, c_lo
     s_key = tl.full([C], ninf, tl.float32)
     n_coll = tl.full([], 0, tl.int32)
     for seg in range(0, n_seg):
-        seg_start = seg * SEG
-        cnt_b, mass_b, key_b, kidx_b, val_b, idx_b, skey_b, n_b = _last_segment(
-            b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, tl.minimum(seg_start + SEG, vocab),
-            do_collect, c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
-            BLOCK, LOG2_BLOCK, C)
+        if from_ws:
+            f, i = _segment_ws(sg_f_ptr, sg_i_ptr, row64, n_seg, seg, SG_F, SG_I)
+            mass_b = tl.load(f + 0)
+            key_b = tl.load(f + 1)
+            val_b = tl.load(f + 2 + cj)
+            skey_b = tl.load(f + 2 + C + cj)
+            cnt_b = tl.load(i + 0)
+            kidx_b = tl.load(i + 1)
+            n_b = tl.load(i + 2)
+            idx_b = tl.load(i + 3 + cj)
+        else:
+            seg_start = seg * SEG
+            cnt_b, mass_b, key_b, kidx_b, val_b, idx_b, skey_b, n_b = _last_segment(
+                b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start, tl.minimum(seg_start + SEG, vocab),
+                do_collect, c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo, step_hi,
+                BLOCK, LOG2_BLOCK, C)
         cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll = _merge_last(
             cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll,
             cnt_b, mass_b, key_b, kidx_b, val_b, idx_b, skey_b, n_b, C)
@@ -880,32 +921,6 @@ def _load_state(st_f_ptr, st_i_ptr, row64):
             tl.load(i + 10), tl.load(i + 11), tl.load(i + 12))
 
 
-@triton.jit
-def _last_fold(sg_f_ptr, sg_i_ptr, row64, n_seg, SG_F: tl.constexpr, SG_I: tl.constexpr,
-               C: tl.constexpr):
-    """The staged last pass's per-segment results (from _last_segment_kernel) folded in
-    column order, as _last_pass folds them."""
-    ninf: tl.constexpr = float("-inf")
-    BIG: tl.constexpr = 2147483647
-    cj = tl.arange(0, C)
-    cnt = tl.full([], 0, tl.int32)
-    mass = tl.full([], 0.0, tl.float32)
-    key = tl.full([], ninf, tl.float32)
-    kidx = tl.full([], BIG, tl.int32)
-    s_val = tl.full([C], ninf, tl.float32)
-    s_idx = tl.full([C], 0, tl.int32)
-    s_key = tl.full([C], ninf, tl.float32)
-    n_coll = tl.full([], 0, tl.int32)
-    for seg in range(0, n_seg):
-        f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
-        i = sg_i_ptr + (row64 * n_seg + seg) * SG_I
-        cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll = _merge_last(
-            cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll,
-            tl.load(i + 0), tl.load(f + 0), tl.load(f + 1), tl.load(i + 1), tl.load(f + 2 + cj),
-            tl.load(i + 3 + cj), tl.load(f + 2 + C + cj), tl.load(i + 2), C)
-    return cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll
-
-
 # Every kernel takes the same arguments up to the sizes (unused ones are ignored):
 # the row inputs and parameters, the pass-1 workspace (ws_*, per (row, segment)), the
 # staged kernels' state (st_*, per row) and per-segment results (sg_*, per (row,
@@ -928,9 +943,10 @@ def _segment_kernel(
      sampling, t_eff, k_may, p_on, m_on, draw) = _row_params(
         alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
     seg_start = seg * SEG
+    b_ptr, e_ptr, a_ptr = _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert,
+                                    stride_anti, row64)
     m, sm, arg, cnt, mn, nfin, fl, key, kidx = _segment_stats(
-        base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
-        anti_ptr + row64 * stride_anti, alpha, t_eff, seg_start,
+        b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
         tl.minimum(seg_start + SEG, vocab), draw, seed_lo, seed_hi, step_lo, step_hi, BLOCK)
     slot = row64 * n_seg + seg
     tl.store(ws_f_ptr + slot * 4 + 0, m)
@@ -953,9 +969,8 @@ def _plan_kernel(
     """Staged: a row's pass-1 segments folded, its plan written to the state workspace."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    b_ptr = base_ptr + row64 * stride_base
-    e_ptr = expert_ptr + row64 * stride_expert
-    a_ptr = anti_ptr + row64 * stride_anti
+    b_ptr, e_ptr, a_ptr = _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert,
+                                    stride_anti, row64)
     (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
      sampling, t_eff, k_may, p_on, m_on, draw) = _row_params(
         alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
@@ -990,9 +1005,8 @@ def _pivot_segment_kernel(
         t_eff = tl.load(f + _SF_T_EFF)
         pv = _pivots(tl.load(f + _SF_LO), tl.load(f + _SF_HI), P)
         alpha = tl.load(alpha_ptr + row).to(tl.float32)
-        b_ptr = base_ptr + row64 * stride_base
-        e_ptr = expert_ptr + row64 * stride_expert
-        a_ptr = anti_ptr + row64 * stride_anti
+        b_ptr, e_ptr, a_ptr = _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base,
+                                        stride_expert, stride_anti, row64)
         seg_start = seg * SEG
         seg_stop = tl.minimum(seg_start + SEG, vocab)
         if phase == 2:
@@ -1002,11 +1016,11 @@ def _pivot_segment_kernel(
             cnt, fm, amin, bmax = _pivot_segment(b_ptr, e_ptr, a_ptr, alpha, t_eff, seg_start,
                                                  seg_stop, pv, m_run, False, SBLOCK, SROWS, P)
         pj = tl.arange(0, P)
-        out_f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
+        out_f, out_i = _segment_ws(sg_f_ptr, sg_i_ptr, row64, n_seg, seg, SG_F, SG_I)
         tl.store(out_f + pj, fm)
         tl.store(out_f + P + pj, amin)
         tl.store(out_f + 2 * P + pj, bmax)
-        tl.store(sg_i_ptr + (row64 * n_seg + seg) * SG_I + pj, cnt)
+        tl.store(out_i + pj, cnt)
 
 
 @triton.jit(do_not_specialize=["vocab", "n_seg"])
@@ -1014,8 +1028,8 @@ def _pivot_fold_kernel(
         base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert, stride_anti,
         alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
         ws_f_ptr, ws_i_ptr, st_f_ptr, st_i_ptr, sg_f_ptr, sg_i_ptr, vocab, n_seg,
-        P: tl.constexpr, C: tl.constexpr, MAX_PASSES: tl.constexpr, SG_F: tl.constexpr,
-        SG_I: tl.constexpr):
+        SEG: tl.constexpr, SBLOCK: tl.constexpr, SROWS: tl.constexpr, P: tl.constexpr,
+        C: tl.constexpr, MAX_PASSES: tl.constexpr, SG_F: tl.constexpr, SG_I: tl.constexpr):
     """Staged: a searching row's pivot-pass segments folded in order, its search advanced."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
@@ -1026,24 +1040,16 @@ def _pivot_fold_kernel(
         (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy_p,
          sampling, t_p, k_may, p_on, m_on, draw) = _row_params(
             alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
-        pinf: tl.constexpr = float("inf")
-        ninf: tl.constexpr = float("-inf")
-        pj = tl.arange(0, P)
-        cnt = tl.zeros([P], dtype=tl.int32)
-        fm = tl.zeros([P], dtype=tl.float32)
-        amin = tl.full([P], pinf, tl.float32)
-        bmax = tl.full([P], ninf, tl.float32)
-        for seg in range(0, n_seg):
-            f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
-            cnt += tl.load(sg_i_ptr + (row64 * n_seg + seg) * SG_I + pj)
-            fm += tl.load(f + pj)
-            amin = tl.minimum(amin, tl.load(f + P + pj))
-            bmax = tl.maximum(bmax, tl.load(f + 2 * P + pj))
+        pv = _pivots(lo, hi, P)
+        b_ptr, e_ptr, a_ptr = _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base,
+                                        stride_expert, stride_anti, row64)
+        cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, sg_f_ptr, sg_i_ptr, row64, alpha,
+                                          t_eff, vocab, n_seg, pv, m_run, True, False, SEG,
+                                          SBLOCK, SROWS, P, SG_F, SG_I)
         (phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
          total_p, passes) = _search_step(
             phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
-            total_p, passes, _pivots(lo, hi, P), cnt, fm, amin, bmax, m_run, k32, p_frac, p_on,
-            P, C, MAX_PASSES)
+            total_p, passes, pv, cnt, fm, amin, bmax, m_run, k32, p_frac, p_on, P, C, MAX_PASSES)
         _store_state(st_f_ptr, st_i_ptr, row64, m_run, lse, t_eff, lo, hi, total, tau_d, c_lo,
                      c_hi, total_p, token, status, greedy, need_last, k32, phase, cnt_lo, cnt_gt,
                      n, collect, res_k, res_p, passes)
@@ -1068,15 +1074,15 @@ def _last_segment_kernel(
             alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
         f = st_f_ptr + row64 * _STATE_F
         seg_start = seg * SEG
+        b_ptr, e_ptr, a_ptr = _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base,
+                                        stride_expert, stride_anti, row64)
         cnt, mass, key, kidx, s_val, s_idx, s_key, n_coll = _last_segment(
-            base_ptr + row64 * stride_base, expert_ptr + row64 * stride_expert,
-            anti_ptr + row64 * stride_anti, alpha, tl.load(f + _SF_T_EFF), seg_start,
+            b_ptr, e_ptr, a_ptr, alpha, tl.load(f + _SF_T_EFF), seg_start,
             tl.minimum(seg_start + SEG, vocab), tl.load(st_i + _SI_COLLECT) != 0,
             tl.load(f + _SF_C_LO), tl.load(f + _SF_C_HI), tl.load(f + _SF_TAU_D),
             tl.load(f + _SF_M_RUN), min_p, seed_lo, seed_hi, step_lo, step_hi, BLOCK, LOG2_BLOCK, C)
         cj = tl.arange(0, C)
-        out_f = sg_f_ptr + (row64 * n_seg + seg) * SG_F
-        out_i = sg_i_ptr + (row64 * n_seg + seg) * SG_I
+        out_f, out_i = _segment_ws(sg_f_ptr, sg_i_ptr, row64, n_seg, seg, SG_F, SG_I)
         tl.store(out_f + 0, mass)
         tl.store(out_f + 1, key)
         tl.store(out_f + 2 + cj, s_val)
@@ -1102,9 +1108,8 @@ def _proxy_sample_kernel(
     the staged kernels left; a search still open is finished here, as is its last pass."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    b_ptr = base_ptr + row64 * stride_base
-    e_ptr = expert_ptr + row64 * stride_expert
-    a_ptr = anti_ptr + row64 * stride_anti
+    b_ptr, e_ptr, a_ptr = _row_ptrs(base_ptr, expert_ptr, anti_ptr, stride_base, stride_expert,
+                                    stride_anti, row64)
     (alpha, temp, top_k, top_p, p_frac, min_p, seed_lo, seed_hi, step_lo, step_hi, greedy,
      sampling, t_eff, k_may, p_on, m_on, draw) = _row_params(
         alpha_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, row, vocab)
@@ -1130,11 +1135,13 @@ def _proxy_sample_kernel(
     while phase != 0:
         pv = _pivots(lo, hi, P)
         if phase == 2:
-            cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, pv,
-                                              m_run, True, SEG, SBLOCK, SROWS, P)
+            cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, sg_f_ptr, sg_i_ptr, row64,
+                                              alpha, t_eff, vocab, n_seg, pv, m_run, False, True,
+                                              SEG, SBLOCK, SROWS, P, SG_F, SG_I)
         else:
-            cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, pv,
-                                              m_run, False, SEG, SBLOCK, SROWS, P)
+            cnt, fm, amin, bmax = _pivot_pass(b_ptr, e_ptr, a_ptr, sg_f_ptr, sg_i_ptr, row64,
+                                              alpha, t_eff, vocab, n_seg, pv, m_run, False, False,
+                                              SEG, SBLOCK, SROWS, P, SG_F, SG_I)
         (phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
          total_p, passes) = _search_step(
             phase, lo, hi, cnt_lo, cnt_gt, total, n, tau_d, collect, c_lo, c_hi, res_k, res_p,
@@ -1144,13 +1151,10 @@ def _proxy_sample_kernel(
     tau = tl.full([], float("-inf"), tl.float32)
     if need_last:
         do_collect = collect != 0
-        if staged_last:
-            cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll = _last_fold(
-                sg_f_ptr, sg_i_ptr, row64, n_seg, SG_F, SG_I, C)
-        else:
-            cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll = _last_pass(
-                b_ptr, e_ptr, a_ptr, alpha, t_eff, vocab, n_seg, do_collect, c_lo, c_hi, tau_d,
-                m_run, min_p, seed_lo, seed_hi, step_lo, step_hi, SEG, BLOCK, LOG2_BLOCK, C)
+        cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll = _last_pass(
+            b_ptr, e_ptr, a_ptr, sg_f_ptr, sg_i_ptr, row64, alpha, t_eff, vocab, n_seg,
+            staged_last, do_collect, c_lo, c_hi, tau_d, m_run, min_p, seed_lo, seed_hi, step_lo,
+            step_hi, SEG, BLOCK, LOG2_BLOCK, C, SG_F, SG_I)
         token, tau = _resolve(do_collect, c_lo, tau_d, res_k, res_p, k32, p_frac, total_p, m_run,
                               cnt_gt, mass_gt, best_key, best_idx, s_val, s_idx, s_key, n_coll, C)
         passes += 1
@@ -1238,10 +1242,10 @@ def launch_plan(batch: int, vocab_size: int, cfg: dict, *, may_filter: bool = Tr
         kernels.append((_plan_kernel, (B,), dict(BLOCK=block, SEG=seg, C=C,
                                                  MAX_PASSES=_MAX_PASSES)))
         for _ in range(cfg["STAGED_ROUNDS"]):
-            kernels.append((_pivot_segment_kernel, (n_seg, B), dict(
-                SEG=seg, SBLOCK=cfg["SBLOCK"], SROWS=cfg["SROWS"], P=P, **sizes)))
-            kernels.append((_pivot_fold_kernel, (B,), dict(P=P, C=C, MAX_PASSES=_MAX_PASSES,
-                                                           **sizes)))
+            pivot_pass = dict(SEG=seg, SBLOCK=cfg["SBLOCK"], SROWS=cfg["SROWS"], P=P, **sizes)
+            kernels.append((_pivot_segment_kernel, (n_seg, B), pivot_pass))
+            kernels.append((_pivot_fold_kernel, (B,), dict(C=C, MAX_PASSES=_MAX_PASSES,
+                                                           **pivot_pass)))
         kernels.append((_last_segment_kernel, (n_seg, B), dict(
             SEG=seg, BLOCK=block, LOG2_BLOCK=log2_block, C=C, **sizes)))
     kernels.append((_proxy_sample_kernel, (B,), dict(
