@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from proxykern import fused_proxy_generate, naive_proxy_generate, ops, proxy_sample
+from proxykern import fused_proxy_generate, naive_proxy_generate, proxy_sample
 from proxykern.reference import row_seeds
 
 from gen_fixtures import full_logits, ragged_batch, trio
