@@ -203,7 +203,12 @@ def run(config: str, batch: int, args, device, bandwidth: float, bar) -> dict:
                       if device.type == "cuda" else float("nan")),
                      ("base_graph", lambda: base_graph_ms(base, ids, args.new_tokens, device))):
         bar.set_description(f"{config} B={batch} {name}")
-        row[name] = fn()
+        try:
+            row[name] = fn()
+        except Exception as exc:  # one failing column must not lose the others' numbers
+            row[name] = float("nan")
+            row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"{config} B={batch} {name}: {row['errors'][name]}", file=sys.stderr, flush=True)
         bar.update(1)
     del base, expert, anti, models
     if device.type == "cuda":
@@ -278,15 +283,20 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     bandwidth = copy_bandwidth(device)
     rows = []
+
+    def save():  # after every row: a run stopped at its time limit keeps what it measured
+        with open(os.path.join(args.out, "generate.json"), "w") as f:
+            json.dump({"device": device_name, "copy_bandwidth": bandwidth, "rows": rows,
+                       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                       "dtype": str(args.dtype)}, f, indent=1)
+
     with tqdm(total=len(configs) * len(batches) * 4, file=sys.stderr) as bar:
         for config in configs:
             for batch in batches:
                 rows.append(run(config, batch, args, device, bandwidth, bar))
+                save()
+                print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, device_name, bandwidth)
-    with open(os.path.join(args.out, "generate.json"), "w") as f:
-        json.dump({"device": device_name, "copy_bandwidth": bandwidth, "rows": rows,
-                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                   "dtype": str(args.dtype)}, f, indent=1)
     with open(os.path.join(args.out, "generate.md"), "w") as f:
         f.write(table + "\n")
     plotted = plot(rows, os.path.join(args.out, "generate.png"))
