@@ -465,19 +465,95 @@ def table_markdown(rows, impls, header_lines):
     return "\n".join(lines) + "\n"
 
 
+SLICE_PROBE_EPTS = (4, 8, 16)  # K1's elements per thread: slices of 1024 / 2048 / 4096 columns
+SLICE_PROBE_SHAPES = [(v, b) for v in (32000, 128256) for b in (1, 8, 64, 256)]
+SLICE_PROBE_MODES = ("plain", "top_p=0.9")
+
+
+def slice_probe(args) -> int:
+    """The cuda op's graph-replay time per shape at this process's slice width
+    (PROXYKERN_CUDA_SLICE_EPT, read once by the op); one JSON line a shape."""
+    import torch
+    timer = _timer(torch.device("cuda"), 5, 25)
+    for vocab, batch in SLICE_PROBE_SHAPES:
+        gen = torch.Generator(device="cuda").manual_seed(batch * 31 + vocab)
+        inputs = [(torch.randn(batch, vocab, generator=gen, device="cuda") * 3).to(torch.bfloat16)
+                  for _ in range(3)]
+        for mode in SLICE_PROBE_MODES:
+            params = _param_tensors(batch, torch.device("cuda"), KERNEL_MODES[mode], seed=7)
+            row = dict(ept=int(os.environ.get("PROXYKERN_CUDA_SLICE_EPT", "0")), vocab=vocab,
+                       batch=batch, mode=mode)
+            try:
+                replay = graph_replay(lambda: torch.ops.proxykern.fused_sample(*inputs, *params, vocab))
+                row["us"] = timer(replay) * 1e6
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print("SLICE-PROBE " + json.dumps(row), flush=True)
+    return 0
+
+
+def run_slice_probe(out_dir, seconds) -> list:
+    """slice_probe in one process per width (the override is read once per process)."""
+    rows = []
+    deadline = time.monotonic() + seconds
+    log = _log_path(out_dir, "kernels")
+    start_at = os.path.getsize(log) if os.path.exists(log) else 0
+    for ept in SLICE_PROBE_EPTS:
+        left = deadline - time.monotonic()
+        if left < 5:
+            break
+        cmd = [sys.executable, os.path.abspath(__file__), "--slice-probe"]
+        run_logged(cmd, log, timeout=left, env=child_env(PROXYKERN_CUDA_SLICE_EPT=str(ept)))
+    with open(log) as f:  # the probe's lines, written to the log since it started
+        f.seek(start_at)
+        for line in f:
+            if line.startswith("SLICE-PROBE "):
+                rows.append(json.loads(line[len("SLICE-PROBE "):]))
+    return rows
+
+
+def slice_probe_markdown(rows) -> str:
+    lines = ["", "## CUDA slice width (graph replay, us; cuda_sample.h picks the width from the "
+             "vocabulary: 1024 columns up to 260096)", "",
+             "| vocab | batch | mode | " + " | ".join(f"{256 * e} cols" for e in SLICE_PROBE_EPTS) + " |",
+             "|" + "---|" * (3 + len(SLICE_PROBE_EPTS))]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["vocab"], r["batch"], r["mode"]), {})[r["ept"]] = r
+    for (vocab, batch, mode), by_ept in keyed.items():
+        cells = [f"{by_ept[e]['us']:.1f}" if "us" in by_ept.get(e, {}) else "-" for e in SLICE_PROBE_EPTS]
+        lines.append(f"| {vocab} | {batch} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def stage_kernels(args, out_dir, info):
     # In a fresh interpreter: this one started before the build installed the package.
     limit = _limit("kernels")
+    started = time.monotonic()
+    probe_s = 0.0 if args.dry_run else min(45.0, 0.2 * limit)  # the slice probe's share
     cmd = [sys.executable, os.path.abspath(__file__), "--kernels-stage", "--out", out_dir,
-           "--measure-s", str(max(10.0, limit - 40))]
+           "--measure-s", str(max(10.0, limit - 40 - probe_s))]
     if args.dry_run:
         cmd.append("--dry-run")
-    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=limit, env=child_env())
+    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=limit - probe_s, env=child_env())
+    table_json = os.path.join(out_dir, "kernel_table.json")
     try:
-        with open(os.path.join(out_dir, "kernel_table.json")) as f:
-            detail = json.load(f)["detail"]
+        with open(table_json) as f:
+            table = json.load(f)
+        detail = table["detail"]
     except (OSError, ValueError, KeyError):
-        detail = tail
+        table, detail = None, tail
+    left = limit - (time.monotonic() - started)
+    has_cuda = table is not None and any(r.get("impl") == "cuda" for r in table.get("rows", []))
+    if has_cuda and probe_s and left > 10:
+        probe = run_slice_probe(out_dir, left - 2)
+        table["slice_probe"] = probe
+        with open(table_json, "w") as f:
+            json.dump(table, f, indent=1)
+        with open(os.path.join(out_dir, "kernel_table.md"), "a") as f:
+            f.write(slice_probe_markdown(probe))
+        print(slice_probe_markdown(probe))
+        detail += f"; slice probe {sum('us' in r for r in probe)} timings"
     return ("ok" if rc == 0 else "failed"), detail
 
 
@@ -557,6 +633,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=[n for n, _ in STAGES],
                         help="run only these stages (device always runs)")
     parser.add_argument("--kernels-stage", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--slice-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure-s", type=float, default=170.0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT") or os.environ.get("OUT")
                         or os.path.join(ROOT, "gpu-check-out"))
@@ -566,6 +643,8 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     if args.kernels_stage:
         return kernels_stage(args, out_dir)
+    if args.slice_probe:
+        return slice_probe(args)
     info: dict = {}
     stages = [Stage(n) for n, _ in STAGES]
     t_all = time.monotonic()

@@ -11,6 +11,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "cuda_sample.h"
@@ -28,6 +29,22 @@ bool vec_aligned(const LogitsView& v, int64_t batch) {
          (batch <= 1 || (v.row_stride * bytes) % 16 == 0);
 }
 
+// K1's elements per thread: the vocabulary's own (cuda_sample.h), unless the benchmark
+// override PROXYKERN_CUDA_SLICE_EPT (4, 8 or 16; benchmarks/gpu_check.py's slice probe)
+// forces one width for every vocabulary. Read once per process, so a process stays
+// batch-invariant; not part of the API.
+int slice_ept(int64_t vocab) {
+  static const int forced = [] {
+    const char* s = std::getenv("PROXYKERN_CUDA_SLICE_EPT");
+    if (s == nullptr || *s == '\0') return 0;
+    const std::string v(s);
+    TORCH_CHECK(v == "4" || v == "8" || v == "16",
+                "PROXYKERN_CUDA_SLICE_EPT must be 4, 8 or 16, got '", v, "'");
+    return std::stoi(v);
+  }();
+  return forced != 0 ? forced : cuda::slice_elems_per_thread(vocab);
+}
+
 }  // namespace
 
 SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert,
@@ -43,7 +60,7 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
   if (fa.batch == 0) return fa.outputs;
   TORCH_CHECK(fa.vocab <= INT32_MAX, "vocab_size must be < 2^31 for the cuda kernel, got ",
               fa.vocab);
-  const int ept = cuda::slice_elems_per_thread(fa.vocab);
+  const int ept = slice_ept(fa.vocab);
   const int64_t width = cuda::slice_width(ept);
   const int64_t num_slices = (fa.vocab + width - 1) / width;
   TORCH_CHECK(fa.batch * num_slices <= INT32_MAX && fa.batch <= INT32_MAX,
