@@ -15,8 +15,9 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
   sanitizer   compute-sanitizer memcheck and racecheck over benchmarks/gpu_check_cases.py
               (a handful of small CUDA cases, not the test suite)
   tests       ``pytest -m cuda``: tests/test_cuda.py (the CUDA backend) and
-              tests/test_triton_cuda.py (Triton on the GPU against the reference), less the
-              sanitizer test (the stage above covers it)
+              tests/test_triton_cuda.py (Triton on the GPU against the reference), the
+              engine's GPU tests, less the sanitizer test (the stage above covers it);
+              GPU_CHECK_TESTS="tests/test_cuda.py" narrows the paths
   kernels     the kernel table: naive step, torch.compile of it, triton, cuda over vocab
               {32000, 128256, 151936} x batch {1, 8, 64, 256}, bf16, five modes; plus the
               device-to-device copy bandwidth. kernel_table.json and kernel_table.md.
@@ -212,7 +213,8 @@ def stage_tests(args, out_dir, info):
         return "skipped", "dry run (needs a GPU)"
     log = _log_path(out_dir, "tests")
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-           "--durations=12", "-k", "not compute_sanitizer", "tests"] + ([] if args.keep_going else ["-x"])
+           "--durations=12", "-k", "not compute_sanitizer"]
+    cmd += os.environ.get("GPU_CHECK_TESTS", "tests").split() + ([] if args.keep_going else ["-x"])
     rc, tail = run_logged(cmd, log, timeout=_limit("tests"), env=child_env())
     return ("ok" if rc == 0 else "failed"), tail
 

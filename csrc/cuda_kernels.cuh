@@ -24,7 +24,9 @@
 //      and for sampling rows the slice's Gumbel-max winner (key z' + g, index, z').
 //    Rows with an active filter (top_k, top_p or min_p) also select the slice's top
 //    candidates: an exact block radix select (8-bit digits, warp-aggregated shared
-//    histograms) finds a key bound t_s with at most cand_per_slice values above it
+//    histograms; run down to the (cand_per_slice + 1)-th value's own key or a bin holding
+//    it alone, never stopping at a wider bin) finds a key bound t_s with at most
+//    cand_per_slice values above it
 //    (4 * EPT: 16, 32 or 64, about vocab / 64 candidates a row for every width), and
 //    the block stores every value with key > t_s (z', column). t_s = 0 means "every
 //    finite value of the slice is stored". Candidates are written in any order: every
@@ -375,6 +377,12 @@ struct SearchSpec {
   float p;              // kMass: fraction of the total mass
   bool use_t_ext;       // kMass: total = t_ext, else the domain's own total mass
   double t_ext;
+  // kRank: stop as soon as the bins from the top hold exactly `need` values (exact for a
+  // threshold at key_lo, as top_k wants). K1's candidate bound wants key_hi tight instead:
+  // there a level-0 bin spans a factor of 4 in z', and 17 values in one bin of a short
+  // last slice would put t_s near 32 -- above the row's max, leaving no candidates and
+  // sending the row to K2's whole-row fallback.
+  bool count_exit = true;
 };
 
 struct SearchOut {
@@ -506,7 +514,8 @@ __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
     above_mass = sm.sel_above_mass;
     prefix = (prefix << 8) | (255u - first);
     const bool done = level == 3 || sel_cnt == 1u ||
-                      (spec.mode == SearchMode::kRank && above_cnt + sel_cnt == spec.need);
+                      (spec.mode == SearchMode::kRank && spec.count_exit &&
+                       above_cnt + sel_cnt == spec.need);
     if (done) {
       out.found = true;
       out.key_lo = prefix << shift;
@@ -677,10 +686,11 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
     };
     const int cand_cap = a.cand_per_slice;
     SearchSpec spec{SearchMode::kRank, static_cast<uint32_t>(cand_cap) + 1u, 0u, false,
-                    0.0f, false, 0.0};
+                    0.0f, false, 0.0, /*count_exit=*/false};
     const SearchOut so = radix_search<kSliceThreads>(src, rs, spec, MassCtx{m, 1.0f});
-    // At most cand_cap values lie above key_hi; fewer than cand_cap + 1 finite
-    // values: store them all (tkey 0).
+    // The (cand_cap + 1)-th largest value's bin holds it alone or is a single key, so
+    // at most cand_cap values lie above key_hi and the bound is as tight as the keys
+    // allow; fewer than cand_cap + 1 finite values: store them all (tkey 0).
     tkey = so.found ? so.key_hi : 0u;
     Cand* out = a.cands + (row * a.num_slices + slice) * cand_cap;
 #pragma unroll

@@ -15,8 +15,10 @@ Random-weight Llama models built from configs straight on the device in bf16
 Columns, in ms per decode step (after the prompt) and tokens/s (B / step time):
 ``naive`` (naive_proxy_generate: (T(N) - T(1)) / (N - 1) over whole calls),
 ``eager`` and ``graphs`` (the engine's ProxyStep.advance, timed with CUDA events
-over the steps after warm-up/capture), ``base_graph`` (the base's own static step
-captured alone) and ``floor`` (bytes of the three models' weights over the
+over the steps after warm-up/capture), ``base_graph`` and ``expert_graph`` (the
+base's and the expert's own static steps, each captured alone: the proxy step hides the
+two experts beside the base when ``graphs`` is near ``base_graph``, runs them one after
+the other when it is near ``base_graph + 2 * expert_graph``) and ``floor`` (bytes of the three models' weights over the
 device-to-device copy bandwidth measured in the same run). Writes
 ``generate.json``, ``generate.md`` and ``generate.png`` under ``--out`` and
 prints the table last.
@@ -152,11 +154,11 @@ def engine_ms(models, ids, n_new, graphs: bool, device) -> float:
         return time_steps(step.advance, n_new - 3, device)
 
 
-def base_graph_ms(base, ids, n_new, device) -> float:
-    """ms per replay of the base's own static decode step captured alone."""
+def model_graph_ms(model, ids, n_new, device) -> float:
+    """ms per replay of one model's own static decode step captured alone."""
     if device.type != "cuda":
         return float("nan")
-    runner = StaticRunner(base, ids, torch.ones_like(ids), n_new)
+    runner = StaticRunner(model, ids, torch.ones_like(ids), n_new)
     tokens = torch.ones(ids.shape[0], dtype=torch.long, device=device)
     with torch.no_grad():
         runner.prefill()
@@ -201,7 +203,8 @@ def run(config: str, batch: int, args, device, bandwidth: float, bar) -> dict:
                      ("eager", lambda: engine_ms(models, ids, args.new_tokens, False, device)),
                      ("graphs", lambda: engine_ms(models, ids, args.new_tokens, True, device)
                       if device.type == "cuda" else float("nan")),
-                     ("base_graph", lambda: base_graph_ms(base, ids, args.new_tokens, device))):
+                     ("base_graph", lambda: model_graph_ms(base, ids, args.new_tokens, device)),
+                     ("expert_graph", lambda: model_graph_ms(expert, ids, args.new_tokens, device))):
         bar.set_description(f"{config} B={batch} {name}")
         try:
             row[name] = fn()
@@ -216,7 +219,7 @@ def run(config: str, batch: int, args, device, bandwidth: float, bar) -> dict:
     return row
 
 
-COLUMNS = ("naive", "eager", "graphs", "base_graph", "floor")
+COLUMNS = ("naive", "eager", "graphs", "base_graph", "expert_graph", "floor")
 
 
 def markdown(rows, device_name, bandwidth) -> str:
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
                        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                        "dtype": str(args.dtype)}, f, indent=1)
 
-    with tqdm(total=len(configs) * len(batches) * 4, file=sys.stderr) as bar:
+    with tqdm(total=len(configs) * len(batches) * 5, file=sys.stderr) as bar:
         for config in configs:
             for batch in batches:
                 rows.append(run(config, batch, args, device, bandwidth, bar))
