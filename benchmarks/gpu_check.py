@@ -22,7 +22,10 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
               {32000, 128256, 151936} x batch {1, 8, 64, 256}, bf16, five modes; plus the
               device-to-device copy bandwidth. kernel_table.json and kernel_table.md.
               At batch <= 16 also triton_rowwise (one program per row: no split, no
-              staged search), to choose the Triton launches per shape
+              staged search), to choose the Triton launches per shape; naive, triton and
+              cuda also as CUDA-graph replays (x@graph: no launch costs). Then the slice
+              probe: the cuda op at K1's three slice widths (PROXYKERN_CUDA_SLICE_EPT), one
+              process each, appended to both files
   generate    benchmarks/bench_generate.py --out DIR $GPU_CHECK_GENERATE_ARGS (default
               "--configs small,paper --new-tokens 64 --naive-tokens 16": naive vs the
               engine eager vs CUDA graphs vs the base's captured step vs the weight-read
@@ -32,8 +35,10 @@ It stops at the first failing stage unless --keep-going (or GPU_CHECK_KEEP_GOING
 prints a summary last (also in summary.json). Budget: a whole run within 7 minutes
 (GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 240 s, sanitizer
 150, tests 240, kernels 210, generate 240), cut to what is left of the budget; a stage
-that finds none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides single limits. Expected on an H200: build ~1, sanitizer ~1-2, tests
-~1.5-2.5, kernels ~2 min. --dry-run (or
+that finds none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides single limits.
+Measured on an H200 (benchmarks/NOTES.md, v0.4): build 25 s, sanitizer 20 s, tests 160 s
+(tests/test_cuda.py alone 15 s), kernels 85 s plus the slice probe (K1's three slice
+widths timed side by side, ~15 s), generate ~70 s (small + paper) before bench_speculative. --dry-run (or
 GPU_CHECK_DRY=1) needs no GPU: the GPU stages skip with a reason and the kernel stage
 runs a tiny CPU table through the same code, so the plumbing is known to work.
 """
@@ -237,8 +242,12 @@ def stage_generate(args, out_dir, info):
     if left < 20:
         return "ok", tail + "\n(speculative benchmark skipped: out of time)"
     spec = os.path.join(ROOT, "benchmarks", "bench_speculative.py")
+    # Sized to what is left of the stage (runs 1-2 on an H200 got 26-54 s: the full default
+    # grid, 16 lines of 32 prompts x 3 repeats, never finished); bench_speculative.py alone
+    # runs the whole grid.
     rc, spec_tail = run_logged([sys.executable, spec, "--device", "cuda", "--dtype", "bf16",
-                                "--repeats", "3", "--json",
+                                "--ks", "0", "2", "4", "--batch-sizes", "1", "16",
+                                "--prompts", "16", "--repeats", "1", "--json",
                                 os.path.join(out_dir, "speculative.json")],
                                _log_path(out_dir, "generate"), timeout=int(left),
                                env=child_env(GPU_CHECK_OUT=out_dir))
@@ -476,6 +485,12 @@ def slice_probe(args) -> int:
     """The cuda op's graph-replay time per shape at this process's slice width
     (PROXYKERN_CUDA_SLICE_EPT, read once by the op); one JSON line a shape."""
     import torch
+
+    from proxykern import ops
+    reason = ops.backend_unavailable_reason("cuda", torch.device("cuda"))  # loads the extension
+    if reason is not None:
+        print(f"slice probe: the cuda backend is unavailable: {reason}", flush=True)
+        return 1
     timer = _timer(torch.device("cuda"), 5, 25)
     for vocab, batch in SLICE_PROBE_SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(batch * 31 + vocab)
