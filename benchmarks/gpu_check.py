@@ -65,7 +65,10 @@ for _item in filter(None, os.environ.get("GPU_CHECK_LIMITS", "").split(",")):
     _name, _, _seconds = _item.partition("=")
     if _name.strip() not in STAGE_LIMITS:
         raise SystemExit(f"GPU_CHECK_LIMITS: unknown stage {_name!r} (one of {sorted(STAGE_LIMITS)})")
-    STAGE_LIMITS[_name.strip()] = float(_seconds)
+    try:
+        STAGE_LIMITS[_name.strip()] = float(_seconds)
+    except ValueError:
+        raise SystemExit(f"GPU_CHECK_LIMITS: {_item!r} is not stage=seconds") from None
 TOTAL_BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "420"))
 _T0 = time.monotonic()
 
