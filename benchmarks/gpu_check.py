@@ -271,6 +271,13 @@ def _param_tensors(batch, device, mode, seed):
             torch.zeros(batch, **i64))
 
 
+def step_inputs(batch, vocab, device, gen):
+    """One (base, expert, anti) set as every table times: bf16 ``randn * 3`` logits."""
+    import torch
+    return tuple((torch.randn(batch, vocab, generator=gen, device=device) * 3).to(torch.bfloat16)
+                 for _ in range(3))
+
+
 def _timer(device, warmup_ms, rep_ms):
     """median seconds of fn(): triton.testing.do_bench on a GPU (it flushes L2 before every
     call and times with CUDA events), a wall-clock median on CPU."""
@@ -294,21 +301,6 @@ def _timer(device, warmup_ms, rep_ms):
     return cpu_time
 
 
-def graph_replay(fn):
-    """fn captured in a CUDA graph (after one warm-up call on a side stream): the returned
-    callable replays it, so timings hold the GPU's work without the host's launch costs."""
-    import torch
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 GRAPH_SUFFIX = "@graph"  # an impl timed as a CUDA-graph replay: "naive@graph", "cuda@graph"
 
 
@@ -328,14 +320,16 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
     import torch
 
     from proxykern import ops
-    from proxykern.bench import naive_sample_step
+    from proxykern.bench import graph_replay, naive_sample_step
 
     timer = _timer(device, warmup_ms, rep_ms)
     t_start = time.monotonic()
-    dtype = torch.bfloat16
     l2 = 0
     if device.type == "cuda":
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+    def compile_step(mode, dynamic):
+        return torch.compile(lambda b, e, a: naive_sample_step(b, e, a, **mode), dynamic=dynamic)
+
     compiled = {}
     static_modes = set()  # modes whose dynamic-shape compilation failed
     compile_s = {}  # first-call seconds of each torch.compile case
@@ -348,8 +342,7 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
             # Rotate through copies whose total passes 2x the L2 (do_bench flushes L2 too).
             copies = max(1, min(8, math.ceil(2 * l2 / set_bytes))) if l2 else 1
             gen = torch.Generator(device=device).manual_seed(batch * 31 + vocab)
-            sets = [tuple((torch.randn(batch, vocab, generator=gen, device=device) * 3).to(dtype)
-                          for _ in range(3)) for _ in range(copies)]
+            sets = [step_inputs(batch, vocab, device, gen) for _ in range(copies)]
             for mode_name, mode in modes.items():
                 params = _param_tensors(batch, device, mode, seed=7)
                 counter = [0]
@@ -368,9 +361,7 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
                         dynamic = mode_name not in static_modes
                         key = mode_name if dynamic else (mode_name, vocab, batch)
                         if key not in compiled:
-                            compiled[key] = torch.compile(
-                                lambda b, e, a, m=mode: naive_sample_step(b, e, a, **m),
-                                dynamic=dynamic)
+                            compiled[key] = compile_step(mode, dynamic)
                         fns[impl] = lambda c=compiled[key]: c(*nxt())
                     elif impl == "triton":
                         tri = ops._triton_kernels().proxy_sample_triton
@@ -413,9 +404,8 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
                                 row["note"] = (f"dynamic=True failed ({type(exc).__name__}: "
                                                f"{str(exc)[:120]}); static shapes")
                                 log(f"  torch.compile {mode_name}: {row['note']}")
-                                compiled[(mode_name, vocab, batch)] = static = torch.compile(
-                                    lambda b, e, a, m=mode: naive_sample_step(b, e, a, **m),
-                                    dynamic=False)
+                                compiled[(mode_name, vocab, batch)] = static = compile_step(
+                                    mode, dynamic=False)
                                 fn = lambda c=static: c(*nxt())  # noqa: E731
                                 fn()
                             if device.type == "cuda":
@@ -490,6 +480,7 @@ def slice_probe(args) -> int:
     import torch
 
     from proxykern import ops
+    from proxykern.bench import graph_replay
     reason = ops.backend_unavailable_reason("cuda", torch.device("cuda"))  # loads the extension
     if reason is not None:
         print(f"slice probe: the cuda backend is unavailable: {reason}", flush=True)
@@ -497,8 +488,7 @@ def slice_probe(args) -> int:
     timer = _timer(torch.device("cuda"), 5, 25)
     for vocab, batch in SLICE_PROBE_SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(batch * 31 + vocab)
-        inputs = [(torch.randn(batch, vocab, generator=gen, device="cuda") * 3).to(torch.bfloat16)
-                  for _ in range(3)]
+        inputs = step_inputs(batch, vocab, torch.device("cuda"), gen)
         for mode in SLICE_PROBE_MODES:
             params = _param_tensors(batch, torch.device("cuda"), KERNEL_MODES[mode], seed=7)
             row = dict(ept=int(os.environ.get("PROXYKERN_CUDA_SLICE_EPT", "0")), vocab=vocab,

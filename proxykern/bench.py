@@ -20,6 +20,20 @@ import torch
 from . import ops
 
 
+def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph after one warm-up call on a side stream; returns the
+    graph's replay, so timings hold the GPU's work without the host's launch costs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def naive_sample_step(base, expert, anti, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0):
     """The step as users write it: upcast, combine, /T, sort-based top-k/top-p,
     log_softmax, torch.multinomial. Returns (tokens, logprobs)."""

@@ -34,6 +34,7 @@ import time
 import torch
 
 from .baseline import naive_proxy_generate
+from .bench import graph_replay
 from .engine import ProxyStep, StaticRunner
 from .generation_args import prepare_generation
 
@@ -162,16 +163,9 @@ def model_graph_ms(model, ids, n_new, device) -> float:
     tokens = torch.ones(ids.shape[0], dtype=torch.long, device=device)
     with torch.no_grad():
         runner.prefill()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            runner.step(tokens)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            runner.step(tokens)
-        graph.replay()
-        return time_steps(graph.replay, n_new - 3, device)
+        replay = graph_replay(lambda: runner.step(tokens))
+        replay()
+        return time_steps(replay, n_new - 3, device)
 
 
 def naive_ms(models, ids, n_new, device) -> float:
