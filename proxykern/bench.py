@@ -1,9 +1,6 @@
 """Kernel benchmark: the naive sampling step as users write it against proxykern's backends.
 
-``proxykern bench generate [...]`` runs the generation benchmark instead
-(:mod:`proxykern.bench_generate`: naive_proxy_generate vs the engine, eager and graphs).
-
-``proxykern bench kernel`` prints, for the device at hand, the median time of the
+``proxykern bench kernel`` (this module) prints, for the device at hand, the median time of the
 naive step and of each available backend, the effective bandwidth (three input
 reads once) and the speed-up over the naive step measured in the same run.
 """
@@ -137,14 +134,20 @@ GPU_MODES = dict(DEFAULT_MODES, **{"top_k=50": dict(temperature=1.0, top_k=50),
 
 def main(argv=None) -> int:
     argv = list(argv or [])
-    if argv[:1] == ["generate"]:  # the generation benchmark has its own flags
-        from . import bench_generate
-        return bench_generate.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="proxykern bench", description=__doc__)
-    parser.add_argument("what", nargs="?", default="kernel", choices=["kernel", "generate"])
+    if argv[:1] == ["kernel"]:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog="proxykern bench kernel", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The fused op against the naive sampling step (upcast, combine, /T, "
+                    "sort-based filters, log_softmax, multinomial), timed in the same run: "
+                    "median time, effective bandwidth (three input reads once) and speed-up.",
+        epilog="example: proxykern bench kernel --batch 1 8 --vocab 32000 128256")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, nargs="+")
-    parser.add_argument("--vocab", type=int, nargs="+")
+    parser.add_argument("--batch", type=int, nargs="+",
+                        help="batch sizes (default: 1 8 64 256 on a GPU, 1 8 64 on CPU)")
+    parser.add_argument("--vocab", type=int, nargs="+",
+                        help="vocabulary widths (default: 32000 128256 151936 on a GPU, "
+                             "32000 128256 on CPU)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

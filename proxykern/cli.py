@@ -13,7 +13,8 @@ file mode (:mod:`proxykern.jsonl_generate` documents the line format).
 Errors (bad arguments, a bad input line, a model that cannot load) print
 ``proxykern: error: ...`` and exit with status 1.
 
-``proxykern bench [...]`` runs :func:`proxykern.bench.main` and ``proxykern demo [...]``
+``proxykern bench [kernel|generate] [...]`` runs :mod:`proxykern.bench` or
+:mod:`proxykern.bench_generate`, and ``proxykern demo [...]``
 :func:`proxykern.demo.main` with the remaining arguments (imported only then).
 """
 from __future__ import annotations
@@ -180,13 +181,32 @@ def generate_main(args) -> int:
     return 0
 
 
+BENCH_USAGE = """usage: proxykern bench {kernel,generate} [options]
+
+  kernel     the fused op against the naive sampling step (the default)
+  generate   naive_proxy_generate against the engine, eager and CUDA graphs
+
+'proxykern bench kernel --help' and 'proxykern bench generate --help' list the options.
+"""
+
+
+def _bench(argv: list) -> int:
+    if argv[:1] == ["generate"]:
+        from . import bench_generate
+        return bench_generate.main(argv[1:]) or 0
+    if argv[:1] in (["-h"], ["--help"]):
+        print(BENCH_USAGE, end="")
+        return 0
+    from . import bench
+    return bench.main(argv) or 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``proxykern`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if argv and argv[0] == "bench":
-        from . import bench  # benchmark code loads only when asked for
-        return bench.main(argv[1:]) or 0
+    if argv and argv[0] == "bench":  # benchmark code loads only when asked for
+        return _bench(argv[1:])
     if argv and argv[0] == "demo":
         from . import demo
         return demo.main(argv[1:]) or 0

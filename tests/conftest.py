@@ -38,6 +38,29 @@ def _required_summary():
     return ", ".join(f"{b} ({d})" for d in ("cpu", "cuda") for b in required_backends(d))
 
 
+#: Distributions whose resolved versions head every run: CI resolves the newest allowed,
+#: so when one moves and breaks something the log names it.
+REPORTED_DISTRIBUTIONS = ("torch", "transformers", "triton", "lm_eval", "kernels", "tokenizers")
+
+
+def _resolved_versions() -> str:
+    from importlib import metadata
+    found = []
+    for name in REPORTED_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def pytest_sessionstart(session):
+    """The resolved versions first, even under ``-q`` (which hides the report header)."""
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"resolved versions: {_resolved_versions()}")
+
+
 def pytest_report_header(config):
     lines = [f"proxykern required backends: {_required_summary()}"]
     for backend, device, reason in missing_required_backends():

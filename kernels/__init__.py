@@ -1,1 +1,0 @@
-"""Triton kernels of proxykern (installed as ``proxykern.kernels``)."""
