@@ -115,6 +115,38 @@ def shared_vocab_size(base, expert, anti_expert) -> int:
     return min(widths.values())
 
 
+def position_limit(model) -> int | None:
+    """The most positions ``model`` reads: ``max_position_embeddings`` of its (text) config,
+    or None when the config states no limit."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, numbers.Integral) and limit > 0 else None
+
+
+def check_positions(reads, max_new_tokens: int) -> None:
+    """Refuse a generation whose positions some model cannot read, before any work.
+
+    ``reads``: ``(model_name, model, prompt_tokens)`` for each model (its longest prompt
+    row, padding excluded). A model reads its prompt and every new token but the last
+    (the last is never fed back), so ``prompt_tokens + max_new_tokens - 1`` must not
+    exceed its :func:`position_limit`. Raises ``ValueError`` naming the model.
+    """
+    for name, model, prompt_tokens in reads:
+        limit = position_limit(model)
+        needed = prompt_tokens + max(max_new_tokens - 1, 0)
+        if limit is None or needed <= limit:
+            continue
+        if prompt_tokens > limit:
+            raise ValueError(f"{name} reads at most {limit} positions (max_position_embeddings) "
+                             f"but the prompt alone has {prompt_tokens} tokens")
+        raise ValueError(
+            f"{name} reads at most {limit} positions (max_position_embeddings) but the "
+            f"prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens}) need "
+            f"{needed}: lower max_new_tokens to at most {limit - prompt_tokens + 1}")
+
+
 def _check_ids(name, ids, device):
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
@@ -293,6 +325,10 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     _check_id_range("input_ids", input_ids, base_readers)
     if expert_input_ids is not None:
         _check_id_range("expert_input_ids", e_ids, (expert,))
+
+    base_len, expert_len = (int(m.sum(1).max()) for m in (attention_mask, e_mask))
+    check_positions((("base", base, base_len), ("expert", expert, expert_len),
+                     ("anti_expert", anti_expert, base_len)), max_new_tokens)
 
     vocab_size = shared_vocab_size(base, expert, anti_expert)
     n = _check_count("num_return_sequences", num_return_sequences, 1)

@@ -36,8 +36,8 @@ STATUS_BAD_MIN_P = 64
 _STATUS_MESSAGES = {
     STATUS_NONFINITE: "its combined logits hold NaN or +inf",
     STATUS_EMPTY: "no token can be kept (every logit is -inf)",
-    STATUS_BAD_ALPHA: "alpha is not finite",
-    STATUS_BAD_TEMPERATURE: "temperature is negative, infinite or NaN",
+    STATUS_BAD_ALPHA: "alpha is not finite in float32",
+    STATUS_BAD_TEMPERATURE: "temperature is negative, NaN or not finite in float32",
     STATUS_BAD_TOP_K: "top_k is negative",
     STATUS_BAD_TOP_P: "top_p is outside (0, 1]",
     STATUS_BAD_MIN_P: "min_p is outside [0, 1)",
@@ -229,13 +229,29 @@ def _check_logits(name: str, t) -> None:
         raise ValueError(f"{name} must be 2-D (batch, vocab), got shape {tuple(t.shape)}")
 
 
+#: The largest finite float32: the op holds alpha, temperature, top_p and min_p in float32,
+#: so a larger number would become inf (or fail to convert) past the checks.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+INT64_MAX = 2 ** 63 - 1
+
+
+def _fits_int64(v) -> bool:
+    """A Python int the op's int64 parameters can hold; an integer tensor always fits."""
+    return True if isinstance(v, torch.Tensor) else v <= INT64_MAX
+
+
 # name -> (integral, valid(value), rule): the one set of rules for every entry point.
 # Each valid() works on a Python number and, elementwise, on a tensor (NaN is invalid in
 # both), so the same rule checks scalars on the host and per-row tensors on the device.
+# Ranges are those of the dtype the op holds the value in (PARAM_DTYPES): a number that
+# would overflow float32 or int64 is refused here, naming the argument, never deep inside.
 SAMPLING_RULES = {
-    "alpha": (False, lambda v: abs(v) < math.inf, "must be finite"),
-    "temperature": (False, lambda v: (v >= 0) & (v < math.inf), "must be finite and >= 0"),
-    "top_k": (True, lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
+    "alpha": (False, lambda v: abs(v) <= FLOAT32_MAX,
+              "must be finite and within float32's range (|alpha| <= 3.4e38)"),
+    "temperature": (False, lambda v: (v >= 0) & (v <= FLOAT32_MAX),
+                    "must be >= 0, finite and within float32's range (<= 3.4e38)"),
+    "top_k": (True, lambda v: (v >= 0) & _fits_int64(v),
+              f"must be >= 0 (0 keeps all tokens) and at most {INT64_MAX} (int64)"),
     "top_p": (False, lambda v: (0 < v) & (v <= 1), "must be in (0, 1]"),
     "min_p": (False, lambda v: (0 <= v) & (v < 1), "must be in [0, 1)"),
     "seed": (True, lambda v: -(2 ** 63) <= v < 2 ** 64, "must fit in 64 bits"),
@@ -314,8 +330,10 @@ def raise_on_bad_rows(status: torch.Tensor, params: dict | None = None) -> None:
         return
     row = bad[0]
     code = int(status[row])
-    reasons = [msg for bit, msg in _STATUS_MESSAGES.items() if code & bit]
     names = [n for n, bit in _PARAM_STATUS_BITS.items() if code & bit]
+    # A bad parameter is the cause; the logits it spoils (NaN, nothing kept) are its effect.
+    causes = sum(_PARAM_STATUS_BITS[n] for n in names) if names else code
+    reasons = [msg for bit, msg in _STATUS_MESSAGES.items() if causes & bit]
     detail = ""
     if names and params:
         detail = " (" + ", ".join(f"{n}[{row}] = {params[n][row].item()!r}" for n in names) + ")"

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from .generation_args import MODEL_NAMES, input_width, shared_vocab_size
+from .generation_args import MODEL_NAMES, input_width, position_limit, shared_vocab_size
 from .ops import check_sampling_arg, proxy_sample_with_status, resolve_backend
 from .reference import STATUS_EMPTY, STATUS_NONFINITE
 from .runner import left_pad, model_device
@@ -120,6 +120,23 @@ def _check_range(name: str, rows, limit: int | None, what: str) -> None:
         if r and (min(r) < 0 or max(r) >= limit):
             t = min(r) if min(r) < 0 else max(r)
             raise ValueError(f"{name}[{i}] holds token id {t}, outside [0, {limit}) ({what})")
+
+
+def _check_positions(base, expert, anti_expert, ctx, e_ctx, cont, e_name: str) -> None:
+    """Every model reads its context and the continuation: their tokens must fit its
+    positions (:func:`proxykern.generation_args.position_limit`); raises naming the row."""
+    for name, model, rows, rows_name in (("base", base, ctx, "context"),
+                                         ("expert", expert, e_ctx, e_name),
+                                         ("anti_expert", anti_expert, ctx, "context")):
+        limit = position_limit(model)
+        if limit is None:
+            continue
+        for i, (c, x) in enumerate(zip(rows, cont)):
+            if len(c) + len(x) > limit:
+                raise ValueError(
+                    f"{rows_name}[{i}] + continuation[{i}] hold {len(c) + len(x)} tokens but "
+                    f"{name} reads at most {limit} positions (max_position_embeddings): cut "
+                    f"the context from the left")
 
 
 def _per_row(name: str, value, B: int, device, positive: bool):
@@ -258,6 +275,8 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
         _check_range("expert_context", e_ctx, embedding_rows(readers["expert"]),
                      "the expert's embedding rows")
     _check_range("continuation", cont, V, "the shared vocabulary")
+    _check_positions(base, expert, anti_expert, ctx, e_ctx, cont,
+                     "expert_context" if expert_context is not None else "context")
 
     lengths = torch.tensor([len(x) for x in cont], dtype=torch.long)
     L = int(lengths.max())
