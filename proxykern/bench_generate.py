@@ -12,6 +12,14 @@ Random-weight Llama models built from configs straight on the device in bf16
 * ``small``: a 1B-shaped base (tied embeddings) with two 135M-shaped experts, V = 128256;
 * ``tiny``:  a few-layer trio for a CPU smoke run of this script.
 
+and the shipped trained trio (``examples/trio/models``, V = 161) inflated exactly
+(:mod:`proxykern.inflate`: same logits, the named shapes' cost; built on the device
+from the small checkpoints) so that its real behaviour runs at paper-like cost:
+
+* ``trio-paper``: the base as ``13b``, the experts as ``7b`` (head_dim 128);
+* ``trio-small``: the base as ``1b``, the experts as ``135m``;
+* ``trio-tiny``: a small inflation for a CPU run.
+
 Columns, in ms per decode step (after the prompt) and tokens/s (B / step time):
 ``naive`` (naive_proxy_generate: (T(N) - T(1)) / (N - 1) over whole calls),
 ``eager`` and ``graphs`` (the engine's ProxyStep.advance, timed with CUDA events
@@ -46,12 +54,26 @@ SHAPES = {
     "135m": (576, 1536, 30, 9, 3, True),
     "tiny-base": (128, 256, 4, 4, 2, False),
     "tiny-expert": (64, 128, 2, 4, 2, False),
+    # trio-tiny's shapes: at least the trio's own (base 128/384/4 layers, expert 32/96/1)
+    "tiny-trio-base": (256, 512, 6, 4, 4, True),
+    "tiny-trio-expert": (64, 192, 2, 2, 2, True),
 }
 CONFIGS = {
     "paper": ("13b", "7b", 32000),
     "small": ("1b", "135m", 128256),
     "tiny": ("tiny-base", "tiny-expert", 1000),
 }
+#: Positions of every benchmark model (the trio's 128 would not hold --prompt-len 128
+#: plus --new-tokens 128; the inflated trio computes its own function at any position).
+BENCH_POSITIONS = 4096
+# The shipped trio inflated to (base shape, expert shape); their tied flag is the trio's.
+TRIO_CONFIGS = {
+    "trio-paper": ("13b", "7b"),
+    "trio-small": ("1b", "135m"),
+    "trio-tiny": ("tiny-trio-base", "tiny-trio-expert"),
+}
+TRIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "trio", "models")
 
 
 def build_model(shape: str, vocab: int, device, dtype, seed: int):
@@ -60,7 +82,7 @@ def build_model(shape: str, vocab: int, device, dtype, seed: int):
     hidden, inter, layers, heads, kv, tied = SHAPES[shape]
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                          num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, max_position_embeddings=4096,
+                         num_key_value_heads=kv, max_position_embeddings=BENCH_POSITIONS,
                          tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0)
     torch.manual_seed(seed)
@@ -72,6 +94,32 @@ def build_model(shape: str, vocab: int, device, dtype, seed: int):
     finally:
         torch.set_default_dtype(previous)
     return model.to(dtype).eval()
+
+
+def inflated_trio(config: str, device, dtype):
+    """(base, expert, anti_expert): the shipped trio inflated to ``TRIO_CONFIGS[config]``."""
+    from transformers import AutoModelForCausalLM
+    from .inflate import inflate_llama
+    base_shape, expert_shape = TRIO_CONFIGS[config]
+    models = []
+    for name, shape in (("base", base_shape), ("expert", expert_shape),
+                        ("anti_expert", expert_shape)):
+        hidden, inter, layers, heads, kv, _ = SHAPES[shape]
+        small = AutoModelForCausalLM.from_pretrained(os.path.join(TRIO_DIR, name))
+        models.append(inflate_llama(
+            small, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+            max_position_embeddings=BENCH_POSITIONS, dtype=dtype, device=device))
+    return tuple(models)
+
+
+def build_models(config: str, device, dtype):
+    """(base, expert, anti_expert) of a named config: random-weight or the inflated trio."""
+    if config in TRIO_CONFIGS:
+        return inflated_trio(config, device, dtype)
+    base_shape, expert_shape, vocab = CONFIGS[config]
+    return tuple(build_model(shape, vocab, device, dtype, seed)
+                 for shape, seed in ((base_shape, 0), (expert_shape, 1), (expert_shape, 2)))
 
 
 def weight_bytes(*models) -> int:
@@ -183,11 +231,9 @@ def naive_ms(models, ids, n_new, device) -> float:
 
 
 def run(config: str, batch: int, args, device, bandwidth: float, bar) -> dict:
-    base_shape, expert_shape, vocab = CONFIGS[config]
-    base = build_model(base_shape, vocab, device, args.dtype, 0)
-    expert = build_model(expert_shape, vocab, device, args.dtype, 1)
-    anti = build_model(expert_shape, vocab, device, args.dtype, 2)
-    models = (base, expert, anti)
+    models = build_models(config, device, args.dtype)
+    base, expert, anti = models
+    vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=gen).to(device)
     n_naive = min(args.new_tokens, args.naive_tokens)
@@ -270,8 +316,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     configs = args.configs.split(",")
     batches = [int(b) for b in args.batches.split(",")]
-    if any(c not in CONFIGS for c in configs):
-        p.error(f"--configs: choose from {sorted(CONFIGS)}")
+    if any(c not in CONFIGS and c not in TRIO_CONFIGS for c in configs):
+        p.error(f"--configs: choose from {sorted(CONFIGS) + sorted(TRIO_CONFIGS)}")
     if args.new_tokens < 5:
         p.error("--new-tokens must be >= 5")
     os.makedirs(args.out, exist_ok=True)
