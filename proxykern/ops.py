@@ -157,7 +157,18 @@ _warned_fallbacks: set = set()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest available."""
+    """The backend that will run: ``backend`` itself, or for ``"auto"`` the fastest available.
+
+    Under ``torch.compile`` the answer is a constant of the trace (it depends only on what
+    is installed and on the device), so a compiled caller traces with ``fullgraph=True``.
+    """
+    return _resolve_backend(backend, device.type, device.index)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device_type: str, device_index) -> str:
+    device = torch.device(device_type, device_index) if device_index is not None \
+        else torch.device(device_type)
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -388,8 +399,11 @@ def sample_rows(base, expert, anti, params: dict, step: torch.Tensor, vocab_size
         params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend, may_filter)
 
 
-def _is_capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _no_host_sync(device: torch.device) -> bool:
+    """Inside a CUDA-graph capture or a torch.compile trace the eager op cannot read the
+    status on the host: a bad row then keeps its token -1 (out of range, never silent)."""
+    return torch.compiler.is_compiling() or (
+        device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 # --------------------------------------------------------------------------- public op
@@ -476,7 +490,8 @@ def proxy_sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperat
     Raises ``TypeError``/``ValueError`` naming the argument for bad input, and
     ``ValueError`` naming the row for a row whose logits hold NaN/+inf, whose kept
     set is empty, or whose per-row parameter is invalid (one host sync; skipped
-    under CUDA-graph capture, where such rows get token -1).
+    under CUDA-graph capture and inside a ``torch.compile`` trace, where such rows get
+    token -1). The op traces with ``torch.compile(fullgraph=True)``.
 
     ``backend``: ``"auto"`` (fastest available: cuda > triton > torch on GPU,
     cpu > torch on CPU, with one warning on fallback), ``"cuda"``, ``"triton"``,
@@ -486,6 +501,6 @@ def proxy_sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperat
         base_logits, expert_logits, anti_logits, alpha=alpha, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=step, vocab_size=vocab_size,
         backend=backend)
-    if not _is_capturing(base_logits.device):
+    if not _no_host_sync(base_logits.device):
         raise_on_bad_rows(status, tensor_params)
     return out

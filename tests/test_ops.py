@@ -328,14 +328,38 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.proxykern.fused_sample.default, args)
 
 
-def test_works_under_torch_compile():
-    inputs = random_logits(2, 300, torch.float32, seed=14)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch", "triton"])
+def test_traces_whole_under_torch_compile(compiler, backend):
+    """fullgraph=True: no graph break anywhere in the public op (backend choice, parameter
+    tensors, the status handling), and the eager tokens."""
+    torch._dynamo.reset()
+    inputs = random_logits(3, 300, torch.float32, seed=14)
+    alpha = torch.tensor([0.5, 1.0, 2.0])
 
     def step(b, e, a):
-        return proxykern.proxy_sample(b, e, a, temperature=0.7, top_p=0.9, seed=1).tokens
+        out = proxykern.proxy_sample(b, e, a, alpha=alpha, temperature=0.7, top_p=0.9, seed=1,
+                                     step=4, backend=backend)
+        return out.tokens, out.logprobs
 
-    compiled = torch.compile(step, backend="aot_eager")
-    assert torch.equal(compiled(*inputs), step(*inputs))
+    compiled = torch.compile(step, backend=compiler, fullgraph=True)
+    tokens, logprobs = compiled(*inputs)
+    want_tokens, want_logprobs = step(*inputs)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs)
+
+
+def test_a_bad_row_under_torch_compile_gets_token_minus_one():
+    """Inside a trace the op cannot read the status on the host (as under graph capture)."""
+    torch._dynamo.reset()
+    b, e, a = random_logits(2, 100, torch.float32, seed=15)
+    b[1, 7] = float("nan")
+    step = torch.compile(lambda b, e, a: proxykern.proxy_sample(b, e, a).tokens,
+                         backend="aot_eager", fullgraph=True)
+    tokens = step(b, e, a)
+    assert tokens[1].item() == -1 and tokens[0].item() >= 0
+    with pytest.raises(ValueError, match="row 1"):
+        proxykern.proxy_sample(b, e, a)
 
 
 def test_auto_skips_a_cuda_kernel_built_for_another_architecture(monkeypatch):
