@@ -12,30 +12,28 @@ older have no such discovery, so there: ``import proxykern.lm_eval_model`` befor
 ``lm_eval.simple_evaluate(model="proxykern", ...)``, or run the ``proxykern-lm-eval``
 console script, which is ``lm_eval`` with this model registered (same arguments).
 
-model_args (unknown names raise ``ValueError`` naming them):
+model_args: the table :data:`MODEL_ARGS` below is the one list of names, defaults and
+one-line meanings (the constructor accepts exactly those names; ``proxykern-lm-eval
+--help`` prints it after lm-eval's own help). Unknown names and bad values raise
+``ValueError`` naming the argument. More on some of them:
 
-* ``base``, ``expert``, ``anti_expert``: model folders or hub names (HF causal LMs
-  sharing a vocabulary). ``alpha`` (default 1.0): the proxy-tuning weight.
 * ``mode``: ``proxy`` (default), ``base`` (the base alone: ``alpha`` is 0, no expert is
   loaded) or ``expert`` (the expert alone, reading its own -- chat-formatted with
   ``chat_expert`` -- context; base and anti-expert are not loaded). For the
   base-vs-expert-vs-proxy rows of a proxy-tuning table.
-* ``chat_expert`` (default false): the expert reads each context as one user turn in
-  its tokenizer's chat template (the paper's setting for chat experts); the base and
-  the anti-expert read it plain; all three then score / produce the same tokens.
-  Rolling log-likelihoods (perplexity) use the plain text for every model. Do not
-  combine with lm-eval's ``--apply_chat_template``, which formats every model's context.
-* ``dtype``: ``auto`` (default: bfloat16 on CUDA, float32 on CPU), ``float32``,
-  ``bfloat16``, ``float16``. ``device``: ``cuda``, ``cuda:1``, ``cpu`` (default: CUDA
-  when available).
-* ``batch_size`` (default 1, an int): requests per call. ``max_length``: the longest
-  token sequence a model reads (default: the smallest ``max_position_embeddings`` of
-  the models, else 2048); longer contexts are cut from the left.
-* ``max_gen_toks`` (default 256): new tokens when a request does not say.
-* ``tokenizer`` (default: the base's; the expert's in ``mode=expert``), ``add_bos_token``
-  (default false), ``trust_remote_code`` (default false), ``backend`` (the fused op's,
-  default ``auto``), ``seed`` (default 0: request ``i`` of a sampled batch draws with
-  seed ``seed + i``, so its text does not depend on the batch it lands in).
+* ``chat_expert``: the expert reads each context as one user turn in its tokenizer's
+  chat template (the paper's setting for chat experts); the base and the anti-expert
+  read it plain; all three then score / produce the same tokens. Rolling
+  log-likelihoods (perplexity) use the plain text for every model. Do not combine with
+  lm-eval's ``--apply_chat_template``, which formats every model's context.
+* ``device`` and ``batch_size`` may come from ``model_args`` or from lm-eval's
+  ``--device`` / ``--batch_size`` (``simple_evaluate(device=, batch_size=)``); see
+  :func:`merge_lm_eval_config` for which wins.
+* ``seed``: request ``i`` of a sampled run (its index in the list lm-eval passes to
+  ``generate_until``) draws with the per-row seed ``proxykern.reference.row_seeds(seed,
+  i)`` -- the rule a Python-number seed follows everywhere in proxykern -- so its text
+  does not depend on ``batch_size`` nor on the batch it lands in. A request's own
+  ``seed`` generation kwarg takes the place of ``seed``.
 
 ``generate_until`` honours each request's ``until`` (stop strings; the text is cut before
 the first one and generation ends once every row of the batch has produced one),
@@ -47,9 +45,12 @@ batched ``batch_size`` at a time. Greedy unless ``do_sample`` / ``temperature > 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -57,7 +58,9 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .generate import fused_proxy_generate
+from .loading import load_causal_lm, load_tokenizer, resolve_model_path
 from .ops import resolve_backend
+from .reference import row_seeds
 from .runner import left_pad
 from .scoring import proxy_logprobs
 
@@ -68,9 +71,96 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 GEN_KWARGS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "do_sample",
               "temperature", "top_k", "top_p", "min_p", "seed"}
 DEFAULT_MAX_LENGTH = 2048
+LOG = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- model_args
+
+@dataclass(frozen=True)
+class ModelArg:
+    """One ``model_args`` name: its default and a one-line meaning (``shown`` replaces
+    the default in the help where the default is computed)."""
+    name: str
+    default: object
+    help: str
+    shown: str | None = None
+
+
+# The one list of model_args: the constructor accepts exactly these names (with these
+# defaults) and ``proxykern-lm-eval --help`` prints this table, so the two cannot drift.
+MODEL_ARGS = (
+    ModelArg("base", None, "base model, folder or hub name (required unless mode=expert)"),
+    ModelArg("expert", None, "tuned expert, folder or hub name (required unless mode=base)"),
+    ModelArg("anti_expert", None, "untuned anti-expert, folder or hub name (mode=proxy)"),
+    ModelArg("alpha", 1.0, "z = base + alpha * (expert - anti_expert)"),
+    ModelArg("mode", "proxy", "proxy, base (the base alone) or expert (the expert alone)"),
+    ModelArg("chat_expert", False, "the expert reads each context as one chat user turn"),
+    ModelArg("dtype", "auto", "float32, bfloat16, float16; auto: bfloat16 on CUDA, else fp32"),
+    ModelArg("device", None, "cuda, cuda:1, cpu, ... or --device", "cuda if there, else cpu"),
+    ModelArg("batch_size", 1, "requests per call, an integer (not auto), or --batch_size"),
+    ModelArg("max_length", None, "token limit, contexts cut from the left",
+             "max_position_embeddings or 2048"),
+    ModelArg("max_gen_toks", 256, "new tokens when a request does not say"),
+    ModelArg("tokenizer", None, "tokenizer folder or hub name",
+             "the base's; mode=expert: the expert's"),
+    ModelArg("add_bos_token", False, "contexts get the tokenizer's special tokens"),
+    ModelArg("trust_remote_code", False, "let Hugging Face run the models' own code"),
+    ModelArg("backend", "auto", "the fused op's backend: auto, cuda, triton, cpu, torch"),
+    ModelArg("seed", 0, "sampled request i draws with row_seeds(seed, i)"),
+)
+
+
+def _model_args(given: dict) -> SimpleNamespace:
+    """``given`` with every missing name at its :data:`MODEL_ARGS` default; a name not in
+    the table raises ``ValueError`` naming it and listing the accepted ones."""
+    names = [a.name for a in MODEL_ARGS]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"model_args: unknown argument(s) {', '.join(unknown)} "
+                         f"(proxykern takes {', '.join(names)})")
+    return SimpleNamespace(**{a.name: given.get(a.name, a.default) for a in MODEL_ARGS})
+
+
+# What lm-eval's command line passes for a --device / --batch_size that was not given
+# (0.4.13's EvaluatorConfig defaults device to "cuda:0" and batch_size to 1): such a value
+# cannot be told from the same flag given explicitly, so model_args win over it.
+LM_EVAL_DEFAULTS = {"device": "cuda:0", "batch_size": "1"}
+
+
+def merge_lm_eval_config(model_args: dict, additional: dict | None) -> dict:
+    """The constructor's keyword arguments from ``model_args`` and lm-eval's additional
+    config (``batch_size``, ``max_batch_size``, ``device``: its ``--batch_size`` /
+    ``--device`` flags or ``simple_evaluate``'s arguments, always passed).
+
+    * ``None`` means "not given" (as in lm-eval); ``max_batch_size`` is dropped (it only
+      bounds ``batch_size=auto``, which proxykern refuses).
+    * A name given on one side only takes that value; given on both with the same value
+      (compared as text: ``8`` and ``"8"`` agree), that value.
+    * Given on both with different values: ``model_args`` win over lm-eval's default
+      (:data:`LM_EVAL_DEFAULTS`); any other difference raises ``ValueError`` naming both.
+    * A ``device`` that only lm-eval gave and that is its default ``cuda:0`` is taken as
+      not given (so proxykern's default applies: CUDA when available, else cpu), as
+      lm-eval's own HF model does where CUDA is missing.
+    """
+    merged = dict(model_args)
+    extra = {k: v for k, v in (additional or {}).items()
+             if v is not None and k != "max_batch_size"}
+    for key, value in extra.items():
+        default = LM_EVAL_DEFAULTS.get(key)
+        if merged.get(key) is None:  # model_args do not say
+            if key == "device" and str(value).strip() == default:
+                if not torch.cuda.is_available():
+                    LOG.warning("proxykern: lm-eval passed device %r (its default when "
+                                "--device is not given) and CUDA is not available: "
+                                "running on cpu", value)
+                continue
+            merged[key] = value
+        elif str(merged[key]).strip() != str(value).strip() and str(value).strip() != default:
+            raise ValueError(f"{key}: model_args {key}={merged[key]!r} but lm-eval's "
+                             f"--{key} (simple_evaluate {key}=) is {value!r}; give one of "
+                             f"them or the same value in both")
+    return merged
+
 
 def _as_bool(name, value) -> bool:
     if isinstance(value, bool):
@@ -100,10 +190,29 @@ def _as_float(name, value) -> float:
     return out
 
 
-def _as_path(name, value) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"model_args {name} must be a model folder or hub name, got {value!r}")
-    return value.strip()
+def _as_device(value) -> torch.device:
+    """``value`` as a torch device (``None`` / ``""``: CUDA when available, else cpu)."""
+    if value is None or value == "":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"model_args device: {value!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model_args device={value!r} but CUDA is not available here")
+    return device
+
+
+def _as_dtype(value, device: torch.device) -> torch.dtype:
+    """``value`` (a name of :data:`DTYPES`, ``auto`` or a torch dtype) as a torch dtype."""
+    if isinstance(value, torch.dtype):
+        return value
+    if not isinstance(value, str) or (value != "auto" and value not in DTYPES):
+        raise ValueError(f"model_args dtype must be auto, float32, bfloat16 or float16, "
+                         f"got {value!r}")
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[value]
 
 
 class _StopWhenDone(Exception):
@@ -155,90 +264,63 @@ def cut_at_stops(text: str, stops) -> str:
 class ProxyKernLM(TemplateLM):
     """lm-eval model: ``base`` steered by ``expert`` - ``anti_expert`` (module docstring)."""
 
-    def __init__(self, base=None, expert=None, anti_expert=None, alpha=1.0, mode="proxy",
-                 chat_expert=False, dtype="auto", device=None, batch_size=1, max_batch_size=None,
-                 max_length=None, max_gen_toks=256, tokenizer=None, add_bos_token=False,
-                 trust_remote_code=False, backend="auto", seed=0, **unknown):
+    def __init__(self, **model_args):
+        """Load the models named by ``model_args`` (:data:`MODEL_ARGS`); a bad or unknown
+        one raises ``ValueError`` naming it, before anything slow where possible."""
         super().__init__()
-        if unknown:
-            raise ValueError(f"model_args: unknown argument(s) {', '.join(sorted(unknown))} "
-                             f"(proxykern takes base, expert, anti_expert, alpha, mode, "
-                             f"chat_expert, dtype, device, batch_size, max_length, max_gen_toks, "
-                             f"tokenizer, add_bos_token, trust_remote_code, backend, seed)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if mode not in MODES:
-            raise ValueError(f"model_args mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.mode = mode
+        args = _model_args(model_args)
+        if args.mode not in MODES:
+            raise ValueError(f"model_args mode must be one of {', '.join(MODES)}, "
+                             f"got {args.mode!r}")
+        self.mode = args.mode
         needed = {"proxy": ("base", "expert", "anti_expert"), "base": ("base",),
-                  "expert": ("expert",)}[mode]
-        paths = dict(base=base, expert=expert, anti_expert=anti_expert)
-        for name in needed:
+                  "expert": ("expert",)}[args.mode]
+        paths = dict(base=args.base, expert=args.expert, anti_expert=args.anti_expert)
+        for name in needed:  # every path checked before the first (slow) load
             if paths[name] is None:
-                raise ValueError(f"model_args {name} is required (mode={mode})")
-            paths[name] = _as_path(name, paths[name])
-        self.alpha = 0.0 if mode != "proxy" else _as_float("alpha", alpha)
-        self.chat_expert = _as_bool("chat_expert", chat_expert)
-        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
-        trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
-        if isinstance(batch_size, str) and batch_size.strip().startswith("auto"):
+                raise ValueError(f"model_args {name} is required (mode={args.mode})")
+            paths[name], _ = resolve_model_path(f"model_args {name}", paths[name])
+        if args.tokenizer is not None:
+            resolve_model_path("model_args tokenizer", args.tokenizer)
+        self.alpha = 0.0 if args.mode != "proxy" else _as_float("alpha", args.alpha)
+        self.chat_expert = _as_bool("chat_expert", args.chat_expert)
+        self.add_bos_token = _as_bool("add_bos_token", args.add_bos_token)
+        trust = _as_bool("trust_remote_code", args.trust_remote_code)
+        if isinstance(args.batch_size, str) and args.batch_size.strip().startswith("auto"):
             raise ValueError("model_args batch_size: 'auto' is not supported by proxykern; "
                              "pass a number")
-        self.batch_size = _as_int("batch_size", batch_size, 1)
-        self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 1)
-        self.seed = _as_int("seed", seed, 0)
-        max_length = None if max_length is None else _as_int("max_length", max_length, 2)
-
-        if device is None or device == "":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.batch_size = _as_int("batch_size", args.batch_size, 1)
+        self.max_gen_toks = _as_int("max_gen_toks", args.max_gen_toks, 1)
+        self.seed = _as_int("seed", args.seed, 0)
+        max_length = None if args.max_length is None else _as_int("max_length", args.max_length, 2)
+        self._device = _as_device(args.device)
         try:
-            self._device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"model_args device: {device!r} is not a torch device "
-                             f"({exc})") from None
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"model_args device={device!r} but CUDA is not available here")
-        try:
-            self.op_backend = resolve_backend(backend, self._device)
+            self.op_backend = resolve_backend(args.backend, self._device)
         except ValueError as exc:
             raise ValueError(f"model_args backend: {exc}") from None
-        if not isinstance(dtype, (str, torch.dtype)) or (
-                isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES):
-            raise ValueError(f"model_args dtype must be auto, float32, bfloat16 or float16, "
-                             f"got {dtype!r}")
-        torch_dtype = (dtype if isinstance(dtype, torch.dtype) else
-                       DTYPES[dtype] if dtype != "auto" else
-                       torch.bfloat16 if self._device.type == "cuda" else torch.float32)
+        dtype = _as_dtype(args.dtype, self._device)
 
-        loaded = {}
+        loaded = {}  # equal paths share one model
 
         def load(name):
-            path = paths[name]
-            if path not in loaded:
-                try:
-                    loaded[path] = AutoModelForCausalLM.from_pretrained(
-                        path, dtype=torch_dtype, trust_remote_code=trust_remote_code
-                    ).to(self._device).eval()
-                except (OSError, ValueError) as exc:  # no such folder / repo, bad config
-                    raise ValueError(f"model_args {name}={path!r} cannot be loaded: "
-                                     f"{exc}") from None
-            return loaded[path]
+            if paths[name] not in loaded:
+                loaded[paths[name]] = load_causal_lm(f"model_args {name}", paths[name], dtype,
+                                                     self._device, trust_remote_code=trust)
+            return loaded[paths[name]]
 
-        if mode == "proxy":
+        if args.mode == "proxy":
             self.models = (load("base"), load("expert"), load("anti_expert"))
         else:
             m = load(needed[0])
             self.models = (m, m, m)
-        tok_path = tokenizer or paths[needed[0]]
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(_as_path("tokenizer", tok_path),
-                                                           trust_remote_code=trust_remote_code)
-            self.expert_tokenizer = (AutoTokenizer.from_pretrained(
-                paths["expert"], trust_remote_code=trust_remote_code)
-                if self.chat_expert and mode != "base" else None)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"model_args tokenizer: cannot load a tokenizer from "
-                             f"{tok_path!r}: {exc}") from None
+        tok_name = ("model_args tokenizer" if args.tokenizer is not None
+                    else f"model_args {needed[0]} (its tokenizer)")
+        self.tokenizer = load_tokenizer(tok_name, args.tokenizer or paths[needed[0]],
+                                        trust_remote_code=trust)
+        self.expert_tokenizer = (
+            load_tokenizer("model_args expert (its tokenizer, for chat_expert)",
+                           paths["expert"], trust_remote_code=trust)
+            if self.chat_expert and args.mode != "base" else None)
         if self.expert_tokenizer is not None and not getattr(self.expert_tokenizer,
                                                              "chat_template", None):
             raise ValueError(f"model_args chat_expert: the expert's tokenizer "
@@ -254,6 +336,21 @@ class ProxyKernLM(TemplateLM):
         if not self.eos_ids:
             raise ValueError("model_args tokenizer: no EOS token id in the tokenizer or the "
                              "base's generation config (needed as the empty-context prefix)")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm-eval's constructor from ``"name=value,..."`` plus its ``--device`` /
+        ``--batch_size`` (:func:`merge_lm_eval_config` decides between the two)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls(**merge_lm_eval_config(simple_parse_args_string(arg_string),
+                                          additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's constructor from a dict (its command line's path), as
+        :meth:`create_from_arg_string`."""
+        return cls(**merge_lm_eval_config(dict(arg_dict or {}), additional_config))
 
     # ------------------------------------------------------------------ lm-eval hooks
 
@@ -458,8 +555,9 @@ class ProxyKernLM(TemplateLM):
             e_ids, e_mask = left_pad(expert_rows, 0, self.device)
         pad = self.tokenizer.pad_token_id
         pad = self.eos_ids[0] if pad is None else pad
-        seeds = torch.tensor([settings["seed"] + i for i in request_ids], dtype=torch.long,
-                             device=self.device)
+        # The one seed rule (docs/api.md, "Seeds and noise"): request i draws like row i
+        # of a call seeded with the number -- independent of the batch it lands in.
+        seeds = row_seeds(settings["seed"], torch.tensor(request_ids)).to(self.device)
         watch = _StopWatch(self.tokenizer, settings["until"], self.eos_ids, len(rows))
         try:
             fused_proxy_generate(
@@ -486,7 +584,59 @@ _register()
 
 
 
-def cli_main() -> None:
-    """``proxykern-lm-eval``: lm-eval's command line, with the ``proxykern`` model registered."""
+TRIO_EXAMPLE = """\
+  T=examples/trio/models
+  proxykern-lm-eval --model proxykern --device cpu --batch_size 64 \\
+      --model_args base=$T/base,expert=$T/expert,anti_expert=$T/anti_expert \\
+      --include_path examples/trio/lm_eval --tasks trio_qa_mc,trio_qa_gen --limit 50"""
+
+
+def model_args_help() -> str:
+    """The help section on proxykern's model_args (from :data:`MODEL_ARGS`, one line each:
+    ``name=default``, meaning) and the local-task example, printed after lm-eval's help
+    by ``proxykern-lm-eval --help``."""
+    def first_column(arg):
+        if arg.default is None:
+            return arg.name
+        default = str(arg.default).lower() if isinstance(arg.default, bool) else arg.default
+        return f"{arg.name}={default}"
+
+    width = max(len(first_column(a)) for a in MODEL_ARGS)
+    lines = ["", "proxykern model (--model proxykern --model_args name=value,name=value,...):"]
+    for a in MODEL_ARGS:
+        shown = f" (default: {a.shown})" if a.shown else ""
+        lines.append(f"  {first_column(a):<{width}}  {a.help}{shown}")
+    lines += ["", "The local lm-eval tasks on the shipped trio (repository root, CPU):",
+              TRIO_EXAMPLE, ""]
+    return "\n".join(lines)
+
+
+def _asks_for_help(argv: list) -> bool:
+    """Whether lm-eval's command line would print the help of its top level or of ``run``
+    (the command that takes --model_args) for ``argv``."""
+    if not argv or argv == ["run"]:
+        return True
+    command = argv[0] if not argv[0].startswith("-") else None
+    return command in (None, "run") and any(a in ("-h", "--help") for a in argv)
+
+
+def cli_main(argv: list | None = None) -> None:
+    """``proxykern-lm-eval``: lm-eval's command line, with the ``proxykern`` model
+    registered; its help is followed by :func:`model_args_help`."""
     from lm_eval.__main__ import cli_evaluate
-    sys.exit(cli_evaluate())
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "proxykern-lm-eval", *argv]  # lm-eval parses sys.argv
+    try:
+        if not _asks_for_help(argv):
+            sys.exit(cli_evaluate())
+        try:
+            cli_evaluate()
+        except SystemExit as exc:  # argparse's --help exits 0; anything else is an error
+            if exc.code not in (0, None):
+                raise
+    finally:
+        sys.argv = saved
+    print(model_args_help())
+    sys.exit(0)

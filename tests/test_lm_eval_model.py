@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shlex
 
 import pytest
 import torch
@@ -20,11 +22,17 @@ from lm_eval.api.registry import get_model  # noqa: E402
 
 from proxykern import fused_proxy_generate, proxy_logprobs  # noqa: E402
 from proxykern.demo import DEFAULT_TRIO  # noqa: E402
-from proxykern.lm_eval_model import ProxyKernLM, _StopWatch, _StopWhenDone  # noqa: E402
+from proxykern.lm_eval_model import (MODEL_ARGS, TRIO_EXAMPLE, ProxyKernLM,  # noqa: E402
+                                     _StopWatch, _StopWhenDone, cli_main)
+from proxykern.reference import row_seeds  # noqa: E402
 
 from gen_fixtures import save_tiny_checkpoints  # noqa: E402
 
 TASKS_DIR = os.path.join(os.path.dirname(DEFAULT_TRIO), "lm_eval")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What lm-eval 0.4.13's command line passes beside model_args when --device and
+# --batch_size are not given (its EvaluatorConfig defaults).
+CLI_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
 ITEMS = 90
 MARGIN = 0.1
 QUESTION = "question : where does gus wren live ? answer :"
@@ -229,7 +237,8 @@ def test_chat_expert_reads_its_chat_formatted_context(tmp_path):
     ("device=tpu9", "device"),
     ("temperature=0.5", "temperature"),
     ("backend=nope", "backend"),
-    ("base=/no/such/folder", "base"),
+    ("base=/no/such/folder", "base: no such folder: /no/such/folder"),
+    ("expert=./no/such/folder", "expert: no such folder: ./no/such/folder"),
 ])
 def test_bad_model_args_name_the_argument(args, name):
     base_args = dict(part.split("=", 1) for part in trio_args().split(","))
@@ -240,7 +249,178 @@ def test_bad_model_args_name_the_argument(args, name):
         get_model("proxykern").create_from_arg_string(arg_string)
 
 
+def test_missing_folder_is_named_before_any_model_loads(monkeypatch):
+    import proxykern.lm_eval_model as lm_eval_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model loaded before the paths were checked")
+
+    monkeypatch.setattr(lm_eval_model, "load_causal_lm", no_load)
+    with pytest.raises(ValueError, match="^model_args anti_expert: no such folder: /nonexistent"):
+        get_model("proxykern").create_from_arg_string(
+            trio_args().replace(os.path.join(DEFAULT_TRIO, "anti_expert"), "/nonexistent"))
+
+
 def test_missing_model_is_named():
     base, expert = (os.path.join(DEFAULT_TRIO, n) for n in ("base", "expert"))
     with pytest.raises(ValueError, match="anti_expert"):
         get_model("proxykern").create_from_arg_string(f"base={base},expert={expert}")
+
+
+def test_unknown_model_arg_lists_the_table():
+    with pytest.raises(ValueError, match="unknown argument.*pretrained") as err:
+        get_model("proxykern").create_from_arg_string(trio_args() + ",pretrained=gpt2")
+    listed = str(err.value).split("proxykern takes ")[1].rstrip(")").split(", ")
+    assert listed == [a.name for a in MODEL_ARGS]
+
+
+def test_every_model_arg_of_the_table_is_accepted():
+    """The table is the constructor's signature: each name, at its default, is taken."""
+    given = {a.name: a.default for a in MODEL_ARGS if a.default is not None}
+    given.update((n, os.path.join(DEFAULT_TRIO, n)) for n in ("base", "expert", "anti_expert"))
+    lm = ProxyKernLM(**given, device="cpu")
+    assert lm.batch_size == 1 and lm.alpha == 1.0 and lm.mode == "proxy"
+
+
+# --------------------------------------------------------------------------- device, batch_size
+
+def lm_with(model_args: str, additional: dict):
+    return get_model("proxykern").create_from_arg_string(trio_args() + model_args, additional)
+
+
+@pytest.mark.parametrize("model_args, additional, batch_size", [
+    (",device=cpu,batch_size=2", CLI_DEFAULTS, 2),  # model_args win over the CLI's defaults
+    ("", {**CLI_DEFAULTS, "device": "cpu", "batch_size": "8"}, 8),  # the flags alone
+    (",device=cpu,batch_size=2", {"device": "cpu", "batch_size": "2"}, 2),  # both, agreeing
+    (",device=cpu,batch_size=3", {"device": None, "batch_size": None}, 3),  # simple_evaluate
+    (",batch_size=4", CLI_DEFAULTS, 4),  # device: proxykern's default, not the CLI's cuda:0
+])
+def test_device_and_batch_size_from_model_args_or_lm_eval(model_args, additional, batch_size):
+    lm = lm_with(model_args, additional)
+    assert lm.batch_size == batch_size
+    expect = "cpu" if "cpu" in model_args + str(additional) else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    assert lm.device.type == expect
+
+
+@pytest.mark.parametrize("model_args, additional, message", [
+    (",batch_size=2", {"batch_size": "8"}, r"batch_size: model_args batch_size=2 but "
+                                           r"lm-eval's --batch_size .* is '8'"),
+    (",device=cpu", {"device": "cuda:1"}, r"device: model_args device='cpu' but lm-eval's "
+                                          r"--device .* is 'cuda:1'"),
+    ("", {"batch_size": "auto"}, r"batch_size: 'auto' is not supported"),
+])
+def test_conflicting_or_bad_device_and_batch_size_are_named(model_args, additional, message):
+    with pytest.raises(ValueError, match=message):
+        lm_with(model_args, additional)
+
+
+def test_create_from_arg_obj_merges_like_the_string_form():
+    args = dict(part.split("=", 1) for part in trio_args().split(","))
+    lm = get_model("proxykern").create_from_arg_obj({**args, "device": "cpu", "batch_size": 5},
+                                                    CLI_DEFAULTS)
+    assert lm.batch_size == 5 and lm.device.type == "cpu"
+    with pytest.raises(ValueError, match="batch_size=5 but"):
+        get_model("proxykern").create_from_arg_obj({**args, "batch_size": 5}, {"batch_size": 6})
+
+
+def run_cli(argv, capsys) -> str:
+    """``proxykern-lm-eval argv`` in this process; its stdout (the results table)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli_main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert done.value.code in (0, None), out
+    return out
+
+
+def table_row(out: str, task: str) -> list[str]:
+    return next(line for line in out.splitlines() if line.startswith(f"|{task}")).split("|")
+
+
+def test_cli_takes_device_and_batch_size_in_model_args(capsys, monkeypatch):
+    """lm-eval's command line always passes device and batch_size beside model_args."""
+    monkeypatch.chdir(REPO)
+    out = run_cli(["--model", "proxykern", "--model_args",
+                   trio_args() + ",device=cpu,batch_size=2", "--include_path", TASKS_DIR,
+                   "--tasks", "trio_qa_gen", "--limit", "2"], capsys)
+    assert "exact_match" in table_row(out, "trio_qa_gen")[5]
+
+
+def readme_trio_command() -> list[str]:
+    """The README's ``proxykern-lm-eval ... --include_path examples/trio/lm_eval`` command
+    (its ``T=`` line substituted, continuation lines joined) as an argv."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    block = next(b for b in blocks if "--include_path examples/trio/lm_eval" in b)
+    lines = block.replace("\\\n", " ").splitlines()
+    assign = next(line for line in lines if line.startswith("T="))
+    command = next(line for line in lines if line.startswith("proxykern-lm-eval"))
+    return shlex.split(command.replace("$T", assign[2:]))[1:]
+
+
+def test_readme_trio_command_runs(capsys, monkeypatch):
+    argv = readme_trio_command()
+    assert " ".join(shlex.split(TRIO_EXAMPLE.replace("\\\n", " ").split("\n", 1)[1])[1:]) \
+        == " ".join(argv).replace("examples/trio/models", "$T"), "README and --help differ"
+    argv[argv.index("--limit") + 1] = "3"
+    monkeypatch.chdir(REPO)  # the command's paths are relative to the repository root
+    out = run_cli(argv, capsys)
+    assert table_row(out, "trio_qa_mc")[5].strip() == "acc"
+    assert table_row(out, "trio_qa_gen")[5].strip() == "exact_match"
+
+
+# --------------------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["-h"]])
+def test_help_lists_model_args_after_lm_evals_help(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    lm_eval_part, _, ours = out.partition("proxykern model (--model proxykern")
+    assert "--model" in lm_eval_part and "usage:" in lm_eval_part  # lm-eval's own help first
+    rows = [line.split()[0] for line in ours.splitlines() if line.startswith("  ")
+            and not line.lstrip().startswith(("proxykern-lm-eval", "--", "T="))]
+    assert [r.split("=")[0] for r in rows] == [a.name for a in MODEL_ARGS]
+    assert "alpha=1.0" in rows and "batch_size=1" in rows and "seed=0" in rows
+    assert TRIO_EXAMPLE in ours
+
+
+# --------------------------------------------------------------------------- seeds
+
+SAMPLED = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
+
+
+def test_sampled_request_i_draws_with_row_seeds(proxy_lm):
+    """Request i of a sampled run is fused_proxy_generate with the per-row seed
+    row_seeds(seed, i) (docs/api.md, one seed rule), whatever the batch size."""
+    tok = proxy_lm.tokenizer
+    questions = [QUESTION, "question : what does gus wren do for work ? answer :",
+                 QUESTION, "question : which animal does gus wren keep ? answer :", QUESTION]
+    requests = [req("generate_until", q, dict(SAMPLED)) for q in questions]
+    requests.append(req("generate_until", QUESTION, {**SAMPLED, "seed": 11}))
+    saved = proxy_lm.batch_size
+    try:
+        got = {}
+        for proxy_lm.batch_size in (4, 1, 3):
+            got[proxy_lm.batch_size] = proxy_lm.generate_until(requests)
+    finally:
+        proxy_lm.batch_size = saved
+    assert got[1] == got[3] == got[4]
+    texts = got[4]
+    assert len({texts[0], texts[2], texts[4]}) > 1  # the same question, different draws
+
+    for i, r in enumerate(requests):
+        context, kwargs = r.args
+        seed = kwargs.get("seed", proxy_lm.seed)
+        one = fused_proxy_generate(
+            *proxy_lm.models, torch.tensor([proxy_lm.tok_encode(context)]), max_new_tokens=8,
+            alpha=1.0, temperature=1.0, seed=row_seeds(seed, torch.tensor([i])),
+            eos_token_id=proxy_lm.eos_ids)
+        assert texts[i] == tok.decode(one.tokens[0, :int(one.lengths[0])],
+                                      skip_special_tokens=True), i
