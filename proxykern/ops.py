@@ -165,7 +165,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return _resolve_backend(backend, device.type, device.index)
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device_type: str, device_index) -> str:
     device = torch.device(device_type, device_index) if device_index is not None \
         else torch.device(device_type)
@@ -187,6 +186,13 @@ def _resolve_backend(backend: str, device_type: str, device_index) -> str:
                     RuntimeWarning, stacklevel=5)
             return candidate
     raise AssertionError("the torch backend is always available")
+
+
+# torch.compiler.assume_constant_result(_resolve_backend), without its import of
+# torch._dynamo (seconds at `import proxykern`): the decorator only sets this flag.
+# tests/test_ops.py traces the op with fullgraph=True, so a torch that reads another flag
+# fails there by name.
+_resolve_backend._dynamo_marked_constant = True
 
 
 def _run_native(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size,

@@ -145,3 +145,15 @@ def test_the_cycle_check_sees_a_cycle():
     graph["proxykern.ops"] = graph["proxykern.ops"] | {"proxykern.cli"}
     graph["proxykern.cli"] = graph["proxykern.cli"] | {"proxykern.ops"}
     assert _cycles(graph)
+
+
+def test_import_proxykern_stays_light():
+    """``import proxykern`` loads torch and the op, not transformers (imported when a
+    generation entry point needs it), vLLM or torch._dynamo (seconds of start-up)."""
+    code = ("import sys, proxykern\n"
+            "heavy = [m for m in ('transformers', 'vllm', 'torch._dynamo', 'lm_eval')\n"
+            "         if m in sys.modules]\n"
+            "print(heavy)\n"
+            "sys.exit(1 if heavy else 0)\n")
+    result = _run_at_root("-c", code)
+    assert result.returncode == 0, result.stdout + result.stderr
