@@ -9,60 +9,153 @@ own prompt: the expert tokenizer's chat template applied to TEXT as one user
 turn (with the generation prompt); the expert's EOS ids then also stop generation.
 
 ``proxykern generate ... --input prompts.jsonl --output results.jsonl`` is the
-file mode (:mod:`proxykern.jsonl_generate` documents the line format).
-Errors (bad arguments, a bad input line, a model that cannot load) print
-``proxykern: error: ...`` and exit with status 1.
+file mode (:mod:`proxykern.jsonl_generate` documents the line format and the
+output file); ``--output -`` writes the lines to stdout.
+
+Every limit is checked before any work, cheapest first: the flags (sampling
+values by the op's own rules, so numbers beyond float32 / int64 are refused;
+counts; the device; model paths that look local but do not exist), then
+``--output`` and ``--input``, then the models load and each prompt is tokenized
+and checked (no tokens, or more positions than a model reads).
+
+Exit status: 0 done; 1 an error, printed as one line ``proxykern: error: ...``;
+2 bad usage (argparse); 130 interrupted by SIGINT (Ctrl-C) and 143 by SIGTERM,
+printed as one line with no traceback (file mode removes its temporary file and
+leaves an earlier ``--output`` untouched); 141 when stdout is closed early
+(``--output - | head``).
 
 ``proxykern bench [kernel|generate] [...]`` runs :mod:`proxykern.bench` or
-:mod:`proxykern.bench_generate`, and ``proxykern demo [...]``
-:func:`proxykern.demo.main` with the remaining arguments (imported only then).
+:mod:`proxykern.bench_generate`, and ``proxykern demo [...]`` :func:`proxykern.demo.main`,
+with the remaining arguments (imported only then).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+DEFAULT_BATCH_SIZE = 8
+INT64_MAX = 2 ** 63 - 1
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 130, 143, 141
+# Flags that only the file mode reads (refused with --prompt rather than ignored).
+FILE_MODE_FLAGS = (("batch_size", "--batch-size"), ("logprobs", "--logprobs"),
+                   ("skip_bad_lines", "--skip-bad-lines"))
+
+GENERATE_EPILOG = """\
+file mode (--input PROMPTS.jsonl --output RESULTS.jsonl):
+  Each input line is a JSON object (UTF-8; blank lines are ignored):
+    "prompt"          the text (required, non-empty)
+    "expert_prompt"   the expert's own prompt (else it reads "prompt",
+                      in its chat template with --chat-expert)
+    "alpha", "temperature", "top_k", "top_p", "min_p", "seed", "max_new_tokens"
+                      this line's value of the flag of the same name
+    any other field   copied to the output as is
+  Each output line, in input order, is the input object plus "completion",
+  "num_tokens", "finish_reason" ("stop" or "length") and with --logprobs
+  "logprobs" (lists "completions", ... with --num-return-sequences > 1).
+  Every line is parsed, tokenized and checked before anything is generated; a
+  bad line stops the run naming it, or with --skip-bad-lines is reported and
+  left out. The output is written to a temporary file and renamed at the end
+  (a symlink is written through; a replaced file keeps its mode); --output -
+  writes each line to stdout as soon as every earlier line is done.
+
+examples:
+  proxykern generate --base examples/trio/models/base \\
+      --expert examples/trio/models/expert --anti-expert examples/trio/models/anti_expert \\
+      --prompt "question : where does gus wren live ? answer :" --max-new-tokens 10
+  proxykern generate --base B --expert E --anti-expert A \\
+      --input prompts.jsonl --output results.jsonl --batch-size 16 --logprobs
+  proxykern generate --base B --expert E --anti-expert A \\
+      --input prompts.jsonl --output - | jq -r .completion
+
+exit status: 0 done, 1 error, 2 bad usage, 130 SIGINT, 143 SIGTERM,
+141 stdout closed early
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help (none for flags without one); epilogs as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    """The installed distribution's version, else the package's own."""
+    from importlib import metadata
+    try:
+        return metadata.version("proxykern")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proxykern", description="Fast proxy tuning "
-                                     "(Liu et al. 2024): base + alpha * (expert - anti-expert).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,demo}")
+    parser = argparse.ArgumentParser(
+        prog="proxykern", formatter_class=_HelpFormatter,
+        description="Fast proxy tuning (Liu et al. 2024): base + alpha * (expert - anti-expert).",
+        epilog="'proxykern generate --help' lists the generation flags and the JSONL format.")
+    parser.add_argument("--version", action="version", version=f"proxykern {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,demo}",
+                                title="commands")
 
-    gen = sub.add_parser("generate", help="proxy-tuned generation, streamed to stdout")
-    gen.add_argument("--base", required=True, help="base model (folder or hub name)")
-    gen.add_argument("--expert", required=True, help="tuned expert model")
-    gen.add_argument("--anti-expert", required=True, help="untuned anti-expert model")
+    gen = sub.add_parser("generate", help="proxy-tuned generation: one prompt streamed to "
+                         "stdout, or a JSONL file of prompts", formatter_class=_HelpFormatter,
+                         description="Proxy-tuned generation: base + alpha * (expert - "
+                                     "anti-expert),\none fused sampling kernel per step.",
+                         epilog=GENERATE_EPILOG)
+    gen.add_argument("--base", required=True, metavar="PATH",
+                     help="base model (folder or hub name)")
+    gen.add_argument("--expert", required=True, metavar="PATH", help="tuned expert model")
+    gen.add_argument("--anti-expert", required=True, metavar="PATH",
+                     help="untuned anti-expert model")
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt; its text is streamed to stdout")
+    src.add_argument("--prompt", metavar="TEXT",
+                     help="one prompt; its text is streamed to stdout")
     src.add_argument("--input", metavar="PROMPTS.jsonl",
                      help="a JSON-lines file of prompts (file mode; needs --output)")
     gen.add_argument("--output", metavar="RESULTS.jsonl",
-                     help="file mode: where the input lines go, each with its completion")
-    gen.add_argument("--batch-size", type=int, default=8,
-                     help="file mode: prompts per generation call (sorted by length)")
+                     help="file mode: where the input lines go, each with its completion "
+                          "('-': stdout)")
+    gen.add_argument("--batch-size", type=int, default=None, metavar="N",
+                     help=f"file mode: prompts per generation call, sorted by length "
+                          f"(default: {DEFAULT_BATCH_SIZE})")
     gen.add_argument("--skip-bad-lines", action="store_true",
-                     help="file mode: report malformed lines on stderr and go on")
+                     help="file mode: report bad lines on stderr and go on without them")
     gen.add_argument("--logprobs", action="store_true",
                      help="file mode: add the log-probability of every new token")
-    gen.add_argument("--num-draft-tokens", type=int, default=0,
+    gen.add_argument("--num-draft-tokens", type=int, default=0, metavar="K",
                      help="speculative proxy decoding: the expert drafts up to K tokens a "
                           "round (same output as 0, fewer base forwards)")
-    gen.add_argument("--num-return-sequences", type=int, default=1,
+    gen.add_argument("--num-return-sequences", type=int, default=1, metavar="N",
                      help="samples per prompt (use a temperature > 0 for distinct ones)")
     gen.add_argument("--chat-expert", action="store_true",
                      help="give the expert the prompt in its tokenizer's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--alpha", type=float, default=1.0)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="auto",
-                     help="'auto' (cuda if available), cpu, cuda:0, ...")
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                     help="new tokens at most (prompt + max_new_tokens - 1 must fit each "
+                          "model's max_position_embeddings)")
+    gen.add_argument("--alpha", type=float, default=1.0, metavar="A",
+                     help="the expert's weight")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = all tokens")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                     help="nucleus mass, in (0, 1]")
+    gen.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                     help="keep tokens with p >= min_p * p_max, in [0, 1)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="sampling seed (file mode: line i without a seed gets "
+                          "row_seeds(seed, i - 1))")
+    gen.add_argument("--device", default="auto", metavar="D",
+                     help="'auto' (cuda if available, else cpu), cpu, cuda, cuda:0, ...")
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="'auto': bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--backend", choices=BACKENDS, default="auto", help="the fused op's backend")
@@ -75,36 +168,126 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    """(base, expert, anti_expert, tokenizer, expert_tokenizer); equal paths share one model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# --------------------------------------------------------------------------- flags
 
-    device = torch.device(args.device if args.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+def _check_count(flag: str, value: int, minimum: int) -> None:
+    if not minimum <= value <= INT64_MAX:
+        raise ValueError(f"{flag} must be an int in [{minimum}, 2**63 - 1], got {value}")
+
+
+def _device(spec: str):
+    """The torch.device ``--device`` names; ValueError unless it exists and is available."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: there are {count} CUDA device(s) here")
+        return device
+    module = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
+    available = getattr(module, "is_available", None)
+    if device.type != "meta" and callable(available) and available():
+        return device
+    raise ValueError(f"--device {spec}: {device.type} devices are not available here "
+                     f"(use cpu or cuda)")
+
+
+def check_flags(args):
+    """Check every flag before any file is read or model loaded; returns the device.
+
+    Sampling values go through the op's own rules
+    (:func:`proxykern.ops.check_sampling_arg`: numbers beyond float32 / int64 are
+    refused), named as flags; file-mode flags are refused in prompt mode.
+    """
+    from .jsonl_generate import ROW_FIELDS
+    from .loading import resolve_model_path
+    from .ops import check_sampling_arg
+
+    if (args.input is None) != (args.output is None):
+        raise ValueError("--input and --output go together (file mode)")
+    if args.input is None:
+        given = [flag for attr, flag in FILE_MODE_FLAGS
+                 if getattr(args, attr) is not None and getattr(args, attr) is not False]
+        if given:
+            raise ValueError(f"{given[0]} applies to file mode (--input/--output) only")
+        try:  # a lone surrogate (undecodable bytes in argv) cannot be tokenized
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("--prompt is not valid UTF-8 text") from None
+    else:
+        if args.batch_size is None:
+            args.batch_size = DEFAULT_BATCH_SIZE
+        _check_count("--batch-size", args.batch_size, 1)
+    _check_count("--max-new-tokens", args.max_new_tokens, 0)
+    _check_count("--num-return-sequences", args.num_return_sequences, 1)
+    _check_count("--num-draft-tokens", args.num_draft_tokens, 0)
+    for name in ROW_FIELDS:
+        try:
+            check_sampling_arg(name, getattr(args, name), 1)
+        except (TypeError, ValueError) as exc:
+            message, flag = str(exc), "--" + name.replace("_", "-")
+            raise ValueError(flag + message[len(name):] if message.startswith(name)
+                             else f"{flag}: {message}") from None
+    for flag, path in (("--base", args.base), ("--expert", args.expert),
+                       ("--anti-expert", args.anti_expert)):
+        resolve_model_path(flag, path)  # a local-looking path that is not there
+    return _device(args.device)
+
+
+# --------------------------------------------------------------------------- models
+
+@dataclass
+class Session:
+    """The loaded models and what generation needs besides the prompts."""
+    models: tuple          # (base, expert, anti_expert)
+    names: tuple           # how messages name them: ("--base PATH", ...)
+    tokenizer: object      # the base's
+    encode_expert: object  # record -> the expert's token ids, or None (it reads the base prompt)
+    eos: list
+    pad: int
+    device: object
+
+
+def _load(args, device) -> Session:
+    """Load the tokenizer(s) and the three models; equal paths share one model."""
+    import torch
+
+    from .generation_args import shared_vocab_size
+    from .loading import load_causal_lm, load_tokenizer
+
     dtype = (getattr(torch, args.dtype) if args.dtype != "auto"
              else torch.bfloat16 if device.type == "cuda" else torch.float32)
     loaded = {}
 
-    def loads(flag, path, load):  # name the flag and the path of what does not load
-        try:
-            return load(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{flag} {path!r} does not load: {exc}") from None
-
     def model(flag, path):
         if path not in loaded:
-            loaded[path] = loads(flag, path, lambda p: AutoModelForCausalLM.from_pretrained(
-                p, dtype=dtype).to(device).eval())
+            loaded[path] = load_causal_lm(flag, path, dtype, device)
         return loaded[path]
 
-    tokenizer = loads("--base", args.base, AutoTokenizer.from_pretrained)
-    expert_tokenizer = (loads("--expert", args.expert, AutoTokenizer.from_pretrained)
-                        if args.chat_expert else None)
-    return (model("--base", args.base), model("--expert", args.expert),
-            model("--anti-expert", args.anti_expert), tokenizer, expert_tokenizer)
+    tokenizer = load_tokenizer("--base", args.base)
+    expert_tokenizer = load_tokenizer("--expert", args.expert) if args.chat_expert else None
+    base, expert, anti = (model("--base", args.base), model("--expert", args.expert),
+                          model("--anti-expert", args.anti_expert))
+    shared_vocab_size(base, expert, anti)  # one vocabulary: refused now, not at the first batch
+    encode_expert = _expert_encoder(args, tokenizer, expert_tokenizer)
+    # A chat expert ends its turn with its own EOS.
+    eos = _eos_ids(base, expert) if args.chat_expert else _eos_ids(base)
+    pad = base.generation_config.pad_token_id
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    names = (f"--base {args.base}", f"--expert {args.expert}",
+             f"--anti-expert {args.anti_expert}")
+    return Session((base, expert, anti), names, tokenizer, encode_expert, eos, pad, device)
 
 
 def _eos_ids(*models) -> list:
@@ -135,40 +318,32 @@ def _expert_encoder(args, tokenizer, expert_tokenizer):
     return encode
 
 
-def generate_main(args) -> int:
+# --------------------------------------------------------------------------- generate
+
+def _generate_prompt(args, session: Session) -> int:
+    """Prompt mode: check the prompt against the models, then stream its text to stdout."""
     from transformers import TextStreamer
 
     from .generate import fused_proxy_generate
-    from .jsonl_generate import generate_file
+    from .jsonl_generate import check_prompt
     from .runner import left_pad
 
-    if (args.input is None) != (args.output is None):
-        raise ValueError("--input and --output go together (file mode)")
-    base, expert, anti, tokenizer, expert_tokenizer = _load(args)
-    device = base.device
-    encode_expert = _expert_encoder(args, tokenizer, expert_tokenizer)
-    # A chat expert ends its turn with its own EOS.
-    eos = _eos_ids(base, expert) if args.chat_expert else _eos_ids(base)
-    pad = base.generation_config.pad_token_id
-    if pad is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
-    if args.input is not None:
-        generate_file(args, (base, expert, anti), tokenizer, encode_expert, eos, pad, device)
-        return 0
-
-    n = args.num_return_sequences
-    record = {"prompt": args.prompt}
-    ids, mask = left_pad([tokenizer(args.prompt)["input_ids"]], pad)
-    e_row = encode_expert(record)
+    tokenizer, device, pad, n = session.tokenizer, session.device, session.pad, \
+        args.num_return_sequences
+    row = tokenizer(args.prompt)["input_ids"]
+    e_row = session.encode_expert({"prompt": args.prompt})
+    check_prompt(session.models, session.names, row, e_row, args.max_new_tokens,
+                 ("--prompt", "the expert's chat prompt"))
+    ids, mask = left_pad([row], pad)
     e_ids, e_mask = left_pad([e_row], pad) if e_row is not None else (None, None)
     # One sequence streams as it is generated; n > 1 are printed one after another.
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) \
         if n == 1 else None
     out = fused_proxy_generate(
-        base, expert, anti, ids.to(device), mask.to(device),
+        *session.models, ids.to(device), mask.to(device),
         max_new_tokens=args.max_new_tokens, alpha=args.alpha, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        eos_token_id=eos or None, pad_token_id=pad,
+        eos_token_id=session.eos or None, pad_token_id=pad,
         expert_input_ids=e_ids.to(device) if e_ids is not None else None,
         expert_attention_mask=e_mask.to(device) if e_mask is not None else None,
         streamer=streamer, backend=args.backend,
@@ -179,6 +354,61 @@ def generate_main(args) -> int:
                                     skip_special_tokens=True)
             print(f"--- sequence {j + 1} of {n} ---\n{text}", flush=True)
     return 0
+
+
+def generate_main(args) -> int:
+    """``proxykern generate``: check the flags, then the prompt or the file mode."""
+    device = check_flags(args)
+    if args.input is not None:
+        from .jsonl_generate import generate_file
+        generate_file(args, lambda: _load(args, device))
+        return 0
+    return _generate_prompt(args, _load(args, device))
+
+
+# --------------------------------------------------------------------------- signals
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT, so that the
+    same cleanup (the temporary output file) runs; not an Exception, so no library
+    handler swallows it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`Terminated` inside the block (unless it is ignored, as by a
+    parent that asked for that, or the block runs off the main thread)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(parser, status: int, message: str, signalled: bool = False):
+    """Exit with ``status`` and one line on stderr (a signal: on a line of its own, as a
+    bar or streamed text may have left the terminal's line unfinished)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    fresh = "\n" if signalled and sys.stderr.isatty() else ""
+    parser.exit(status, f"{fresh}proxykern: {message}\n")
+
+
+def _silence_stdout() -> None:
+    """stdout's reader is gone: point it at /dev/null so the exit's flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a captured stdout)
+        pass
 
 
 BENCH_USAGE = """usage: proxykern bench {kernel,generate} [options]
@@ -212,9 +442,17 @@ def main(argv=None) -> int:
         return demo.main(argv[1:]) or 0
     args = parser.parse_args(argv)
     try:
-        return generate_main(args)
-    except (ValueError, OSError) as exc:  # bad arguments, models that cannot load
-        parser.exit(1, f"proxykern: error: {exc}\n")
+        with _sigterm_raises():
+            return generate_main(args)
+    except KeyboardInterrupt:
+        _stop(parser, EXIT_SIGINT, "interrupted by SIGINT", signalled=True)
+    except Terminated:
+        _stop(parser, EXIT_SIGTERM, "terminated by SIGTERM", signalled=True)
+    except BrokenPipeError:  # --output - | head: the reader has what it wanted
+        _silence_stdout()
+        return EXIT_SIGPIPE
+    except (ValueError, OSError) as exc:  # bad arguments, lines, models that cannot load
+        _stop(parser, 1, f"error: {exc}")
 
 
 if __name__ == "__main__":

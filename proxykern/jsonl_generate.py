@@ -1,7 +1,7 @@
 """``proxykern generate --input prompts.jsonl --output results.jsonl``: batch generation from a file.
 
-Input: one JSON object per line (blank lines are ignored) with a ``"prompt"``
-string and optionally
+Input: one JSON object per line (UTF-8; blank lines are ignored) with a
+``"prompt"`` string and optionally
 
 * ``"expert_prompt"``: the expert's own prompt text (used as is; otherwise the
   expert reads ``"prompt"``, in its chat template with ``--chat-expert``);
@@ -20,34 +20,140 @@ Seeds: a line without ``"seed"`` gets ``row_seeds(--seed, line number - 1)``
 not depend on its batch, so the output does not depend on ``--batch-size`` or on
 the order of the other lines.
 
-Prompts are sorted by length and generated ``--batch-size`` at a time (less
-padding). A malformed line stops the run with its line number before anything
-is generated (``--skip-bad-lines``: reported on stderr and left out). The output
-goes to a temporary file next to ``--output``, renamed at the end: a failed run
-leaves no half-written file.
+Every limit is checked before anything is generated: ``--output`` is checked
+(and its temporary file created) and every line parsed before the models load;
+then every line is tokenized and checked against the models (no tokens, token
+ids beyond an embedding, prompt + max_new_tokens beyond a model's positions).
+A bad line stops the run naming it (``--skip-bad-lines``: reported on stderr and
+left out). Prompts are then sorted by length and generated ``--batch-size`` at a
+time (a batch is cut short where its longest prompt and largest max_new_tokens
+together would exceed a model's positions).
+
+Lines are written in input order as soon as every earlier line is done: to a
+temporary file beside ``--output`` (its real path: a symlink is written through),
+renamed onto it at the end, so a failed or interrupted run leaves no file behind
+and an earlier ``--output`` untouched; or, with ``--output -``, to stdout.
 """
 from __future__ import annotations
 
 import json
 import numbers
 import os
+import stat
 import sys
 import tempfile
 import time
 
 import torch
 
+from .generation_args import check_positions, input_width
 from .ops import PARAM_DTYPES, check_sampling_arg
 from .reference import as_int64, row_seeds
 from .runner import left_pad
 
 #: Per-row sampling fields a line may carry: the op's parameters less the step.
 ROW_FIELDS = tuple(name for name in PARAM_DTYPES if name != "step")
+INT64_MAX = 2 ** 63 - 1
+DEFAULT_BATCH_SIZE = 8
 
 
 class BadLine(ValueError):
     """A line of the input file that cannot be used; the message starts with its number."""
 
+
+# --------------------------------------------------------------------------- output
+
+class Output:
+    """Where the output lines go: ``--output -`` is stdout, anything else a file.
+
+    A file target is checked when opened, before any work: not a folder, not a
+    device or pipe, writable, its folder present. Lines go to a temporary file
+    in the folder of the target's real path (a symlink is written through: the
+    link stays and its target gets the lines); :meth:`commit` gives it the mode
+    of the file it replaces (a new file: 0666 less the umask) and renames it onto
+    the target. Leaving the ``with`` block without a commit (an error, a signal)
+    removes the temporary file.
+    """
+
+    def __init__(self, path: str):
+        self.path, self.tmp_path, self._file = path, None, None
+        if path == "-":
+            self.name = "standard output"
+            return
+        self.name = path
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        where = f"--output {path}" + (f" (a link to {real})" if os.path.islink(path) else "")
+        if os.path.isdir(real):
+            raise ValueError(f"{where} is a folder: name a file (or - for standard output)")
+        if not os.path.isdir(folder):
+            raise ValueError(f"{where}: the folder {folder} does not exist")
+        if os.path.exists(real):
+            st = os.stat(real)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{where} is not a regular file (use --output - for "
+                                 f"standard output)")
+            if not os.access(real, os.W_OK):
+                raise ValueError(f"{where} is not writable")
+            self.mode = stat.S_IMODE(st.st_mode)  # a replaced file keeps its mode
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            self.mode = 0o666 & ~umask  # what open() would give a new file
+        self.real = real
+        try:
+            fd, self.tmp_path = tempfile.mkstemp(prefix=".proxykern-", suffix=".jsonl.tmp",
+                                                 dir=folder)
+        except OSError as exc:  # name the folder, not the temporary file
+            raise ValueError(f"{where}: cannot write in {folder} ({exc.strerror})") from None
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._file is not None:  # not committed: a failure or a signal
+            self._file.close()
+            self._file = None
+            os.remove(self.tmp_path)
+        return False
+
+    def write(self, line: str) -> None:
+        if self._file is None:
+            sys.stdout.write(line)
+            sys.stdout.flush()  # a reader of the stream gets each line when it is done
+        else:
+            self._file.write(line)
+
+    def commit(self) -> None:
+        """The lines written become the target (a no-op for stdout)."""
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        os.fchmod(self._file.fileno(), self.mode)
+        self._file.close()
+        self._file = None
+        os.replace(self.tmp_path, self.real)
+
+
+class _InOrder:
+    """Writes results given in any order to ``output`` in input order, each as soon as
+    every earlier one is done."""
+
+    def __init__(self, records: list, output: Output):
+        self.records, self.output, self.done, self.next = records, output, {}, 0
+
+    def put(self, index: int, result: dict) -> None:
+        self.done[index] = result
+        while self.next in self.done:
+            result = self.done.pop(self.next)
+            obj = self.records[self.next]["obj"]
+            self.output.write(json.dumps({**obj, **result}, ensure_ascii=False) + "\n")
+            self.next += 1
+
+
+# --------------------------------------------------------------------------- input
 
 def parse_line(text: str, number: int, defaults: dict) -> dict | None:
     """The record of one input line (None for a blank line); raises :class:`BadLine`."""
@@ -57,8 +163,15 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadLine(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an int of too many digits, deep nesting
+        raise BadLine(f"line {number}: not usable JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise BadLine(f"line {number}: expected a JSON object, got {type(obj).__name__}")
+    try:  # a lone surrogate (\ud800) parses but cannot be tokenized or written as UTF-8
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadLine(f"line {number}: holds text that is not valid Unicode "
+                      f"({exc.object[exc.start:exc.end]!r}, a lone surrogate)") from None
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
         raise BadLine(f"line {number}: needs a non-empty string field \"prompt\"")
     if "expert_prompt" in obj and (not isinstance(obj["expert_prompt"], str)
@@ -76,32 +189,131 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
     else:
         params["seed"] = as_int64(params["seed"])
     n_new = obj.get("max_new_tokens", defaults["max_new_tokens"])
-    if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral) or n_new < 0:
-        raise BadLine(f"line {number}: max_new_tokens must be an int >= 0, got {n_new!r}")
+    if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral) \
+            or not 0 <= n_new <= INT64_MAX:
+        raise BadLine(f"line {number}: max_new_tokens must be an int in [0, 2**63 - 1], "
+                      f"got {n_new!r}")
     return {"line": number, "obj": obj, "params": params, "max_new_tokens": int(n_new)}
+
+
+def _report(exc: BadLine, path: str, skip_bad_lines: bool) -> None:
+    """Raise the bad line naming the file, or (``--skip-bad-lines``) report it on stderr."""
+    if not skip_bad_lines:
+        raise BadLine(f"--input {path}: {exc}") from None
+    print(f"proxykern: skipping --input {path}: {exc}", file=sys.stderr)
+
+
+def _lines(path: str):
+    """(number, text) of each line of ``path``; a line that is not UTF-8 is a BadLine."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise ValueError(f"--input {path}: cannot read it ({exc.strerror})") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:  # a UTF-8 byte-order mark at the start is not part of the JSON
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, BadLine(f"line {number}: not valid UTF-8 (byte "
+                                      f"0x{raw[exc.start]:02x} at byte {exc.start + 1})")
 
 
 def read_records(path: str, defaults: dict, skip_bad_lines: bool) -> list[dict]:
     """Every usable record of ``path`` in order; a bad line raises (or is reported and skipped)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            try:
-                record = parse_line(text, number, defaults)
-            except BadLine as exc:
-                if not skip_bad_lines:
-                    raise
-                print(f"proxykern: skipping {exc}", file=sys.stderr)
-                continue
-            if record is not None:
-                records.append(record)
+    for number, text in _lines(path):
+        try:
+            if isinstance(text, BadLine):
+                raise text
+            record = parse_line(text, number, defaults)
+        except BadLine as exc:
+            _report(exc, path, skip_bad_lines)
+            continue
+        if record is not None:
+            records.append(record)
     return records
 
 
-def _batches(records: list[dict], lengths: list[int], batch_size: int):
-    order = sorted(range(len(records)), key=lambda i: lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+# --------------------------------------------------------------------------- checks
+
+def check_prompt(models, names, base_ids: list, expert_ids: list | None, max_new_tokens: int,
+                 fields=("prompt", "expert prompt")) -> None:
+    """Refuse a prompt that cannot be generated from, before any work (``ValueError``).
+
+    ``models``: (base, expert, anti_expert); ``names``: how the messages name them
+    (e.g. ``--base PATH``); ``expert_ids``: the expert's own tokens, or None when it
+    reads ``base_ids``; ``fields``: how the messages name the two prompts. The rules:
+    some tokens; ids within each reader's embedding; positions within each model's
+    limit (:func:`proxykern.generation_args.check_positions`).
+    """
+    base, expert, anti = models
+    own = expert_ids is not None
+    for ids, field, readers in ((base_ids, fields[0], (0, 2) if own else (0, 1, 2)),
+                                (expert_ids, fields[1], (1,))):
+        if ids is None:
+            continue
+        if not ids:
+            raise ValueError(f"{field} tokenizes to no tokens")
+        for k in readers:
+            width = input_width(models[k])
+            if width is not None and not 0 <= min(ids) <= max(ids) < width:
+                raise ValueError(f"{field} holds token ids in [{min(ids)}, {max(ids)}] but "
+                                 f"{names[k]} has {width} embedding rows")
+    e_len = len(expert_ids) if own else len(base_ids)
+    check_positions(((names[0], base, len(base_ids)), (names[1], expert, e_len),
+                     (names[2], anti, len(base_ids))), max_new_tokens)
+
+
+def _tokenize(records, session, skip_bad_lines: bool, path: str):
+    """Tokenize every record and check it against the models; returns the records kept
+    and their (base ids, expert ids or None) rows."""
+    kept, rows = [], []
+    for record in records:
+        number = record["line"]
+        try:
+            base_ids = session.tokenizer(record["obj"]["prompt"])["input_ids"]
+            expert_ids = session.encode_expert(record["obj"])
+            fields = ('"prompt"', '"expert_prompt"' if "expert_prompt" in record["obj"]
+                      else "the expert's chat prompt")
+            check_prompt(session.models, session.names, base_ids, expert_ids,
+                         record["max_new_tokens"], fields)
+        except ValueError as exc:
+            _report(BadLine(f"line {number}: {exc}"), path, skip_bad_lines)
+            continue
+        kept.append(record)
+        rows.append((base_ids, expert_ids))
+    return kept, rows
+
+
+def _fits(session, rows, limits) -> bool:
+    """Whether one batch of these rows stays within every model's positions (the batch
+    runs to its largest max_new_tokens)."""
+    base_len = max(len(b) for b, _ in rows)
+    e_len = max(len(e if e is not None else b) for b, e in rows)
+    try:
+        check_positions(((session.names[0], session.models[0], base_len),
+                         (session.names[1], session.models[1], e_len),
+                         (session.names[2], session.models[2], base_len)), max(limits))
+    except ValueError:
+        return False
+    return True
+
+
+def _batches(session, records, rows, batch_size: int):
+    """Index lists of at most ``batch_size`` records, shortest prompts first; a batch is
+    closed early where one more record would exceed a model's positions (each record
+    fits alone: :func:`check_prompt`)."""
+    order = sorted(range(len(records)), key=lambda i: len(rows[i][0]))
+    batch: list = []
+    for i in order:
+        grown = batch + [i]
+        if batch and (len(grown) > batch_size or not _fits(
+                session, [rows[j] for j in grown], [records[j]["max_new_tokens"] for j in grown])):
+            yield batch
+            grown = [i]
+        batch = grown
+    if batch:
+        yield batch
 
 
 def _row_result(tokens, length, limit, logprobs, eos_ids, tokenizer) -> dict:
@@ -116,69 +328,64 @@ def _row_result(tokens, length, limit, logprobs, eos_ids, tokenizer) -> dict:
     return result
 
 
-def generate_file(args, models, tokenizer, encode_expert, eos_ids, pad_id, device) -> int:
-    """Run the file mode of ``proxykern generate``; returns the number of lines written."""
+# --------------------------------------------------------------------------- the run
+
+def generate_file(args, load) -> int:
+    """Run the file mode of ``proxykern generate``; returns the number of lines written.
+
+    ``load()`` loads the models and returns a session with ``models`` (base, expert,
+    anti_expert), ``names`` (how messages name them), ``tokenizer``, ``encode_expert``
+    (record -> the expert's ids or None), ``eos``, ``pad`` and ``device``. It runs after
+    ``--output`` and ``--input`` are checked, so neither costs a model load to refuse.
+    """
     from tqdm.auto import tqdm
 
     from .generate import fused_proxy_generate
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_return_sequences < 1:
-        raise ValueError(f"--num-return-sequences must be >= 1, got {args.num_return_sequences}")
     defaults = {name: getattr(args, name) for name in ROW_FIELDS}
     defaults["max_new_tokens"] = args.max_new_tokens
-    records = read_records(args.input, defaults, args.skip_bad_lines)
     n = args.num_return_sequences
-
-    base_rows = [tokenizer(r["obj"]["prompt"])["input_ids"] for r in records]
-    expert_rows = [encode_expert(r["obj"]) for r in records]
-    results: list = [None] * len(records)
-
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp_path = tempfile.mkstemp(prefix=".proxykern-", suffix=".jsonl.tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        bar = tqdm(total=len(records), unit="prompt", file=sys.stderr, dynamic_ncols=True,
-                   disable=None)
-        new_tokens, started = 0, time.perf_counter()
-        for index in _batches(records, [len(r) for r in base_rows], args.batch_size):
-            ids, mask = left_pad([base_rows[i] for i in index], pad_id)
-            own = [expert_rows[i] for i in index]
-            e_ids = e_mask = None
-            if any(row is not None for row in own):  # else the expert reads the base prompt
-                e_ids, e_mask = (t.to(device) for t in left_pad(
-                    [row if row is not None else base_rows[i] for row, i in zip(own, index)],
-                    pad_id))
-            params = {name: torch.tensor([records[i]["params"][name] for i in index],
-                                         dtype=PARAM_DTYPES[name], device=device)
-                      for name in ROW_FIELDS}
-            limits = [records[i]["max_new_tokens"] for i in index]
-            out = fused_proxy_generate(
-                *models, ids.to(device), mask.to(device), max_new_tokens=max(limits),
-                **params, eos_token_id=eos_ids or None, pad_token_id=pad_id,
-                expert_input_ids=e_ids, expert_attention_mask=e_mask,
-                return_logprobs=args.logprobs, num_return_sequences=n, backend=args.backend,
-                num_draft_tokens=args.num_draft_tokens)
-            tokens, lengths = out.tokens.cpu(), out.lengths.cpu()
-            logprobs = out.logprobs.cpu() if out.logprobs is not None else None
-            for k, i in enumerate(index):
-                rows = [_row_result(tokens[k * n + j], lengths[k * n + j], limits[k],
-                                    logprobs[k * n + j] if logprobs is not None else None,
-                                    eos_ids, tokenizer) for j in range(n)]
-                new_tokens += sum(r["num_tokens"] for r in rows)
-                results[i] = rows[0] if n == 1 else {
-                    ("completions" if key == "completion" else key): [r[key] for r in rows]
-                    for key in rows[0]}
-            bar.update(len(index))
-            bar.set_postfix_str(f"{new_tokens / max(time.perf_counter() - started, 1e-9):.1f} tok/s")
-        bar.close()
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            for record, result in zip(records, results):
-                f.write(json.dumps({**record["obj"], **result}, ensure_ascii=False) + "\n")
-        os.replace(tmp_path, args.output)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with Output(args.output) as output:
+        records = read_records(args.input, defaults, args.skip_bad_lines)
+        session = load()
+        records, rows = _tokenize(records, session, args.skip_bad_lines, args.input)
+        writer = _InOrder(records, output)
+        print(f"proxykern: generating {len(records)} prompt(s) from {args.input} into "
+              f"{output.name}", file=sys.stderr, flush=True)
+        device, pad = session.device, session.pad
+        with tqdm(total=len(records), unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                  disable=None) as bar:
+            new_tokens, started = 0, time.perf_counter()
+            for index in _batches(session, records, rows, args.batch_size):
+                ids, mask = left_pad([rows[i][0] for i in index], pad)
+                own = [rows[i][1] for i in index]
+                e_ids = e_mask = None
+                if any(row is not None for row in own):  # else the expert reads the base prompt
+                    e_ids, e_mask = (t.to(device) for t in left_pad(
+                        [row if row is not None else rows[i][0] for row, i in zip(own, index)],
+                        pad))
+                params = {name: torch.tensor([records[i]["params"][name] for i in index],
+                                             dtype=PARAM_DTYPES[name], device=device)
+                          for name in ROW_FIELDS}
+                limits = [records[i]["max_new_tokens"] for i in index]
+                out = fused_proxy_generate(
+                    *session.models, ids.to(device), mask.to(device), max_new_tokens=max(limits),
+                    **params, eos_token_id=session.eos or None, pad_token_id=pad,
+                    expert_input_ids=e_ids, expert_attention_mask=e_mask,
+                    return_logprobs=args.logprobs, num_return_sequences=n, backend=args.backend,
+                    num_draft_tokens=args.num_draft_tokens)
+                tokens, lengths = out.tokens.cpu(), out.lengths.cpu()
+                logprobs = out.logprobs.cpu() if out.logprobs is not None else None
+                for k, i in enumerate(index):
+                    results = [_row_result(tokens[k * n + j], lengths[k * n + j], limits[k],
+                                           logprobs[k * n + j] if logprobs is not None else None,
+                                           session.eos, session.tokenizer) for j in range(n)]
+                    new_tokens += sum(r["num_tokens"] for r in results)
+                    writer.put(i, results[0] if n == 1 else {
+                        ("completions" if key == "completion" else key): [r[key] for r in results]
+                        for key in results[0]})
+                bar.update(len(index))
+                bar.set_postfix_str(
+                    f"{new_tokens / max(time.perf_counter() - started, 1e-9):.1f} tok/s")
+        output.commit()
     return len(records)

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from proxykern import cli, fused_proxy_generate
 from proxykern.reference import row_seeds
+from transformers import AutoTokenizer
 
 TRIO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                     "trio", "models")
@@ -195,8 +199,10 @@ def test_single_prompt_num_return_sequences_prints_each(capsys):
     assert "--- sequence 1 of 2 ---" in out and "--- sequence 2 of 2 ---" in out
 
 
-def test_single_prompt_streams_before_the_process_ends(tmp_path):
-    """The text reaches stdout while generation is still running."""
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """A random model with 4096 positions that never stops early (no EOS), saved with the
+    trio's tokenizer: a job long enough to watch or interrupt."""
     from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=161, hidden_size=64, intermediate_size=128,
@@ -204,14 +210,23 @@ def test_single_prompt_streams_before_the_process_ends(tmp_path):
                          max_position_embeddings=4096, bos_token_id=2, eos_token_id=None,
                          pad_token_id=0)
     model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = None  # never stops early: 3000 tokens to stream
-    path = str(tmp_path / "model")
+    model.generation_config.eos_token_id = None
+    path = str(tmp_path_factory.mktemp("long") / "model")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(os.path.join(TRIO, "base")).save_pretrained(path)
-    cmd = [sys.executable, "-m", "proxykern.cli", "generate", "--base", path, "--expert", path,
-           "--anti-expert", path, "--prompt", QUESTIONS[0], "--device", "cpu",
-           "--temperature", "1.0", "--max-new-tokens", "3000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return path
+
+
+def _long_job(path, *extra):
+    return [sys.executable, "-m", "proxykern.cli", "generate", "--base", path, "--expert", path,
+            "--anti-expert", path, "--device", "cpu", "--temperature", "1.0",
+            "--max-new-tokens", "3000", *extra]
+
+
+def test_single_prompt_streams_before_the_process_ends(long_model):
+    """The text reaches stdout while generation is still running."""
+    proc = subprocess.Popen(_long_job(long_model, "--prompt", QUESTIONS[0]),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         first = proc.stdout.read1(64) if hasattr(proc.stdout, "read1") else proc.stdout.read(8)
         still_running = proc.poll() is None
@@ -220,3 +235,272 @@ def test_single_prompt_streams_before_the_process_ends(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def _wait_for(predicate, proc, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the process ended (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if this test runs with SIGINT ignored
+
+
+@pytest.mark.parametrize("mode", ["prompt", "file"])
+@pytest.mark.parametrize("signum, status, message", [
+    (signal.SIGTERM, 143, "proxykern: terminated by SIGTERM"),
+    (signal.SIGINT, 130, "proxykern: interrupted by SIGINT")])
+def test_a_signal_mid_run_is_one_line_its_status_and_no_file(long_model, tmp_path, mode,
+                                                             signum, status, message):
+    """SIGTERM / SIGINT while generating: exit 143 / 130 with one line on stderr, no
+    traceback; in file mode no temporary file is left and an earlier --output is kept."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    work = tmp_path / "work"
+    work.mkdir()
+    if mode == "prompt":
+        cmd = _long_job(long_model, "--prompt", QUESTIONS[0])
+        started = lambda: out.stat().st_size > 0  # noqa: E731  the text is streaming
+        marker = None
+    else:
+        src = _write(work / "in.jsonl", [json.dumps({"prompt": q}) for q in QUESTIONS])
+        (work / "out.jsonl").write_text("old results\n")
+        cmd = _long_job(long_model, "--input", src, "--output", str(work / "out.jsonl"),
+                        "--batch-size", "1")
+        marker = "proxykern: generating 5 prompt(s)"
+        started = lambda: marker in err.read_text()  # noqa: E731
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, preexec_fn=_default_sigint)
+        try:
+            _wait_for(started, proc, "generation")
+            if mode == "file":  # the batch has begun: a few tokens in
+                time.sleep(0.5)
+                assert proc.poll() is None
+            proc.send_signal(signum)
+            assert proc.wait(timeout=60) == status
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    text = err.read_text()
+    assert "Traceback" not in text, text
+    after = text.split(marker, 1)[1].splitlines()[1:] if marker else \
+        [line for line in text.splitlines() if line.startswith("proxykern")]
+    assert [line for line in after if line.strip()] == [message], text
+    if mode == "file":
+        assert sorted(os.listdir(work)) == ["in.jsonl", "out.jsonl"]
+        assert (work / "out.jsonl").read_text() == "old results\n"
+        assert out.read_text() == ""
+
+
+# --------------------------------------------------------------------------- limits
+
+LONG = " ".join([QUESTIONS[0]] * 13)  # 130 tokens: beyond the trio's 128 positions
+
+
+def _lines_of(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _fails(capsys, *argv):
+    """Run the CLI expecting exit 1; returns stderr's own lines (no Hugging Face bars)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_argv(*argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1, err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+
+
+@pytest.mark.parametrize("bad, words", [
+    ('{"prompt": "%s", "max_new_tokens": 1000000000}' % QUESTIONS[1],
+     ["reads at most 128 positions", "--base "]),
+    ('{"prompt": "%s", "max_new_tokens": 120}' % QUESTIONS[1], ["reads at most 128 positions"]),
+    ('{"prompt": "%s", "max_new_tokens": 1}' % LONG, ["reads at most 128 positions"]),
+    ('{"prompt": "%s", "expert_prompt": "%s", "max_new_tokens": 1}' % (QUESTIONS[1], LONG),
+     ["--expert ", "reads at most 128 positions"]),
+    ('{"prompt": "%s", "max_new_tokens": %d}' % (QUESTIONS[1], 2 ** 63), ["max_new_tokens"]),
+    ('{"prompt": "%s", "temperature": 1e39}' % QUESTIONS[1], ["temperature must be"]),
+    ('{"prompt": "%s", "temperature": Infinity}' % QUESTIONS[1], ["temperature must be"]),
+    ('{"prompt": "%s", "alpha": -1e39}' % QUESTIONS[1], ["alpha must be"]),
+    ('{"prompt": "%s", "alpha": NaN}' % QUESTIONS[1], ["alpha must be"]),
+    ('{"prompt": "%s", "top_k": %d}' % (QUESTIONS[1], 2 ** 64), ["top_k must be"]),
+    ('{"prompt": "%s", "seed": %d}' % (QUESTIONS[1], 2 ** 64), ["seed must fit"]),
+    ('{"prompt": "%s", "top_k": 1%s}' % (QUESTIONS[1], "0" * 5000), ["not usable JSON"]),
+    ("[" * 100000 + "]" * 100000, ["not usable JSON"]),
+    ('{"prompt": "   "}', ['"prompt" tokenizes to no tokens']),
+    ('{"prompt": "%s", "expert_prompt": " "}' % QUESTIONS[1],
+     ['"expert_prompt" tokenizes to no tokens']),
+    ('{"prompt": "a \\ud800 b"}', ["not valid Unicode"]),
+])
+def test_a_line_beyond_a_limit_is_named_before_generating_and_skippable(
+        tmp_path, capsys, monkeypatch, bad, words):
+    """Every limit (positions, dtype ranges, JSON sizes, empty prompts) is a bad line: named
+    by its number before anything is generated, and left out with --skip-bad-lines."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return fused_proxy_generate(*args, **kwargs)
+    monkeypatch.setattr("proxykern.generate.fused_proxy_generate", spy)
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]}), bad,
+                                         json.dumps({"prompt": QUESTIONS[2]})])
+    dst = tmp_path / "out.jsonl"
+    lines = _fails(capsys, "--input", src, "--output", str(dst), "--max-new-tokens", "2")
+    assert len(lines) == 1 and lines[0].startswith(f"proxykern: error: --input {src}: line 2: ")
+    assert all(word in lines[0] for word in words), lines
+    assert not calls and sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+    assert cli.main(_argv("--input", src, "--output", str(dst), "--max-new-tokens", "2",
+                          "--skip-bad-lines")) == 0
+    err = capsys.readouterr().err
+    assert f"proxykern: skipping --input {src}: line 2: " in err
+    assert [line["prompt"] for line in _lines_of(dst)] == [QUESTIONS[0], QUESTIONS[2]]
+
+
+def test_the_positions_edge_runs_and_one_more_is_refused(tmp_path, capsys):
+    """prompt + max_new_tokens - 1 <= 128 runs (the last token is never fed back)."""
+    tok = AutoTokenizer.from_pretrained(os.path.join(TRIO, "base"))
+    prompt = " ".join([QUESTIONS[0]] * 12)  # 120 tokens: a short run at the edge
+    fits = 128 - len(tok(prompt)["input_ids"]) + 1
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": prompt})])
+    dst = str(tmp_path / "out.jsonl")
+    lines = _fails(capsys, "--input", src, "--output", dst, "--max-new-tokens", str(fits + 1))
+    assert "line 1: --base " in lines[0] and f"at most {fits}" in lines[0], lines
+    assert cli.main(_argv("--input", src, "--output", dst, "--max-new-tokens", str(fits))) == 0
+
+
+def test_batches_split_where_two_lines_together_exceed_the_positions(tmp_path, capsys):
+    """A long prompt with few new tokens and a short one with many each fit alone; in one
+    batch (padded to the long prompt, run to the larger max_new_tokens) they would not."""
+    records = [{"prompt": " ".join([QUESTIONS[0]] * 11), "max_new_tokens": 4},  # 110 tokens
+               {"prompt": QUESTIONS[1], "max_new_tokens": 30}]
+    src = _write(tmp_path / "in.jsonl", [json.dumps(r) for r in records])
+    got = {}
+    for batch_size in (1, 2):
+        dst = str(tmp_path / f"out{batch_size}.jsonl")
+        assert cli.main(_argv("--input", src, "--output", dst, "--batch-size",
+                              str(batch_size))) == 0
+        got[batch_size] = _lines_of(dst)
+    assert got[1] == got[2] and got[2][1]["num_tokens"] > 4
+
+
+def test_non_utf8_input_names_the_file_and_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"prompt": "%s"}\n{"prompt": "caf\xe9"}\n{"prompt": "%s"}\n'
+                    % (QUESTIONS[0].encode(), QUESTIONS[1].encode()))  # a BOM, then Latin-1
+    dst = tmp_path / "out.jsonl"
+    lines = _fails(capsys, "--input", str(src), "--output", str(dst), "--max-new-tokens", "2")
+    assert lines == [f"proxykern: error: --input {src}: line 2: not valid UTF-8 (byte 0xe9 "
+                     f"at byte 16)"]
+    assert cli.main(_argv("--input", str(src), "--output", str(dst), "--max-new-tokens", "2",
+                          "--skip-bad-lines")) == 0
+    assert [line["prompt"] for line in _lines_of(dst)] == [QUESTIONS[0], QUESTIONS[1]]
+
+
+# --------------------------------------------------------------------------- output
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        pytest.fail("models loaded although --input or --output was bad")
+    monkeypatch.setattr(cli, "_load", refuse)
+
+
+def test_bad_output_or_input_is_refused_before_the_models_load(tmp_path, capsys, no_loading):
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]})])
+    (tmp_path / "folder").mkdir()
+    for output, message in (
+            (str(tmp_path / "folder"), "is a folder"),
+            (str(tmp_path / "missing" / "out.jsonl"),
+             f"the folder {tmp_path / 'missing'} does not exist"),
+            ("/dev/null", "is not a regular file")):
+        lines = _fails(capsys, "--input", src, "--output", output)
+        assert lines == [f"proxykern: error: --output {output}{'' if message[0] == 't' else ' '}"
+                         f"{': ' if message[0] == 't' else ''}{message}"
+                         + lines[0].split(message, 1)[1]], lines
+        assert ".proxykern-" not in lines[0] and ".tmp" not in lines[0]
+    missing = str(tmp_path / "nope.jsonl")
+    assert _fails(capsys, "--input", missing, "--output", str(tmp_path / "o.jsonl")) == [
+        f"proxykern: error: --input {missing}: cannot read it (No such file or directory)"]
+    bad_json = _write(tmp_path / "bad.jsonl", ["{"])
+    assert "line 1: not valid JSON" in _fails(capsys, "--input", bad_json, "--output",
+                                              str(tmp_path / "o.jsonl"))[0]
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "folder", "in.jsonl"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_output_is_refused_before_the_models_load(tmp_path, capsys, no_loading):
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]})])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "cannot write in" in _fails(capsys, "--input", src, "--output",
+                                       str(locked / "out.jsonl"))[0]
+    readonly = tmp_path / "readonly.jsonl"
+    readonly.write_text("keep\n")
+    readonly.chmod(0o444)
+    assert "is not writable" in _fails(capsys, "--input", src, "--output", str(readonly))[0]
+
+
+def test_output_mode_follows_the_umask_or_the_replaced_file(tmp_path, capsys):
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]})])
+    old = os.umask(0o027)
+    try:
+        new = tmp_path / "new.jsonl"
+        assert cli.main(_argv("--input", src, "--output", str(new), "--max-new-tokens", "2")) == 0
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640  # 0666 less the umask, as open() gives
+        for mode in (0o644, 0o604):
+            existing = tmp_path / f"existing{mode:o}.jsonl"
+            existing.write_text("old\n")
+            existing.chmod(mode)
+            assert cli.main(_argv("--input", src, "--output", str(existing),
+                                  "--max-new-tokens", "2")) == 0
+            assert stat.S_IMODE(existing.stat().st_mode) == mode
+            assert _lines_of(existing)[0]["prompt"] == QUESTIONS[0]
+    finally:
+        os.umask(old)
+
+
+def test_a_symlinked_output_is_written_through(tmp_path, capsys):
+    """The link stays a link; its target (even a not yet existing one) gets the lines."""
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]})])
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "results.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    dangling = tmp_path / "next.jsonl"
+    dangling.symlink_to(tmp_path / "data" / "next-target.jsonl")
+    for path, real in ((link, target), (dangling, tmp_path / "data" / "next-target.jsonl")):
+        assert cli.main(_argv("--input", src, "--output", str(path), "--max-new-tokens", "2")) == 0
+        assert path.is_symlink() and os.path.realpath(path) == str(real)
+        assert _lines_of(real)[0]["prompt"] == QUESTIONS[0]
+    assert sorted(os.listdir(tmp_path / "data")) == ["next-target.jsonl", "results.jsonl"]
+
+
+def test_output_dash_streams_the_lines_to_stdout(tmp_path, capsys):
+    lines = [json.dumps({"prompt": q, "i": i}) for i, q in enumerate(QUESTIONS)]
+    src = _write(tmp_path / "in.jsonl", lines)
+    dst = str(tmp_path / "out.jsonl")
+    assert cli.main(_argv("--input", src, "--output", dst, "--max-new-tokens", "4",
+                          "--batch-size", "2")) == 0
+    capsys.readouterr()
+    assert cli.main(_argv("--input", src, "--output", "-", "--max-new-tokens", "4",
+                          "--batch-size", "2")) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(x) for x in captured.out.splitlines()] == _lines_of(dst)
+    assert "into standard output" in captured.err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # no file named '-'
+
+
+def test_lines_are_written_in_input_order_as_soon_as_earlier_ones_are_done():
+    """Batches finish in length order; each line goes out once every earlier one is done."""
+    from proxykern.jsonl_generate import _InOrder
+    written = []
+    out = type("Out", (), {"write": lambda self, text: written.append(json.loads(text)["i"])})()
+    writer = _InOrder([{"obj": {"i": i}} for i in range(4)], out)
+    for index, expected in ((2, []), (0, [0]), (3, [0]), (1, [0, 1, 2, 3])):
+        writer.put(index, {})
+        assert written == expected
