@@ -57,8 +57,10 @@ def naive_sample_step(base, expert, anti, *, alpha=1.0, temperature=1.0, top_k=0
 
 
 def _median_time(fn: Callable[[int], object], device: torch.device, *, min_time: float,
-                 rotations: int) -> float:
-    """Median seconds of fn(i) over repeated calls after warm-up (i rotates input sets)."""
+                 rotations: int, cpu_clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of fn(i) over repeated calls after warm-up (i rotates input sets);
+    off CUDA each call is read on ``cpu_clock`` (time.process_time: CPU time, blind to
+    other processes' load)."""
     for i in range(min(3, rotations) or 1):
         fn(i)
     samples: list[float] = []
@@ -73,16 +75,18 @@ def _median_time(fn: Callable[[int], object], device: torch.device, *, min_time:
             end.synchronize()
             samples.append(begin.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = cpu_clock()
             fn(i % rotations)
-            samples.append(time.perf_counter() - t0)
+            samples.append(cpu_clock() - t0)
         i += 1
     return statistics.median(samples)
 
 
 def kernel_rows(device: torch.device, batches, vocabs, modes, *, dtype=torch.bfloat16,
-                backends=None, min_time=0.5, include_compile=False, progress=None):
-    """Measure every (vocab, batch, mode): a list of dicts, the naive step first per case."""
+                backends=None, min_time=0.5, include_compile=False, progress=None,
+                cpu_clock=time.perf_counter):
+    """Measure every (vocab, batch, mode): a list of dicts, the naive step first per case
+    (``cpu_clock``: as in :func:`_median_time`)."""
     if backends is None:
         backends = [b for b in ops.BACKENDS
                     if b != "torch" and ops.backend_unavailable_reason(b, device) is None]
@@ -105,7 +109,8 @@ def kernel_rows(device: torch.device, batches, vocabs, modes, *, dtype=torch.bfl
                                       ops.proxy_sample_with_status(*sets[i], backend=b, seed=i, **m))
                 naive_time = None
                 for name, fn in impls.items():
-                    seconds = _median_time(fn, device, min_time=min_time, rotations=rotations)
+                    seconds = _median_time(fn, device, min_time=min_time, rotations=rotations,
+                                           cpu_clock=cpu_clock)
                     naive_time = seconds if name == "naive" else naive_time
                     rows.append(dict(vocab=vocab, batch=batch, mode=mode_name, impl=name,
                                      us=seconds * 1e6, gbps=set_bytes / seconds / 1e9,
