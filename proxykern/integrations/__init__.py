@@ -1,0 +1,1 @@
+"""Integrations of proxy tuning into other serving stacks (vLLM: ``vllm_plugin``)."""
