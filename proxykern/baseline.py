@@ -44,6 +44,7 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
         cuda_graphs=False, num_return_sequences=num_return_sequences)
     B, dev, V = args.batch_size, args.device, args.vocab_size
+    plan = args.vocab
     if streamer is not None:
         streamer.put(args.input_ids.cpu())
     if args.max_new_tokens == 0:
@@ -71,16 +72,20 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
                 out = model(input_ids=ids[i], attention_mask=masks[i], position_ids=positions[i],
                             use_cache=True, **{cache_kwarg(model): caches[i]})
                 logits.append(out.logits[:, -1, :])
+            # The vocabulary rule, plainly: the expert's and anti-expert's columns [0, V_d),
+            # then zeros up to the base's width V_b (z = base there).
+            b, e, a = (logits[0], *(torch.nn.functional.pad(
+                lg[:, :plan.delta_width], (0, V - plan.delta_width)) for lg in logits[1:]))
 
             if args.greedy:  # as the paper's code: argmax of the combined logits
-                z = combine_logits(*logits, params["alpha"], V)
+                z = combine_logits(b, e, a, params["alpha"], V)
                 status = (torch.isnan(z) | torch.isposinf(z)).any(1).int() * STATUS_NONFINITE \
                     | (~(z > float("-inf")).any(1)).int() * STATUS_EMPTY
                 sampled = z.argmax(1)
                 logprob = z.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(z, 1)
             else:
                 sampled, logprob, _, status = proxy_sample_reference(
-                    *logits, params["alpha"], params["temperature"], params["top_k"],
+                    b, e, a, params["alpha"], params["temperature"], params["top_k"],
                     params["top_p"], params["min_p"], params["seed"],
                     torch.full((B,), t, dtype=torch.int64, device=dev), V)
             status = status.masked_fill(finished, 0)
@@ -95,16 +100,19 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
             logprobs.append(logprob.masked_fill(finished, 0.0))
             if args.return_model_logprobs:
                 for name, lg in zip(names, logits):
-                    model_lps[name].append(own_logprobs(lg, token, V).masked_fill(finished, 0.0))
+                    own = own_logprobs(lg, token, plan.own_widths[name])
+                    model_lps[name].append(own.masked_fill(finished, 0.0))
             lengths += ~finished
             finished |= torch.isin(token, eos)
             if streamer is not None:
                 streamer.put(token.cpu())
             if finished.all():
                 break
-            # Finished rows are fed their sampled token (always a valid id); it is discarded.
+            # Finished rows are fed their sampled token (discarded); a model that cannot
+            # read a token (a base wider than it) reads pad_token_id in its place.
             for i in range(3):
-                ids[i] = sampled[:, None]
+                stand_in = plan.stand_ins[names[i]]
+                ids[i] = (sampled if stand_in is None else stand_in(sampled))[:, None]
                 masks[i] = torch.cat([masks[i], masks[i].new_ones((B, 1))], dim=1)
                 positions[i] = positions[i][:, -1:] + 1
 

@@ -20,8 +20,9 @@ Choices where the contract is silent:
 * A finished row is fed its sampled token, not ``pad_token_id``, so a pad id
   outside some model's embedding can never index out of range.
 * ``logprobs`` and ``model_logprobs`` hold 0.0 after a row's end.
-* ``model_logprobs[name]`` is that model's own ``log_softmax`` (T = 1) over the
-  shared vocabulary ``[0, vocab_size)`` -- columns beyond it are padding.
+* ``model_logprobs[name]`` is that model's own ``log_softmax`` (T = 1) over its own
+  columns within the base's width, ``-inf`` for a token outside them
+  (:mod:`proxykern.generation_args`).
 * A streamer gets ``put(prompt)`` (B, T) first, then each step's tokens (B,)
   as CPU tensors until every row has finished (so a B = 1 stream ends at its
   EOS), then ``end()`` -- as ``GenerationMixin.generate`` does. On CUDA the
@@ -128,7 +129,9 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     sits in. Rows stop at any
     ``eos_token_id`` (default ``base.generation_config``) and are padded with
     ``pad_token_id`` (default: generation config, else the first EOS). Models whose
-    vocabularies differ by padding only share the narrowest width (the rule is in
+    vocabularies differ by padding only work together: the proxy vocabulary is the
+    base's width, with a zero delta where the expert or anti-expert is narrower, and a
+    model reads ``pad_token_id`` in place of a token it cannot (the rule is in
     :mod:`proxykern.generation_args`).
 
     Returns :class:`ProxyGenerateOutput`. Bad arguments raise ``ValueError`` /

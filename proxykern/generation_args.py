@@ -13,16 +13,32 @@ may differ by padding only: two widths count as one vocabulary padded
 differently when they differ by less than ``MAX_VOCAB_PADDING`` (1024, the
 largest padding multiple in use: 128 x 8-way tensor parallelism) *and* by at
 most an eighth of the narrower width (so tiny vocabularies stay meaningful).
-Generation uses the narrowest width (e.g. 151936 of Qwen2.5-0.5B vs 152064 of
-Qwen2.5-7B; a Llama-2 fine-tune with an added pad token, 32001 vs 32000). A
-larger gap is a different vocabulary and raises ``ValueError`` naming the model.
-Two different tokenizers of the same width cannot be told apart here.
+A larger gap is a different vocabulary and raises ``ValueError`` naming the
+model. Two different tokenizers of the same width cannot be told apart here.
+
+The proxy vocabulary (generation and scoring) is the *base's* width ``V_b``
+(:class:`VocabPlan`, computed once per call): a narrower expert or anti-expert
+never removes base tokens. With ``V_d = min(V_e, V_a, V_b)``, columns ``[0, V_d)``
+get ``z = base + alpha * (expert - anti_expert)`` and columns ``[V_d, V_b)`` get a
+zero delta, ``z = base``; columns of a wider expert/anti-expert beyond ``V_b`` are
+ignored. So ``alpha = 0`` (and ``expert is anti_expert``) give exactly the base
+alone, whatever the widths. E.g. Qwen2.5-7B (152064) steered by Qwen2.5-0.5B
+experts (151936): base tokens 151936..152063 keep the base's logits.
+
+A token some model cannot read (>= its input embedding rows; possible only when
+the base is wider) is fed to that model as ``pad_token_id`` instead, a stand-in
+like a tokenizer's unknown token (:class:`StandIn`); the base always reads the
+real token. When widths allow this, ``pad_token_id`` must be readable by every
+model (``ValueError`` naming it otherwise). ``model_logprobs[name]`` is each
+model's own log-softmax over its own columns within ``[0, V_b)``; a token outside
+them gets ``-inf`` for that model.
 """
 from __future__ import annotations
 
 import numbers
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -49,7 +65,8 @@ class GenerationArgs:
     greedy: bool            # temperature is the number 0
     eos_token_ids: list     # [] = never stop early
     pad_token_id: int
-    vocab_size: int         # the shared vocabulary: columns [0, vocab_size)
+    vocab_size: int         # the proxy vocabulary: columns [0, vocab_size), the base's width
+    vocab: "VocabPlan"      # how the models' widths meet it (module doc)
     share_anti: bool        # anti-expert logits are the expert's (same model, same prompt)
     backend: str            # the op's backend, resolved
     num_return_sequences: int = 1   # B = prompts * num_return_sequences (rows already expanded)
@@ -91,6 +108,7 @@ def output_width(model) -> int:
 
 
 def input_width(model) -> int | None:
+    """Rows of the model's input embedding (the ids it can read), or None when unknown."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     n = getattr(emb, "num_embeddings", None)
@@ -103,8 +121,9 @@ def same_vocabulary(a: int, b: int) -> bool:
     return gap < MAX_VOCAB_PADDING and gap <= min(a, b) // 8
 
 
-def shared_vocab_size(base, expert, anti_expert) -> int:
-    """The narrowest output width, after checking the widths differ by padding only."""
+def checked_widths(base, expert, anti_expert) -> dict:
+    """``{name: output width}`` of the three models, after checking they differ by padding only
+    (``ValueError`` naming the model otherwise)."""
     widths = dict(zip(MODEL_NAMES, (output_width(m) for m in (base, expert, anti_expert))))
     for a, b in (("base", "expert"), ("base", "anti_expert"), ("expert", "anti_expert")):
         if not same_vocabulary(widths[a], widths[b]):
@@ -112,7 +131,93 @@ def shared_vocab_size(base, expert, anti_expert) -> int:
                 f"{b} has a vocabulary of {widths[b]} tokens but {a} has {widths[a]}: more than "
                 f"padding apart (proxy tuning needs one shared vocabulary; widths may differ "
                 f"by less than {MAX_VOCAB_PADDING} and by at most 1/8)")
-    return min(widths.values())
+    return widths
+
+
+def shared_vocab_size(base, expert, anti_expert) -> int:
+    """The narrowest output width (the columns every model has logits for), after checking
+    the widths differ by padding only. Not the proxy vocabulary, which is the base's width
+    (:func:`vocab_plan`); kept for callers that need the common columns."""
+    return min(checked_widths(base, expert, anti_expert).values())
+
+
+class StandIn(NamedTuple):
+    """Feeds a model ``pad`` in place of the token ids it cannot read (``>= limit``)."""
+
+    limit: int
+    pad: int
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        # One device op, no sync: safe inside a captured decode step.
+        return torch.where(tokens < self.limit, tokens, self.pad)
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    """How three widths meet in one proxy vocabulary (module doc), decided once per call.
+
+    ``vocab_size``: ``V_b``, the base's output width, the proxy vocabulary.
+    ``delta_width``: ``V_d = min(V_e, V_a, V_b)``, the columns the delta applies to.
+    ``own_widths``: per model, its own columns within ``[0, V_b)`` (its ``model_logprobs``).
+    ``stand_ins``: per model, a :class:`StandIn` when it cannot read every proxy token, else None.
+    """
+
+    vocab_size: int
+    delta_width: int
+    own_widths: dict
+    stand_ins: dict
+
+    @property
+    def widens(self) -> bool:
+        """Whether the expert's and anti-expert's logits need a zero-delta tail."""
+        return self.delta_width < self.vocab_size
+
+    def widen(self, expert: torch.Tensor, anti: torch.Tensor, out=None):
+        """The expert's and anti-expert's logits ``(..., V)`` as the op reads them.
+
+        Unchanged (no copy, no work) unless :attr:`widens`; then columns ``[0, V_d)`` copied
+        into ``(..., V_b)`` buffers whose columns ``[V_d, V_b)`` are zero -- both buffers, so
+        the delta there is exactly 0 even when only one model is narrow. ``out``: the
+        buffers an earlier call returned, written in place (their tails stay zero).
+        """
+        if not self.widens:
+            return expert, anti
+        out_e, out_a = out if out is not None else (None, None)
+        wide_e = self._copy_into(expert, out_e)
+        return wide_e, (wide_e if anti is expert else self._copy_into(anti, out_a))
+
+    def _copy_into(self, logits, buffer):
+        if buffer is None:
+            buffer = logits.new_zeros((*logits.shape[:-1], self.vocab_size))
+        buffer[..., :self.delta_width].copy_(logits[..., :self.delta_width])
+        return buffer
+
+
+def plan_vocabulary(output_widths: dict, read_widths: dict, pad_token_id: int) -> VocabPlan:
+    """The :class:`VocabPlan` of models with these widths (``{name: int}``; a read width of
+    None means "reads its output width"); checks the stand-in ``pad_token_id`` is readable
+    by every model when some model needs it (``ValueError`` naming pad_token_id)."""
+    V_b = output_widths["base"]
+    reads = {n: read_widths.get(n) or output_widths[n] for n in output_widths}
+    stand_ins = {n: StandIn(r, pad_token_id) if r < V_b else None for n, r in reads.items()}
+    needers = [n for n, s in stand_ins.items() if s is not None]
+    for name, rows in reads.items():
+        if needers and pad_token_id >= rows:
+            raise ValueError(
+                f"pad_token_id {pad_token_id} is fed to {needers[0]} in place of the base's "
+                f"tokens it cannot read (ids >= {reads[needers[0]]}), but {name} reads only "
+                f"ids below {rows}: pass a pad_token_id every model can read")
+    return VocabPlan(vocab_size=V_b,
+                     delta_width=min(output_widths["expert"], output_widths["anti_expert"], V_b),
+                     own_widths={n: min(w, V_b) for n, w in output_widths.items()},
+                     stand_ins=stand_ins)
+
+
+def vocab_plan(base, expert, anti_expert, pad_token_id: int) -> VocabPlan:
+    """The :class:`VocabPlan` of three models (widths checked: :func:`checked_widths`)."""
+    widths = checked_widths(base, expert, anti_expert)
+    reads = dict(zip(MODEL_NAMES, (input_width(m) for m in (base, expert, anti_expert))))
+    return plan_vocabulary(widths, reads, pad_token_id)
 
 
 def position_limit(model) -> int | None:
@@ -288,6 +393,21 @@ def check_cuda_graphs(cuda_graphs, device, models) -> bool:
     return False
 
 
+def resolve_pad_token_id(base, pad_token_id, eos: list) -> int:
+    """``pad_token_id`` checked, or its default: the base's generation config, else the first
+    of ``eos``, else 0 (with no EOS nothing is ever padded)."""
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(base, "generation_config", None), "pad_token_id", None)
+        if isinstance(pad_token_id, (list, tuple)):
+            pad_token_id = pad_token_id[0] if pad_token_id else None
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+    pads = _token_id_list("pad_token_id", pad_token_id)
+    if len(pads) != 1:
+        raise TypeError(f"pad_token_id must be one int, got {pad_token_id!r}")
+    return pads[0]
+
+
 # --------------------------------------------------------------------------- entry
 
 def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, max_new_tokens,
@@ -330,7 +450,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     check_positions((("base", base, base_len), ("expert", expert, expert_len),
                      ("anti_expert", anti_expert, base_len)), max_new_tokens)
 
-    vocab_size = shared_vocab_size(base, expert, anti_expert)
+    checked_widths(base, expert, anti_expert)  # vocabularies beyond padding fail here, early
     n = _check_count("num_return_sequences", num_return_sequences, 1)
     num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
     sampling = {name: _check_sampling(name, value, B, n, device) for name, value in (
@@ -345,15 +465,8 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     if eos_token_id is None:
         eos_token_id = getattr(gen_config, "eos_token_id", None)
     eos = _token_id_list("eos_token_id", eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(gen_config, "pad_token_id", None)
-        if isinstance(pad_token_id, (list, tuple)):
-            pad_token_id = pad_token_id[0] if pad_token_id else None
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0  # with no EOS nothing is ever padded
-    pads = _token_id_list("pad_token_id", pad_token_id)
-    if len(pads) != 1:
-        raise TypeError(f"pad_token_id must be one int, got {pad_token_id!r}")
+    pad = resolve_pad_token_id(base, pad_token_id, eos)
+    plan = vocab_plan(base, expert, anti_expert, pad)
 
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):
@@ -373,7 +486,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         device=device, input_ids=input_ids, attention_mask=attention_mask,
         expert_input_ids=e_ids, expert_attention_mask=e_mask, max_new_tokens=max_new_tokens,
         sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
-        eos_token_ids=eos, pad_token_id=pads[0], vocab_size=vocab_size,
+        eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size, vocab=plan,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
         num_return_sequences=n, cuda_graphs=use_graphs, num_draft_tokens=num_draft_tokens,
         streamer=streamer, return_logprobs=return_logprobs,

@@ -27,10 +27,13 @@ class ProxyGenerateOutput(NamedTuple):
     stats: object = None
 
 
-def own_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A model's own log-softmax (T = 1, fp32) over ``[0, vocab_size)`` at ``tokens``."""
-    logp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
-    return logp.gather(1, tokens.clamp(0, vocab_size - 1).reshape(-1, 1)).squeeze(1)
+def own_logprobs(logits: torch.Tensor, tokens: torch.Tensor, own_width: int) -> torch.Tensor:
+    """A model's own log-softmax (T = 1, fp32) over its columns ``[0, own_width)`` at
+    ``tokens``; ``-inf`` for a token outside them (a base token the model has no logit for)."""
+    logp = torch.log_softmax(logits[:, :own_width].float(), dim=-1)
+    tokens = tokens.reshape(-1)
+    own = logp.gather(1, tokens.clamp(0, own_width - 1)[:, None]).squeeze(1)
+    return own.masked_fill(tokens >= own_width, float("-inf"))
 
 
 def empty_output(args) -> ProxyGenerateOutput:

@@ -28,8 +28,12 @@ Contract and choices:
   ``generate`` with this processor alone picks the tokens of
   ``fused_proxy_generate(temperature=0)``. The combination is the op's
   (:func:`proxykern.reference.combine_logits`, fp32; a token that is ``-inf``
-  in any input stays ``-inf``); columns of ``scores`` beyond the shared
-  vocabulary are set to ``-inf``.
+  in any input stays ``-inf``). The vocabulary rule is generation's
+  (:mod:`proxykern.generation_args`): ``scores`` keep every base column; where the
+  expert or anti-expert is narrower the delta is zero (``z = scores``), and a
+  token one of them cannot read is fed to it as ``pad_token_id`` -- pass the one
+  ``generate`` uses (default: the expert's generation config, else its first EOS,
+  else 0) to match ``fused_proxy_generate`` exactly.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ import numbers
 import torch
 from transformers import LogitsProcessor
 
-from .generation_args import output_width, same_vocabulary
+from .generation_args import (input_width, output_width, plan_vocabulary,
+                              resolve_pad_token_id, same_vocabulary)
 from .reference import combine_logits
 from .runner import ModelRunner, model_device
 
@@ -49,12 +54,14 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
 
     ``expert_input_ids`` / ``expert_attention_mask``: the expert's own prompt (e.g. a
     chat template), batch size B of the ``generate`` call. ``attention_mask``: the
-    base prompt's mask (see the module docstring). Call :meth:`reset` to drop the
-    state between calls explicitly (it also resets itself on a new prompt).
+    base prompt's mask (see the module docstring). ``pad_token_id``: the stand-in fed to
+    the expert or anti-expert for a base token it cannot read (module docstring). Call
+    :meth:`reset` to drop the state between calls explicitly (it also resets itself on a
+    new prompt).
     """
 
     def __init__(self, expert, anti_expert, *, alpha=1.0, expert_input_ids=None,
-                 expert_attention_mask=None, attention_mask=None):
+                 expert_attention_mask=None, attention_mask=None, pad_token_id=None):
         for name, model in (("expert", expert), ("anti_expert", anti_expert)):
             if not isinstance(model, torch.nn.Module):
                 raise TypeError(f"{name} must be a Hugging Face causal LM, "
@@ -84,13 +91,18 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         self.alpha = float(alpha)
         self.expert_input_ids, self.expert_attention_mask = expert_input_ids, expert_attention_mask
         self.attention_mask = attention_mask
-        self.width = min(e_width, a_width)
+        self.widths = {"expert": e_width, "anti_expert": a_width}
+        self.reads = {"expert": input_width(expert), "anti_expert": input_width(anti_expert)}
+        eos = getattr(getattr(expert, "generation_config", None), "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.pad_token_id = resolve_pad_token_id(expert, pad_token_id, eos)
         self.reset()
 
     def reset(self) -> None:
         """Forget the caches; the next call prefills."""
         self._runners = None
         self._seen = None  # (rows, length) the runners have consumed
+        self._plan = None  # the VocabPlan, made at the prefill (the base's width is the scores')
 
     # ------------------------------------------------------------------ helpers
 
@@ -103,6 +115,16 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             raise ValueError(f"{name} has batch size {t.shape[0]}, which does not divide the "
                              f"{rows} rows generate passes")
         return t.to(device).repeat_interleave(rows // t.shape[0], dim=0)
+
+    def _vocab_plan(self, base_width: int):
+        """The generation rule's plan for the base's ``scores`` width (checks it is the
+        experts' vocabulary up to padding)."""
+        for name, width in self.widths.items():
+            if not same_vocabulary(width, base_width):
+                raise ValueError(f"the base's scores have {base_width} columns but {name}'s "
+                                 f"vocabulary has {width}: more than padding apart")
+        return plan_vocabulary({"base": base_width, **self.widths},
+                               {"base": None, **self.reads}, self.pad_token_id)
 
     def _prefill(self, input_ids):
         rows, dev = input_ids.shape[0], model_device(self.expert)
@@ -117,8 +139,11 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
                       if self.expert_attention_mask is not None else torch.ones_like(e_ids))
         else:
             e_ids, e_mask = input_ids.to(dev), mask
-        expert = ModelRunner(self.expert, e_ids.long(), e_mask.long(), capacity=64)
-        anti = ModelRunner(self.anti_expert, input_ids.to(dev).long(), mask.long(), capacity=64)
+        stand_in = self._plan.stand_ins
+        expert = ModelRunner(self.expert, e_ids.long(), e_mask.long(), capacity=64,
+                             stand_in=stand_in["expert"])
+        anti = ModelRunner(self.anti_expert, input_ids.to(dev).long(), mask.long(), capacity=64,
+                           stand_in=stand_in["anti_expert"])
         self._runners = (expert, anti)
         return expert.prefill(), anti.prefill()
 
@@ -140,6 +165,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         with torch.no_grad():
             src = self._source_rows(input_ids)
             if src is None:
+                self._plan = self._vocab_plan(scores.shape[-1])
                 e_logits, a_logits = self._prefill(input_ids)
             else:
                 if not torch.equal(src, torch.arange(len(src), device=src.device)):
@@ -150,14 +176,9 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
                     e_logits, a_logits = (r.step(new[:, i]) for r in self._runners)
             self._seen = input_ids.clone()
 
-            V = min(self.width, scores.shape[-1])
-            if not same_vocabulary(self.width, scores.shape[-1]):
-                raise ValueError(f"the base's scores have {scores.shape[-1]} columns but the "
-                                 f"expert's vocabulary has {self.width}: more than padding apart")
             alpha = torch.full((scores.shape[0],), self.alpha, device=scores.device)
-            z = combine_logits(scores, e_logits.to(scores.device), a_logits.to(scores.device),
-                               alpha, V)
-            out = torch.full_like(scores, float("-inf"), dtype=z.dtype)
-            out[:, :V] = z
-            return out.to(scores.dtype)
+            e_logits, a_logits = self._plan.widen(e_logits.to(scores.device),
+                                                  a_logits.to(scores.device))
+            z = combine_logits(scores, e_logits, a_logits, alpha, scores.shape[-1])
+            return z.to(scores.dtype)
 

@@ -142,12 +142,15 @@ class ModelRunner(SideStreamLaunch):
 
     ``capacity`` is the number of new tokens planned (the mask buffer grows if
     more come, e.g. under a Hugging Face ``generate`` of unknown length).
+    ``stand_in``: a :class:`proxykern.generation_args.StandIn` replacing the new tokens
+    this model cannot read (a base wider than it), or None: tokens are fed as given.
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 capacity: int = 0, stream=None):
+                 capacity: int = 0, stream=None, stand_in=None):
         self.model = model
         self.stream = stream
+        self.stand_in = stand_in
         self.input_ids = input_ids
         self.batch_size, self.prompt_len = input_ids.shape
         self.mask = attention_mask.new_zeros((self.batch_size, self.prompt_len + max(capacity, 1)))
@@ -177,6 +180,8 @@ class ModelRunner(SideStreamLaunch):
             self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=1)
         self.mask[:, self.length] = 1
         self.length += 1
+        if self.stand_in is not None:
+            tokens = self.stand_in(tokens)
         logits = forward_logits(self.model, tokens.reshape(-1, 1), self.mask[:, :self.length],
                                 self.next_pos, self.cache)
         self.next_pos = self.next_pos + 1
@@ -200,6 +205,8 @@ class ModelRunner(SideStreamLaunch):
         if max_pos is not None:
             pos = torch.minimum(pos, max_pos)
         self.length, self.uncommitted = need, self.uncommitted + n
+        if self.stand_in is not None:
+            tokens = self.stand_in(tokens)
         return forward_logits(self.model, tokens, self.mask[:, :self.length], pos, self.cache,
                               last_only=False)
 

@@ -33,9 +33,12 @@ Choices where the contract is silent:
   second call computes ``logsumexp(z / T)``.
 * ``greedy`` compares each token with argmax z (lowest index on ties), which
   is the greedy choice at any temperature.
-* Models share one vocabulary up to padding (the rule of
-  :func:`proxykern.generation_args.shared_vocab_size`); continuation ids must lie
-  in the shared part ``[0, vocab_size)``.
+* Models share one vocabulary up to padding, and the proxy vocabulary is the
+  base's (generation's rule, :mod:`proxykern.generation_args`): where the expert or
+  anti-expert is narrower the delta is zero (``z = base``). Continuation ids may be
+  any base token; a model that cannot read one reads ``pad_token_id`` in its place
+  (default as in generation: the base's generation config, else its first EOS,
+  else 0). Context ids must be readable by the models that read them.
 * A model that appears twice with the same context (``expert is anti_expert``,
   or ``base`` reused) runs once.
 """
@@ -48,8 +51,10 @@ from typing import NamedTuple
 
 import torch
 
-from .generation_args import MODEL_NAMES, input_width, position_limit, shared_vocab_size
+from .generation_args import (MODEL_NAMES, input_width, position_limit, resolve_pad_token_id,
+                              vocab_plan)
 from .ops import check_sampling_arg, proxy_sample_with_status, resolve_backend
+from .outputs import own_logprobs
 from .reference import STATUS_EMPTY, STATUS_NONFINITE
 from .runner import left_pad, model_device
 
@@ -210,7 +215,8 @@ def _run_forwards(jobs: dict, device) -> dict:
 
 def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_context=None,
                    alpha=1.0, temperature=1.0, return_model_logprobs=False,
-                   chunk_size=DEFAULT_CHUNK_SIZE, backend="auto") -> ProxyLogprobs:
+                   chunk_size=DEFAULT_CHUNK_SIZE, backend="auto",
+                   pad_token_id=None) -> ProxyLogprobs:
     """Log-probabilities of ``continuation`` given ``context`` under proxy tuning, teacher-forced.
 
     ``z = base + alpha * (expert - anti_expert)`` (fp32, over the shared vocabulary) at
@@ -228,8 +234,10 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
 
     ``alpha``: a number or a (B,) tensor (finite); ``temperature``: a number or a (B,)
     tensor, > 0 (default 1). ``return_model_logprobs``: also each model's own
-    log-softmax (T = 1) of the tokens. ``backend``: the fused op's (see
-    :func:`proxykern.proxy_sample`).
+    log-softmax (T = 1) of the tokens over its own columns (``-inf`` for a token it
+    has no column for). ``backend``: the fused op's (see :func:`proxykern.proxy_sample`).
+    ``pad_token_id``: what a model reads in place of a continuation token it cannot
+    read (a base wider than it; module docstring).
 
     Returns :class:`ProxyLogprobs` (``logprobs``, ``greedy``, ``lengths``,
     ``model_logprobs``), left-aligned, padded past each row's end. Bad arguments raise
@@ -262,7 +270,11 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
     temperature = _per_row("temperature", temperature, B, device, positive=True)
     backend = resolve_backend(backend, device)
 
-    V = shared_vocab_size(base, expert, anti_expert)
+    eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    eos = [eos] if isinstance(eos, numbers.Integral) else list(eos or [])
+    plan = vocab_plan(base, expert, anti_expert,
+                      resolve_pad_token_id(base, pad_token_id, eos))
+    V = plan.vocab_size
     readers = {"base": (base, anti_expert) if expert_context is not None else
                (base, expert, anti_expert), "expert": (expert,)}
 
@@ -274,7 +286,7 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
     if expert_context is not None:
         _check_range("expert_context", e_ctx, embedding_rows(readers["expert"]),
                      "the expert's embedding rows")
-    _check_range("continuation", cont, V, "the shared vocabulary")
+    _check_range("continuation", cont, min(V, input_width(base) or V), "the base's vocabulary")
     _check_positions(base, expert, anti_expert, ctx, e_ctx, cont,
                      "expert_context" if expert_context is not None else "context")
 
@@ -290,25 +302,42 @@ def proxy_logprobs(base, expert, anti_expert, context, continuation, *, expert_c
     with torch.no_grad():
         packed = {"base": _pack(ctx, cont, device)}
         packed["expert"] = packed["base"] if expert_context is None else _pack(e_ctx, cont, device)
-        # One forward per distinct (model, context): a shared expert/anti-expert runs once.
+        readable = {}  # (which, stand-in) -> ids with unreadable tokens replaced, made once
+
+        def reads(which, name):
+            stand_in = plan.stand_ins[name]
+            if stand_in is None:
+                return packed[which]
+            if (which, stand_in) not in readable:
+                ids, mask = packed[which]
+                readable[which, stand_in] = (stand_in(ids), mask)
+            return readable[which, stand_in]
+
+        # One forward per distinct (model, ids): a shared expert/anti-expert runs once.
         keys = {}
         jobs = {}
         for name, model, which in (("base", base, "base"), ("expert", expert, "expert"),
                                    ("anti_expert", anti_expert, "base")):
-            key = (id(model), id(packed[which][0]))
+            ids_mask = reads(which, name)
+            key = (id(model), id(ids_mask[0]))
             keys[name] = key
             if key not in jobs:
-                jobs[key] = (model, *packed[which], L)
+                jobs[key] = (model, *ids_mask, L)
         logits = _run_forwards(jobs, device)
         b_logits, e_logits, a_logits = (logits[keys[n]] for n in MODEL_NAMES)
-        return _combine(b_logits, e_logits, a_logits, cont, lengths, L, V, alpha, temperature,
-                        return_model_logprobs, chunk_size, backend, keys, logits)
+        return _combine(b_logits, e_logits, a_logits, cont, lengths, L, plan, alpha,
+                        temperature, return_model_logprobs, chunk_size, backend, keys, logits)
 
 
-def _combine(b_logits, e_logits, a_logits, cont, lengths, L, V, alpha, temperature,
+def _combine(b_logits, e_logits, a_logits, cont, lengths, L, plan, alpha, temperature,
              return_model_logprobs, chunk_size, backend, keys, logits) -> ProxyLogprobs:
-    """The scored pairs, chunk by chunk, through the fused op (see the module docstring)."""
+    """The scored pairs, chunk by chunk, through the fused op (see the module docstring).
+
+    ``plan``: the :class:`proxykern.generation_args.VocabPlan`; the op reads the base's
+    width, the expert's and anti-expert's logits widened with a zero-delta tail where
+    they are narrower."""
     device = b_logits.device
+    V = plan.vocab_size
     B = len(cont)
     # Continuations are end-aligned: column k of the kept logits predicts right-aligned
     # continuation column k; row i's tokens sit in columns L - len_i .. L - 1.
@@ -326,14 +355,18 @@ def _combine(b_logits, e_logits, a_logits, cont, lengths, L, V, alpha, temperatu
     greedy = torch.empty(N, dtype=torch.bool, device=device)
     status = torch.zeros(N, dtype=torch.int32, device=device)
     distinct = {}  # model logprobs: once per distinct forward
+    own_width = {}  # its model's own columns within [0, V)
     if return_model_logprobs:
         for name in MODEL_NAMES:
             distinct.setdefault(keys[name], torch.empty(N, device=device))
+            own_width[keys[name]] = plan.own_widths[name]
     unit_T = not isinstance(temperature, torch.Tensor) and temperature == 1.0
 
     for s in range(0, N, chunk_size):
         r, c, t = rows[s:s + chunk_size], cols[s:s + chunk_size], targets[s:s + chunk_size]
-        bl, el, al = b_logits[r, c], e_logits[r, c], a_logits[r, c]
+        bl, el = b_logits[r, c], e_logits[r, c]
+        al = el if a_logits is e_logits else a_logits[r, c]
+        el, al = plan.widen(el, al)  # zero-delta tail where narrower (no copy otherwise)
         a = alpha[r] if isinstance(alpha, torch.Tensor) else alpha
         out, st = proxy_sample_with_status(bl, el, al, alpha=a, temperature=0.0, vocab_size=V,
                                            backend=backend)
@@ -354,8 +387,7 @@ def _combine(b_logits, e_logits, a_logits, cont, lengths, L, V, alpha, temperatu
         greedy[s:s + chunk_size] = out.tokens == t
         status[s:s + chunk_size] = st
         for key, buf in distinct.items():
-            own = logits[key][r, c][:, :V].float()
-            buf[s:s + chunk_size] = torch.log_softmax(own, dim=-1).gather(1, t[:, None]).squeeze(1)
+            buf[s:s + chunk_size] = own_logprobs(logits[key][r, c], t, own_width[key])
 
     _raise_bad(status, rows, cols, lengths_dev, L)
     # Back to left-aligned (B, L): token j of row i sits at kept column L - len_i + j.

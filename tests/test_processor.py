@@ -53,17 +53,20 @@ def test_expert_prompt_and_alpha():
     assert torch.equal(hf, fused.sequences)
 
 
-def test_padded_base_vocabulary_masks_the_padding():
+def test_padded_base_vocabulary_keeps_the_base_columns():
+    """A base wider than the experts keeps its extra columns (zero delta there), as
+    fused_proxy_generate does; the experts read pad_token_id for those tokens."""
     base, expert, anti = trio("llama")
     wide = copy.deepcopy(base)
     wide.resize_token_embeddings(1024, mean_resizing=False)
-    with torch.no_grad():  # padding columns that would win if they were kept
+    with torch.no_grad():  # extra columns that win: the old narrowest rule would drop them
         wide.get_output_embeddings().weight[VOCAB:] = 5 * wide.get_output_embeddings().weight[:24]
     ids, mask = ragged_batch()
     proc = ProxyTuningLogitsProcessor(expert, anti, attention_mask=mask)
     hf = hf_generate(wide, ids, mask, proc)
-    fused = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=8, eos_token_id=[])
+    fused = fused_proxy_generate(wide, expert, anti, ids, mask, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(hf, fused.sequences)
+    assert bool((fused.tokens >= VOCAB).any())
 
 
 class Recorder:

@@ -16,7 +16,8 @@ still produce - 1)``)::
 
     expert    feed the pending token (the last one committed), then draft d_0..d_{k_r-1}
               one at a time: d_j = op(expert, expert, expert; step n_done + j), the
-              expert's own logits with the same temperature, filters and noise
+              expert's own logits with the same temperature, filters and noise (over
+              the columns the delta applies to, V_d: a base-only token is never drafted)
     base      one forward over [pending, d_0, .., d_{k_r-1}]      -> P logit rows
     anti      one forward over the same tokens                    -> P logit rows
     op        all B * P positions at once, step n_done[row] + j   -> y (B, P)
@@ -123,10 +124,18 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
             feed.close()
         return empty_output(args)
 
-    b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max)
-    e_run = ModelRunner(expert, args.expert_input_ids, args.expert_attention_mask, n_max)
+    plan = args.vocab
+    stand_in = plan.stand_ins
+    b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max,
+                        stand_in=stand_in["base"])
+    e_run = ModelRunner(expert, args.expert_input_ids, args.expert_attention_mask, n_max,
+                        stand_in=stand_in["expert"])
     a_run = None if args.share_anti else ModelRunner(anti_expert, args.input_ids,
-                                                     args.attention_mask, n_max)
+                                                     args.attention_mask, n_max,
+                                                     stand_in=stand_in["anti_expert"])
+    # Drafts are guesses from the expert's own logits: the columns it (and the anti-expert)
+    # has. A base token beyond them is never drafted, only taken as the op's correction.
+    V_draft = plan.delta_width
     runners = [r for r in (b_run, e_run, a_run) if r is not None]
     head_b, head_e = b_run.prefill(), e_run.prefill()
     head_a = a_run.prefill() if a_run is not None else head_e
@@ -173,11 +182,11 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         for j in range(kr):
             lg_e = e_rows[j]
             if args.greedy and not contrast:  # the op's greedy token, without its call overhead
-                d = lg_e[:, :V].argmax(-1)
+                d = lg_e[:, :V_draft].argmax(-1)
             else:
                 lg_a = a_rows[j] if contrast else lg_e
                 out_d, _ = proxy_sample_with_status(lg_e, lg_e, lg_a, **draft_sampling,
-                                                    step=n_done + j, vocab_size=V,
+                                                    step=n_done + j, vocab_size=V_draft,
                                                     backend=args.backend)
                 d = out_d.tokens.clamp(min=0)  # a bad row's -1 is simply rejected
             drafts.append(d)
@@ -209,9 +218,11 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         if P not in expanded:
             expanded[P] = _expand(args.sampling, P)
         steps = (n_done[:, None] + torch.arange(P, device=dev)).reshape(-1)
-        flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e, lg_a)]
-        out, status = proxy_sample_with_status(*flat, **expanded[P], step=steps, vocab_size=V,
-                                               backend=args.backend)
+        flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
+        flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))
+        wide_e, wide_a = plan.widen(flat[1], flat[2])  # zero-delta tail where narrower
+        out, status = proxy_sample_with_status(flat[0], wide_e, wide_a, **expanded[P],
+                                               step=steps, vocab_size=V, backend=args.backend)
         y = out.tokens.view(B, P)
 
         # 4. accept per row: agreeing draft prefix + the correction, cut at EOS and budget
@@ -237,7 +248,8 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         if model_lp is not None:
             y_flat = y.reshape(-1).clamp(min=0)
             for name, lg in zip(("base", "expert", "anti_expert"), flat):
-                model_lp[name][r_idx, t_idx] = own_logprobs(lg, y_flat, V).view(B, P)[r_idx, j_idx]
+                own = own_logprobs(lg, y_flat, plan.own_widths[name]).view(B, P)
+                model_lp[name][r_idx, t_idx] = own[r_idx, j_idx]
         if args.eos_tensor is not None:
             finished |= first_eos < c
         alive = left > 0

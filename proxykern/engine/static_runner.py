@@ -45,17 +45,19 @@ class StaticRunner(SideStreamLaunch):
     ``launch_prefill()`` runs the prompt, ``launch_step(tokens)`` appends one token per
     row; both write the logits of the next token into :attr:`logits` (B, V), and
     ``join()`` returns that buffer once it is safe to read on the current stream
-    (:class:`proxykern.runner.SideStreamLaunch`).
+    (:class:`proxykern.runner.SideStreamLaunch`). ``stand_in``: as for ``ModelRunner``
+    (one device op per step, into the token buffer).
     """
 
     keep_alive = False  # persistent buffers; record_stream has no place in a captured step
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 capacity: int, stream=None):
+                 capacity: int, stream=None, stand_in=None):
         from transformers import StaticCache
 
         self.model = model
         self.stream = stream
+        self.stand_in = stand_in
         self.batch_size, self.prompt_len = input_ids.shape
         self.max_len = self.prompt_len + max(int(capacity), 1)
         device = input_ids.device
@@ -86,6 +88,8 @@ class StaticRunner(SideStreamLaunch):
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` (B,) at slot ``cache_position``; logits of the next token (in place)."""
+        if self.stand_in is not None:
+            tokens = self.stand_in(tokens)
         self.tokens.copy_(tokens.reshape(-1, 1))
         self.mask.index_fill_(1, self.cache_position, 1)
         self.logits.copy_(self._forward(self.tokens, self.position_ids, self.cache_position))

@@ -9,6 +9,7 @@ next one:
 
     expert, anti-expert forwards   on their side streams, after waiting on the main stream
     base forward                   on the main stream; then join
+    widen (only when narrower)     expert, anti -> the base's width, zero-delta tail (VocabPlan)
     op(base, expert, anti)         -> token, logprob, status     (ops.sample_rows: no checks)
     tokens[:, t] = token (pad after EOS); finished |= token in eos; lengths += alive;
     status |= op status; t += 1                                   (all on the device)
@@ -48,11 +49,12 @@ def graph_unsupported_reason(models, device: torch.device) -> str | None:
     return None
 
 
-def make_runner(model, input_ids, attention_mask, capacity, stream, static: bool):
+def make_runner(model, input_ids, attention_mask, capacity, stream, static: bool,
+                stand_in=None):
     """A static runner when asked and supported, else the dynamic-cache runner."""
     if static and static_cache_unsupported_reason(model) is None:
-        return StaticRunner(model, input_ids, attention_mask, capacity, stream)
-    return ModelRunner(model, input_ids, attention_mask, capacity, stream)
+        return StaticRunner(model, input_ids, attention_mask, capacity, stream, stand_in)
+    return ModelRunner(model, input_ids, attention_mask, capacity, stream, stand_in)
 
 
 class ProxyStep:
@@ -66,12 +68,16 @@ class ProxyStep:
                  graphs: bool = False):
         B, n_max, dev = args.batch_size, args.max_new_tokens, args.device
         self.args, self.batch_size, self.vocab_size = args, B, args.vocab_size
+        self.vocab, self.wide = args.vocab, None  # wide: the widened logits buffers, if any
+        stand_in = args.vocab.stand_ins
         side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
-        self.base = make_runner(base, args.input_ids, args.attention_mask, n_max, None, static)
+        self.base = make_runner(base, args.input_ids, args.attention_mask, n_max, None, static,
+                                stand_in["base"])
         self.expert = make_runner(expert, args.expert_input_ids, args.expert_attention_mask,
-                                  n_max, side(), static)
+                                  n_max, side(), static, stand_in["expert"])
         self.anti = None if args.share_anti else make_runner(
-            anti_expert, args.input_ids, args.attention_mask, n_max, side(), static)
+            anti_expert, args.input_ids, args.attention_mask, n_max, side(), static,
+            stand_in["anti_expert"])
         self.runners = [r for r in (self.expert, self.anti, self.base) if r is not None]
         self.use_graphs = graphs
         self.graph = None
@@ -100,9 +106,18 @@ class ProxyStep:
         b, e = self.base.join(), self.expert.join()
         return b, e, (self.anti.join() if self.anti is not None else e)
 
+    def _for_op(self, logits):
+        """The three logit rows as the op reads them: where the expert or anti-expert is
+        narrower than the base, theirs widened with a zero-delta tail (VocabPlan.widen) into
+        buffers allocated at the prefill and rewritten in place by every step."""
+        if not self.vocab.widens:
+            return logits
+        self.wide = self.vocab.widen(logits[1], logits[2], self.wide)
+        return (logits[0], *self.wide)
+
     def _sample(self, logits) -> None:
         """Draw token t from the three logit rows and record it (device only)."""
-        tok, lp, _, status = ops.sample_rows(*logits, self.params, self.step_rows,
+        tok, lp, _, status = ops.sample_rows(*self._for_op(logits), self.params, self.step_rows,
                                              self.vocab_size, self.backend, self.may_filter)
         finished = self.finished
         self.status.bitwise_or_(status.masked_fill(finished, 0))  # a finished row's garbage is ignored
@@ -113,14 +128,16 @@ class ProxyStep:
             self.logprobs.scatter_(1, column, lp.masked_fill(finished, 0.0)[:, None])
         if self.model_logprobs is not None:
             for name, lg in zip(MODEL_NAMES, logits):
-                own = own_logprobs(lg, token, self.vocab_size).masked_fill(finished, 0.0)
+                own = own_logprobs(lg, token, self.vocab.own_widths[name])
+                own = own.masked_fill(finished, 0.0)
                 self.model_logprobs[name].scatter_(1, column, own[:, None])
         self.lengths.add_(~finished)
         if self.eos is not None:  # a broadcast compare: no sync, whatever the sizes
             self.finished.logical_or_((token[:, None] == self.eos).any(1))
         self.last_token.copy_(token)
-        # Finished rows are fed their sampled token (always < vocab_size, so in range for
-        # every model); a bad row (token -1) reads 0 and raises at the next host check.
+        # Finished rows are fed their sampled token (always < vocab_size: the base reads it,
+        # a model that cannot gets its stand-in); a bad row (token -1) reads 0 and raises at
+        # the next host check.
         self.next_input.copy_(tok.clamp(min=0))
         self.step_rows.add_(1)
         self.column.add_(1)
