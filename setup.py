@@ -1,10 +1,12 @@
 """Builds proxykern._C: the C++ CPU kernel always; the CUDA sources (csrc/*.cu) too when
 torch is a CUDA build and nvcc is found (PROXYKERN_SKIP_CUDA=1 skips them).
 
-CUDA architectures: PROXYKERN_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else "9.0+PTX"
-(so a machine without a GPU still compiles and links the CUDA code, for CI; the PTX
-lets newer GPUs JIT it). At run time ``backend="auto"`` checks that the build holds an
-image the device can run, and falls back to Triton with one warning otherwise.
+CUDA architectures: PROXYKERN_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else the visible
+GPUs' own architectures plus PTX (e.g. "8.0+PTX" on an A100, "8.9+PTX" on an L40S),
+else -- no GPU visible -- "9.0+PTX" (so a machine without a GPU still compiles and links
+the CUDA code, for CI; the PTX lets newer GPUs JIT it). At run time ``backend="auto"``
+checks that the build holds an image the device can run, and falls back to Triton with
+one warning otherwise.
 
 Units: csrc/*.cpp (CPU kernel, op schema, module) always; with CUDA also
 csrc/cuda_*.cpp (launcher, registration) and csrc/*.cu (the kernels, one unit per
@@ -34,6 +36,20 @@ def _cuda_wanted() -> tuple[bool, str]:
     return True, f"CUDA {torch.version.cuda}, nvcc in {cpp_extension.CUDA_HOME}"
 
 
+def _cuda_archs() -> str:
+    """The architectures to build for (see the module docstring)."""
+    given = os.environ.get("PROXYKERN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if given:
+        return given
+    try:
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # no driver, or no GPU visible: not an error for a build
+        caps = []
+    if not caps:
+        return "9.0+PTX"
+    return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+
+
 def _wheel_cuda_includes() -> list[str]:
     """The CUDA headers that torch's cu13 wheels ship (cuBLAS, cuSPARSE, ...), if present."""
     site = sysconfig.get_paths()["purelib"]
@@ -53,7 +69,8 @@ def _extension():
     if not use_cuda:
         return cpp_extension.CppExtension(sources=sources,
                                           extra_compile_args={"cxx": cxx_flags}, **common)
-    archs = os.environ.get("PROXYKERN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0+PTX"
+    archs = _cuda_archs()
+    print(f"proxykern: CUDA architectures {archs}", file=sys.stderr)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     arch_tag = "".join(c if c.isalnum() or c in ".+" else "_" for c in archs.strip())
     common["include_dirs"] += _wheel_cuda_includes()

@@ -10,35 +10,42 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
 
   device      the GPU, torch / triton / nvcc / compute-sanitizer versions
   build       ``pip install -e . --no-build-isolation --no-deps --no-index`` against the
-              machine's own torch (TORCH_CUDA_ARCH_LIST defaults to 9.0, MAX_JOBS to the
-              core count), then checks that the cuda backend loads for this device
+              machine's own torch (setup.py builds for the visible GPU's architecture
+              unless TORCH_CUDA_ARCH_LIST is set; MAX_JOBS defaults to the core count),
+              then checks that the cuda backend loads for this device
   sanitizer   compute-sanitizer memcheck and racecheck over benchmarks/gpu_check_cases.py
               (a handful of small CUDA cases, not the test suite)
-  tests       ``pytest -m cuda``: tests/test_cuda.py (the CUDA backend) and
-              tests/test_triton_cuda.py (Triton on the GPU against the reference), the
-              engine's GPU tests, less the sanitizer test (the stage above covers it);
-              GPU_CHECK_TESTS="tests/test_cuda.py" narrows the paths
-  kernels     the kernel table: naive step, torch.compile of it, triton, cuda over vocab
-              {32000, 128256, 151936} x batch {1, 8, 64, 256}, bf16, five modes; plus the
-              device-to-device copy bandwidth. kernel_table.json and kernel_table.md.
-              At batch <= 16 also triton_rowwise (one program per row: no split, no
-              staged search), to choose the Triton launches per shape; naive, triton and
-              cuda also as CUDA-graph replays (x@graph: no launch costs). Then the slice
-              probe: the cuda op at K1's three slice widths (PROXYKERN_CUDA_SLICE_EPT), one
-              process each, appended to both files
+  tests       ``pytest -m cuda`` over GPU_CHECK_TESTS (default tests/test_cuda.py, the
+              CUDA backend with both kernel variants, and tests/test_triton_cuda.py, Triton
+              on the GPU against the reference; GPU_CHECK_TESTS=tests adds the engine's
+              GPU tests, ~100 s more), less the sanitizer test (the stage above covers it)
+  kernels     the kernel table, bf16, five modes, two input families: ``randn3``
+              (randn * 3, vocab {32000, 128256, 151936} x batch {1, 8, 64, 256}) and
+              ``lm`` (gpu_check_cases.lm_like_logits: shuffled Zipf-like rows with
+              entropies of 1-4 nats; batch {1, 8, 256}); plus the device-to-device copy
+              bandwidth. kernel_table.json and kernel_table.md. The A/B of the CUDA
+              kernel: cuda_v04@graph (the v0.4 kernel) next to cuda@graph (v0.5, the
+              default), both CUDA-graph replays in this one process (the
+              cuda_kernel_variant op picks the variant a capture records), with their
+              ratio, cuda@graph's share of the copy bandwidth, and the token agreement of
+              v0.5 with v0.4 and with triton per cell. Also naive, triton and cuda eager
+              and naive@graph, triton@graph on randn3 (GPU_CHECK_KERNEL_EXTRA=
+              "torch.compile,triton_rowwise" adds those). GPU_CHECK_SLICE_PROBE=1 then
+              times K1's three slice widths (PROXYKERN_CUDA_SLICE_EPT), one process each
   generate    benchmarks/bench_generate.py --out DIR $GPU_CHECK_GENERATE_ARGS (default
-              "--configs small,paper --new-tokens 64 --naive-tokens 16": naive vs the
+              "--configs small --new-tokens 64 --naive-tokens 16": naive vs the
               engine eager vs CUDA graphs vs the base's captured step vs the weight-read
-              floor), then benchmarks/bench_speculative.py on the shipped trio (bf16)
+              floor), then benchmarks/bench_speculative.py on the shipped trio (bf16),
+              a small grid with its own reserved share of the stage
 
 It stops at the first failing stage unless --keep-going (or GPU_CHECK_KEEP_GOING=1), and
 prints a summary last (also in summary.json). Budget: a whole run within 7 minutes
-(GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 240 s, sanitizer
-150, tests 240, kernels 210, generate 240), cut to what is left of the budget; a stage
-that finds none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides single limits.
-Measured on an H200 (benchmarks/NOTES.md, v0.4): build 25 s, sanitizer 20 s, tests 160 s
-(tests/test_cuda.py alone 15 s), kernels 85 s plus the slice probe (K1's three slice
-widths timed side by side, ~15 s), generate ~70 s (small + paper) before bench_speculative. --dry-run (or
+(GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 70 s, sanitizer
+45, tests 70, kernels 150, generate 80: 415 s), cut to what is left of the budget; a
+stage that finds none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides
+single limits. Measured on an H200 (benchmarks/NOTES.md, v0.4): build 25 s (one kernel
+variant then; two now), sanitizer 20 s, tests/test_cuda.py 15 s (all GPU tests 160 s),
+kernel table ~140 s for 600 timings, generate (small trio) < 60 s. --dry-run (or
 GPU_CHECK_DRY=1) needs no GPU: the GPU stages skip with a reason and the kernel stage
 runs a tiny CPU table through the same code, so the plumbing is known to work.
 """
@@ -60,7 +67,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds each stage may take before it is stopped, and the whole run's budget (7 minutes
 # on an H200; GPU_CHECK_BUDGET_S overrides): no stage runs past what is left of it.
 # GPU_CHECK_LIMITS="sanitizer=90,tests=150" overrides single stages' limits.
-STAGE_LIMITS = {"build": 240, "sanitizer": 150, "tests": 240, "kernels": 210, "generate": 240}
+STAGE_LIMITS = {"build": 70, "sanitizer": 45, "tests": 70, "kernels": 150, "generate": 80}
 for _item in filter(None, os.environ.get("GPU_CHECK_LIMITS", "").split(",")):
     _name, _, _seconds = _item.partition("=")
     if _name.strip() not in STAGE_LIMITS:
@@ -78,6 +85,13 @@ def _limit(stage: str) -> float:
     return max(1.0, min(STAGE_LIMITS[stage], TOTAL_BUDGET_S - (time.monotonic() - _T0)))
 KERNEL_VOCABS = (32000, 128256, 151936)
 KERNEL_BATCHES = (1, 8, 64, 256)
+# Input families of the kernel table: name -> (batches, impls beyond the A/B pair).
+# "randn3" is v0.4's table; "lm" the LM-like rows (gpu_check_cases.lm_like_logits).
+KERNEL_FAMILIES = {
+    "randn3": (KERNEL_BATCHES, ("naive", "triton", "cuda", "naive@graph", "triton@graph")),
+    "lm": ((1, 8, 256), ("naive@graph",)),
+}
+AB_IMPLS = ("cuda_v04@graph", "cuda@graph")  # the v0.4 kernel and the new one, replayed
 KERNEL_MODES = {
     "plain": dict(temperature=1.0),
     "top_k=50": dict(temperature=1.0, top_k=50),
@@ -138,7 +152,10 @@ def run_logged(cmd, log_path, *, timeout, env=None, cwd=ROOT):
 
 
 def child_env(**extra):
+    # The stages check and time the new kernel (v0.5): the build's default stays v0.4 for
+    # users until such a run has checked v0.5 (csrc/cuda_launcher.cpp).
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("PROXYKERN_CUDA_KERNEL", "v05")
     env.update(extra)
     return env
 
@@ -175,8 +192,8 @@ def stage_device(args, out_dir, info):
 def stage_build(args, out_dir, info):
     if args.dry_run:
         return "skipped", "dry run (would run: pip install -e . --no-build-isolation --no-deps)"
-    env = child_env(TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
-                    MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
+    # No TORCH_CUDA_ARCH_LIST unless given: setup.py builds for the visible GPU (+PTX).
+    env = child_env(MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
     log = _log_path(out_dir, "build")
     rc, tail = run_logged([sys.executable, "-m", "pip", "install", "-e", ".", "--no-build-isolation",
                            "--no-deps", "--no-index", "-v"], log, timeout=_limit("build"), env=env)
@@ -222,7 +239,8 @@ def stage_tests(args, out_dir, info):
     log = _log_path(out_dir, "tests")
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
            "--durations=12", "-k", "not compute_sanitizer"]
-    cmd += os.environ.get("GPU_CHECK_TESTS", "tests").split() + ([] if args.keep_going else ["-x"])
+    cmd += (os.environ.get("GPU_CHECK_TESTS", "tests/test_cuda.py tests/test_triton_cuda.py").split()
+            + ([] if args.keep_going else ["-x"]))
     rc, tail = run_logged(cmd, log, timeout=_limit("tests"), env=child_env())
     return ("ok" if rc == 0 else "failed"), tail
 
@@ -233,25 +251,27 @@ def stage_generate(args, out_dir, info):
     if args.dry_run:
         return "skipped", "dry run (needs a GPU)"
     started = time.monotonic()
+    limit = _limit("generate")
+    # bench_speculative gets its own share, reserved before bench_generate starts (runs
+    # 1-2 of v0.4 gave it what bench_generate left, 26-54 s, and it never finished).
+    spec_s = min(SPECULATIVE_RESERVE_S, 0.4 * limit)
     extra = os.environ.get("GPU_CHECK_GENERATE_ARGS",
-                           "--configs small,paper --new-tokens 64 --naive-tokens 16").split()
+                           "--configs small --new-tokens 64 --naive-tokens 16").split()
     script = os.path.join(ROOT, "benchmarks", "bench_generate.py")
     rc, tail = run_logged([sys.executable, script, "--out", out_dir] + extra,
-                          _log_path(out_dir, "generate"), timeout=_limit("generate"),
+                          _log_path(out_dir, "generate"), timeout=max(1.0, limit - spec_s),
                           env=child_env(GPU_CHECK_OUT=out_dir))
     if rc != 0:
         return "failed", tail
-    left = _limit("generate") - (time.monotonic() - started)
-    if left < 20:
+    left = limit - (time.monotonic() - started)
+    if left < 10:
         return "ok", tail + "\n(speculative benchmark skipped: out of time)"
     spec = os.path.join(ROOT, "benchmarks", "bench_speculative.py")
-    # Sized to what is left of the stage (runs 1-2 on an H200 got 26-54 s: the full default
-    # grid, 16 lines of 32 prompts x 3 repeats, never finished); bench_speculative.py alone
-    # runs the whole grid.
+    # A grid that fits its share: plain decoding (k = 0) against k = 4 drafts, batch 1,
+    # both modes, 8 prompts once (bench_speculative.py alone runs the whole grid).
     rc, spec_tail = run_logged([sys.executable, spec, "--device", "cuda", "--dtype", "bf16",
-                                "--ks", "0", "2", "4", "--batch-sizes", "1", "16",
-                                "--prompts", "16", "--repeats", "1", "--json",
-                                os.path.join(out_dir, "speculative.json")],
+                                "--ks", "0", "4", "--batch-sizes", "1", "--prompts", "8",
+                                "--repeats", "1", "--json", os.path.join(out_dir, "speculative.json")],
                                _log_path(out_dir, "generate"), timeout=int(left),
                                env=child_env(GPU_CHECK_OUT=out_dir))
     return ("ok" if rc == 0 else "failed"), tail + "\n" + spec_tail
@@ -271,11 +291,33 @@ def _param_tensors(batch, device, mode, seed):
             torch.zeros(batch, **i64))
 
 
-def step_inputs(batch, vocab, device, gen):
-    """One (base, expert, anti) set as every table times: bf16 ``randn * 3`` logits."""
+SPECULATIVE_RESERVE_S = 30.0
+
+
+def step_inputs(batch, vocab, device, gen, family="randn3"):
+    """One (base, expert, anti) set as the tables time, bf16: ``randn * 3`` logits, or
+    (family "lm") LM-like rows (gpu_check_cases.lm_like_logits)."""
     import torch
+    if family == "lm":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_check_cases import lm_like_logits
+        return lm_like_logits(batch, vocab, generator=gen, device=device)
     return tuple((torch.randn(batch, vocab, generator=gen, device=device) * 3).to(torch.bfloat16)
                  for _ in range(3))
+
+
+def with_variant(variant, fn):
+    """fn with the CUDA kernel variant `variant` selected for its calls (and restored):
+    a capture inside records that variant's kernels (cuda_kernel_variant op)."""
+    import torch
+
+    def call():
+        previous = torch.ops.proxykern.cuda_kernel_variant(variant)
+        try:
+            return fn()
+        finally:
+            torch.ops.proxykern.cuda_kernel_variant(previous)
+    return call
 
 
 def _timer(device, warmup_ms, rep_ms):
@@ -312,11 +354,17 @@ def copy_bandwidth(device, timer, nbytes):
     return 2 * nbytes / seconds / 1e9  # bytes read + bytes written
 
 
-def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, rep_ms,
+def _agreement(a, b):
+    return float((a.cpu() == b.cpu()).float().mean())
+
+
+def kernel_table(device, *, vocabs, families, modes, budget_s, warmup_ms, rep_ms,
                  compile_budget_s=90.0, log=print):
-    """Rows of {vocab, batch, mode, impl, us, gbps, speedup_vs_naive}; stops measuring
-    (rows marked 'skipped: time budget') once budget_s is spent, and torch.compile once
-    its compilations (about two a mode: batch 1 is specialized) took compile_budget_s."""
+    """Rows of {family, vocab, batch, mode, impl, us, gbps, speedup_vs_naive}; families maps
+    an input family to (batches, impls). Stops measuring (rows marked 'skipped: time
+    budget') once budget_s is spent, and torch.compile once its compilations (about two a
+    mode: batch 1 is specialized) took compile_budget_s. The cuda@graph rows also hold the
+    token agreement of the default kernel with v0.4 (agree_v04) and triton (agree_triton)."""
     import torch
 
     from proxykern import ops
@@ -334,122 +382,179 @@ def kernel_table(device, *, vocabs, batches, modes, impls, budget_s, warmup_ms, 
     static_modes = set()  # modes whose dynamic-shape compilation failed
     compile_s = {}  # first-call seconds of each torch.compile case
     rows = []
+    all_batches = sorted({b for batches, _ in families.values() for b in batches})
     for vocab in vocabs:
-        tri_cfg = (ops._triton_kernels().default_config(device, vocab)
-                   if "triton_rowwise" in impls else None)
-        for batch in batches:
-            set_bytes = 3 * batch * vocab * 2
-            # Rotate through copies whose total passes 2x the L2 (do_bench flushes L2 too).
-            copies = max(1, min(8, math.ceil(2 * l2 / set_bytes))) if l2 else 1
-            gen = torch.Generator(device=device).manual_seed(batch * 31 + vocab)
-            sets = [step_inputs(batch, vocab, device, gen) for _ in range(copies)]
-            for mode_name, mode in modes.items():
-                params = _param_tensors(batch, device, mode, seed=7)
-                counter = [0]
-
-                def nxt():
-                    counter[0] = (counter[0] + 1) % copies
-                    return sets[counter[0]]
-
-                fns = {}
-                for impl in impls:
-                    if impl == "naive":
-                        fns[impl] = lambda m=mode: naive_sample_step(*nxt(), **m)
-                    elif impl == "torch.compile":
-                        # Dynamic shapes (one compilation a mode) unless Inductor failed on
-                        # this mode before: then static shapes, one compilation a shape.
-                        dynamic = mode_name not in static_modes
-                        key = mode_name if dynamic else (mode_name, vocab, batch)
-                        if key not in compiled:
-                            compiled[key] = compile_step(mode, dynamic)
-                        fns[impl] = lambda c=compiled[key]: c(*nxt())
-                    elif impl == "triton":
-                        tri = ops._triton_kernels().proxy_sample_triton
-                        # (the op's launch hint, as proxy_sample gives it)
-                        fns[impl] = lambda p=params, t=tri, f=ops.may_filter(mode, vocab): t(
-                            *nxt(), *p, vocab, may_filter=f)
-                    elif impl == "triton_rowwise":  # small batch: one program per row instead
-                        if batch > tri_cfg["SPLIT_MAX_BATCH"]:  # (there it is what "triton" runs)
-                            continue
-                        tri = ops._triton_kernels().proxy_sample_triton
-                        fns[impl] = lambda p=params, t=tri: t(*nxt(), *p, vocab,
-                                                              config=dict(split=False))
-                    elif impl in ("cuda", "cpu"):
-                        fns[impl] = lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab)
-                    elif impl == "torch":
-                        fns[impl] = lambda p=params: ops.reference.proxy_sample_reference(*nxt(), *p, vocab)
-                for impl in impls:  # "x@graph": x's call captured once, then replayed
-                    if impl.endswith(GRAPH_SUFFIX) and impl[:-len(GRAPH_SUFFIX)] in fns:
-                        fns[impl] = lambda f=fns[impl[:-len(GRAPH_SUFFIX)]]: graph_replay(f)
-                naive_s = {}
-                for impl, fn in fns.items():
-                    row = dict(vocab=vocab, batch=batch, mode=mode_name, impl=impl)
-                    if time.monotonic() - t_start > budget_s:
-                        row["error"] = "skipped: time budget"
-                        rows.append(row)
-                        continue
-                    if impl == "torch.compile" and sum(compile_s.values()) > compile_budget_s:
-                        row["error"] = "skipped: compile budget"
-                        rows.append(row)
-                        continue
-                    try:
-                        if impl == "torch.compile":  # the first call compiles (or recompiles)
-                            t0 = time.monotonic()
-                            try:
-                                fn()
-                            except Exception as exc:  # an Inductor bug with dynamic shapes
-                                if mode_name in static_modes:
-                                    raise
-                                static_modes.add(mode_name)
-                                row["note"] = (f"dynamic=True failed ({type(exc).__name__}: "
-                                               f"{str(exc)[:120]}); static shapes")
-                                log(f"  torch.compile {mode_name}: {row['note']}")
-                                compiled[(mode_name, vocab, batch)] = static = compile_step(
-                                    mode, dynamic=False)
-                                fn = lambda c=static: c(*nxt())  # noqa: E731
-                                fn()
-                            if device.type == "cuda":
-                                torch.cuda.synchronize()
-                            compile_s[(mode_name, vocab, batch)] = time.monotonic() - t0
-                            row["first_call_s"] = round(compile_s[(mode_name, vocab, batch)], 2)
-                            row["dynamic"] = mode_name not in static_modes
-                        if impl.endswith(GRAPH_SUFFIX):
-                            fn = fn()  # capture (the eager impl ran above: compiled, warm)
-                        seconds = timer(fn)
-                    except Exception as exc:  # one broken impl must not hide the others
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                        rows.append(row)
-                        log(f"  {vocab}x{batch} {mode_name} {impl}: {row['error']}")
-                        continue
-                    # Eager impls against the eager naive step, replays against its replay.
-                    naive_key = "naive" + (GRAPH_SUFFIX if impl.endswith(GRAPH_SUFFIX) else "")
-                    if impl == naive_key:
-                        naive_s[impl] = seconds
-                    ref_s = naive_s.get(naive_key)
-                    row.update(us=seconds * 1e6, gbps=set_bytes / seconds / 1e9,
-                               speedup_vs_naive=(ref_s / seconds) if ref_s else None)
-                    rows.append(row)
-                    log(f"  {vocab}x{batch} {mode_name} {impl}: {row['us']:.1f} us"
-                        + (f" ({row['speedup_vs_naive']:.1f}x {naive_key})"
-                           if impl != naive_key and ref_s else ""))
-            sets = None
+        any_rowwise = any("triton_rowwise" in impls for _, impls in families.values())
+        tri_cfg = ops._triton_kernels().default_config(device, vocab) if any_rowwise else None
+        # Families interleaved per shape: a run cut short by its budget loses the largest
+        # shapes of both, not a whole family.
+        for batch in all_batches:
+            for family, (batches, impls) in families.items():
+                if batch not in batches:
+                    continue
+                set_bytes = 3 * batch * vocab * 2
+                # Rotate through copies whose total passes 2x the L2 (do_bench flushes L2 too).
+                copies = max(1, min(8, math.ceil(2 * l2 / set_bytes))) if l2 else 1
+                gen = torch.Generator(device=device).manual_seed(batch * 31 + vocab)
+                sets = [step_inputs(batch, vocab, device, gen, family) for _ in range(copies)]
+                for mode_name, mode in modes.items():
+                    rows += _time_cell(
+                        device, family, vocab, batch, mode_name, mode, impls, sets, set_bytes,
+                        timer=timer, t_start=t_start, budget_s=budget_s, tri_cfg=tri_cfg,
+                        compiled=compiled, static_modes=static_modes, compile_s=compile_s,
+                        compile_step=compile_step, compile_budget_s=compile_budget_s, log=log,
+                        ops=ops, graph_replay=graph_replay, naive_sample_step=naive_sample_step)
+                sets = None
     return rows
 
 
-def table_markdown(rows, impls, header_lines):
+def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_bytes, *, timer,
+               t_start, budget_s, tri_cfg, compiled, static_modes, compile_s, compile_step,
+               compile_budget_s, log, ops, graph_replay, naive_sample_step):
+    """The rows of one (family, vocab, batch, mode) cell, one per impl."""
+    import torch
+    copies = len(sets)
+    params = _param_tensors(batch, device, mode, seed=7)
+    counter = [0]
+
+    def nxt():
+        counter[0] = (counter[0] + 1) % copies
+        return sets[counter[0]]
+
+    def make(impl):
+        """The eager call of impl (no @graph suffix), or None when it does not apply."""
+        if impl == "naive":
+            return lambda m=mode: naive_sample_step(*nxt(), **m)
+        if impl == "torch.compile":
+            # Dynamic shapes (one compilation a mode) unless Inductor failed on this mode
+            # before: then static shapes, one compilation a shape.
+            dynamic = mode_name not in static_modes
+            key = mode_name if dynamic else (mode_name, vocab, batch)
+            if key not in compiled:
+                compiled[key] = compile_step(mode, dynamic)
+            return lambda c=compiled[key]: c(*nxt())
+        if impl == "triton":
+            tri = ops._triton_kernels().proxy_sample_triton
+            # (the op's launch hint, as proxy_sample gives it)
+            return lambda p=params, t=tri, f=ops.may_filter(mode, vocab): t(*nxt(), *p, vocab, may_filter=f)
+        if impl == "triton_rowwise":  # small batch: one program per row instead
+            if batch > tri_cfg["SPLIT_MAX_BATCH"]:  # (there it is what "triton" runs)
+                return None
+            tri = ops._triton_kernels().proxy_sample_triton
+            return lambda p=params, t=tri: t(*nxt(), *p, vocab, config=dict(split=False))
+        if impl in ("cuda", "cpu"):  # the process's default kernel (v0.5 unless overridden)
+            return lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab)
+        if impl == "cuda_v04":
+            return with_variant("v04", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
+        if impl == "cuda_v05":
+            return with_variant("v05", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
+        if impl == "torch":
+            return lambda p=params: ops.reference.proxy_sample_reference(*nxt(), *p, vocab)
+        raise ValueError(f"unknown impl {impl!r}")
+
+    fns = {}
+    for impl in impls:
+        if impl.endswith(GRAPH_SUFFIX):
+            # "x@graph": x's call captured once, then replayed; "cuda@graph" is pinned to
+            # v0.5 (its A/B partner cuda_v04@graph to v0.4) whatever the process default.
+            base = impl[:-len(GRAPH_SUFFIX)]
+            eager = make("cuda_v05" if base == "cuda" else base)
+            if eager is not None:
+                fns[impl] = lambda f=eager: graph_replay(f)
+        else:
+            eager = make(impl)
+            if eager is not None:
+                fns[impl] = eager
+    rows = []
+    naive_s = {}
+    for impl, fn in fns.items():
+        row = dict(family=family, vocab=vocab, batch=batch, mode=mode_name, impl=impl)
+        if time.monotonic() - t_start > budget_s:
+            row["error"] = "skipped: time budget"
+            rows.append(row)
+            continue
+        if impl == "torch.compile" and sum(compile_s.values()) > compile_budget_s:
+            row["error"] = "skipped: compile budget"
+            rows.append(row)
+            continue
+        try:
+            if impl == "torch.compile":  # the first call compiles (or recompiles)
+                t0 = time.monotonic()
+                try:
+                    fn()
+                except Exception as exc:  # an Inductor bug with dynamic shapes
+                    if mode_name in static_modes:
+                        raise
+                    static_modes.add(mode_name)
+                    row["note"] = (f"dynamic=True failed ({type(exc).__name__}: "
+                                   f"{str(exc)[:120]}); static shapes")
+                    log(f"  torch.compile {mode_name}: {row['note']}")
+                    compiled[(mode_name, vocab, batch)] = static = compile_step(mode, dynamic=False)
+                    fn = lambda c=static: c(*nxt())  # noqa: E731
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                compile_s[(mode_name, vocab, batch)] = time.monotonic() - t0
+                row["first_call_s"] = round(compile_s[(mode_name, vocab, batch)], 2)
+                row["dynamic"] = mode_name not in static_modes
+            if impl.endswith(GRAPH_SUFFIX):
+                fn = fn()  # capture (warm-up call first, inside graph_replay)
+            seconds = timer(fn)
+        except Exception as exc:  # one broken impl must not hide the others
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            log(f"  {family} {vocab}x{batch} {mode_name} {impl}: {row['error']}")
+            continue
+        # Eager impls against the eager naive step, replays against its replay.
+        naive_key = "naive" + (GRAPH_SUFFIX if impl.endswith(GRAPH_SUFFIX) else "")
+        if impl == naive_key:
+            naive_s[impl] = seconds
+        ref_s = naive_s.get(naive_key)
+        row.update(us=seconds * 1e6, gbps=set_bytes / seconds / 1e9,
+                   speedup_vs_naive=(ref_s / seconds) if ref_s else None)
+        if impl == "cuda" + GRAPH_SUFFIX:
+            row.update(_cell_agreement(sets[0], params, vocab, mode, ops, log))
+        rows.append(row)
+        log(f"  {family} {vocab}x{batch} {mode_name} {impl}: {row['us']:.1f} us"
+            + (f" ({row['speedup_vs_naive']:.1f}x {naive_key})" if impl != naive_key and ref_s else ""))
+    return rows
+
+
+def _cell_agreement(inputs, params, vocab, mode, ops, log):
+    """Token agreement of the v0.5 kernel with v0.4 and with triton on one input set."""
+    import torch
+    out = {}
+    try:
+        call = lambda: torch.ops.proxykern.fused_sample(*inputs, *params, vocab)  # noqa: E731
+        new = with_variant("v05", call)()[0]
+        out["agree_v04"] = _agreement(new, with_variant("v04", call)()[0])
+        if ops.backend_unavailable_reason("triton", inputs[0].device) is None:
+            tri = ops._triton_kernels().proxy_sample_triton(
+                *inputs, *params, vocab, may_filter=ops.may_filter(mode, vocab))[0]
+            out["agree_triton"] = _agreement(new, tri)
+    except Exception as exc:  # reported, never fatal: the timings stand on their own
+        out["agree_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        log(f"  agreement: {out['agree_error']}")
+    return out
+
+
+def table_markdown(rows, impls, header_lines, copy_gbps=None):
     lines = list(header_lines)
     if any(r.get("dynamic") is False for r in rows):
         lines.append("* torch.compile with static shapes: Inductor failed on this mode with "
                      "dynamic shapes")
+    ab = all(i in impls for i in AB_IMPLS)
     lines.append("")
     cols = " | ".join(f"{i} us" for i in impls)
     ratio_cols = [i for i in impls if i not in ("naive", "naive" + GRAPH_SUFFIX)]
-    lines.append(f"| vocab | batch | mode | {cols} | " + " | ".join(f"{i} vs naive" for i in ratio_cols) + " |")
-    lines.append("|" + "---|" * (3 + len(impls) + len(ratio_cols)))
+    extra = ["v04 / v05 (A/B)", "cuda@graph % copy", "agree v04", "agree triton"] if ab else []
+    lines.append(f"| inputs | vocab | batch | mode | {cols} | "
+                 + " | ".join([f"{i} vs naive" for i in ratio_cols] + extra) + " |")
+    lines.append("|" + "---|" * (4 + len(impls) + len(ratio_cols) + len(extra)))
     keyed = {}
     for r in rows:
-        keyed.setdefault((r["vocab"], r["batch"], r["mode"]), {})[r["impl"]] = r
-    for (vocab, batch, mode), by_impl in keyed.items():
+        keyed.setdefault((r.get("family", "randn3"), r["vocab"], r["batch"], r["mode"]), {})[r["impl"]] = r
+    for (family, vocab, batch, mode), by_impl in keyed.items():
         def cell(i):
             r = by_impl.get(i)
             if r is None:
@@ -464,8 +569,15 @@ def table_markdown(rows, impls, header_lines):
             if not r or not n or "us" not in r or "us" not in n:
                 return "-"
             return f"{n['us'] / r['us']:.1f}x"
-        lines.append(f"| {vocab} | {batch} | {mode} | " + " | ".join(cell(i) for i in impls) + " | "
-                     + " | ".join(ratio(i) for i in ratio_cols) + " |")
+
+        def ab_cells():
+            old, new = by_impl.get(AB_IMPLS[0], {}), by_impl.get(AB_IMPLS[1], {})
+            out = [f"{old['us'] / new['us']:.2f}x" if "us" in old and "us" in new else "-",
+                   f"{100 * new['gbps'] / copy_gbps:.0f}%" if "gbps" in new and copy_gbps else "-"]
+            out += [f"{new[k]:.3f}" if k in new else "-" for k in ("agree_v04", "agree_triton")]
+            return out
+        lines.append(f"| {family} | {vocab} | {batch} | {mode} | " + " | ".join(cell(i) for i in impls) + " | "
+                     + " | ".join([ratio(i) for i in ratio_cols] + (ab_cells() if ab else [])) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -540,12 +652,15 @@ def stage_kernels(args, out_dir, info):
     # In a fresh interpreter: this one started before the build installed the package.
     limit = _limit("kernels")
     started = time.monotonic()
-    probe_s = 0.0 if args.dry_run else min(45.0, 0.2 * limit)  # the slice probe's share
+    # The slice probe (v0.4 measured it; rerun after K1 changes): GPU_CHECK_SLICE_PROBE=1.
+    probe = not args.dry_run and os.environ.get("GPU_CHECK_SLICE_PROBE") == "1"
+    probe_s = min(45.0, 0.2 * limit) if probe else 0.0
     cmd = [sys.executable, os.path.abspath(__file__), "--kernels-stage", "--out", out_dir,
-           "--measure-s", str(max(10.0, limit - 40 - probe_s))]
+           "--measure-s", str(max(10.0, limit - 25 - probe_s))]
     if args.dry_run:
         cmd.append("--dry-run")
-    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=limit - probe_s, env=child_env())
+    rc, tail = run_logged(cmd, _log_path(out_dir, "kernels"), timeout=max(1.0, limit - probe_s),
+                          env=child_env())
     table_json = os.path.join(out_dir, "kernel_table.json")
     try:
         with open(table_json) as f:
@@ -578,23 +693,29 @@ def kernels_stage(args, out_dir) -> int:
     except ImportError:
         info["triton"] = "not importable"
     info["device"] = torch.cuda.get_device_name(0) if not args.dry_run else "cpu (dry run)"
-    if args.dry_run:
+    if args.dry_run:  # the same code on the CPU kernel: both families, tiny shapes
         device = torch.device("cpu")
         impls = ["naive"] + [b for b in ("cpu",) if ops.backend_unavailable_reason(b, device) is None]
-        vocabs, batches = (1000,), (1, 2)
+        vocabs = (1000,)
+        families = {"randn3": ((1, 2), impls), "lm": ((2,), impls)}
         modes = {k: KERNEL_MODES[k] for k in ("plain", "top_k+top_p")}
         budget, warmup, rep = 20.0, 1, 20
         bw_bytes = 16 << 20
     else:
         device = torch.device("cuda")
-        impls = ["naive", "torch.compile"] + [
-            b for b in ("triton", "cuda") if ops.backend_unavailable_reason(b, device) is None]
-        if "triton" in impls:  # split / staged at small batch vs one program per row
-            impls.insert(impls.index("triton") + 1, "triton_rowwise")
-        # The same steps replayed from CUDA graphs (as the engine runs them): no launch costs.
-        impls += [i + GRAPH_SUFFIX for i in ("naive", "triton", "cuda") if i in impls]
-        vocabs, batches, modes = KERNEL_VOCABS, KERNEL_BATCHES, KERNEL_MODES
-        budget, warmup, rep = args.measure_s, 5, 25
+        extra = [i for i in os.environ.get("GPU_CHECK_KERNEL_EXTRA", "").split(",") if i]
+        have = {b for b in ("triton", "cuda") if ops.backend_unavailable_reason(b, device) is None}
+
+        def usable(impl):
+            base = impl[:-len(GRAPH_SUFFIX)] if impl.endswith(GRAPH_SUFFIX) else impl
+            return base.split("_")[0] not in ("triton", "cuda") or base.split("_")[0] in have
+        families = {}
+        for family, (batches, base_impls) in KERNEL_FAMILIES.items():
+            impls = [i for i in list(base_impls) + (extra if family == "randn3" else []) + list(AB_IMPLS)
+                     if usable(i)]
+            families[family] = (batches, impls)
+        vocabs, modes = KERNEL_VOCABS, KERNEL_MODES
+        budget, warmup, rep = args.measure_s, 5, 20
         bw_bytes = 1 << 30
     def log(msg):
         print(msg, flush=True)
@@ -603,7 +724,7 @@ def kernels_stage(args, out_dir) -> int:
     bw = copy_bandwidth(device, timer, bw_bytes)
     log(f"device-to-device copy: {bw:.0f} GB/s (read + write, {bw_bytes >> 20} MiB)")
     # torch.compile's compilations may take at most 40% of the stage's measuring time.
-    rows = kernel_table(device, vocabs=vocabs, batches=batches, modes=modes, impls=impls,
+    rows = kernel_table(device, vocabs=vocabs, families=families, modes=modes,
                         budget_s=budget, warmup_ms=warmup, rep_ms=rep,
                         compile_budget_s=min(90.0, 0.4 * budget), log=log)
     name = info["device"]
@@ -611,8 +732,13 @@ def kernels_stage(args, out_dir) -> int:
               f"torch {info.get('torch')}, triton {info.get('triton')}; bf16 inputs; median of "
               f"{'triton.testing.do_bench (L2 flushed before each call)' if device.type == 'cuda' else 'wall-clock'}; "
               f"naive step measured in the same run; x{GRAPH_SUFFIX}: x captured in a CUDA graph "
-              f"and replayed (no launch costs), its ratio against naive{GRAPH_SUFFIX}",
+              f"and replayed (no launch costs), its ratio against naive{GRAPH_SUFFIX}; "
+              f"cuda_v04@graph: the v0.4 kernel, cuda@graph: v0.5 (same process); inputs randn3 = "
+              f"randn * 3, lm = LM-like rows (entropy 1-4 nats)",
               f"device-to-device copy: {bw:.0f} GB/s (read + write)"]
+    impls = []
+    for _, family_impls in families.values():
+        impls += [i for i in family_impls if i not in impls]
     measured = sum(1 for r in rows if "us" in r)
     failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped")]
     # A baseline that fails (an Inductor bug, say) is reported; only our backends fail the stage.
@@ -624,8 +750,8 @@ def kernels_stage(args, out_dir) -> int:
     with open(os.path.join(out_dir, "kernel_table.json"), "w") as f:
         json.dump(dict(device=name, copy_gbps=bw, info=info, detail=detail, rows=rows), f, indent=1)
     with open(os.path.join(out_dir, "kernel_table.md"), "w") as f:
-        f.write(table_markdown(rows, impls, header))
-    print(table_markdown(rows, impls, header))
+        f.write(table_markdown(rows, impls, header, bw))
+    print(table_markdown(rows, impls, header, bw))
     return 1 if errors else 0
 
 

@@ -8,11 +8,68 @@ under the sanitizer checks the answers too. Prints GPU-CHECK-CASES-OK at the end
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 
 from proxykern import ops
+
+# ------------------------------------------------------------------------------ inputs
+
+# LM-like rows: entropies of softmax(z) spread over this range (nats), as a decoding LM's
+# next-token distributions mostly are; `randn * 3` rows have ~8-10 nats at 32k-152k
+# columns, a flat softmax, which no LM step looks like and which hides the cost of work
+# that real, heavy-tailed logits let a kernel skip (or force it to do).
+LM_ENTROPY = (1.0, 4.0)
+_ZIPF_JITTER = 0.5  # logit noise on top of the profile: no two rows share a shape exactly
+
+
+@functools.lru_cache(maxsize=16)
+def _zipf_exponents(vocab: int, levels: int = 16) -> tuple:
+    """Exponents s whose profile logit(rank) = -s * log(rank) has entropy
+    LM_ENTROPY[0] .. LM_ENTROPY[1] (levels values, evenly spaced): a bisection in float64,
+    all levels at once (entropy falls as s grows: log(vocab) at 0, ~0 at 20)."""
+    logr = torch.log(torch.arange(1, vocab + 1, dtype=torch.float64))
+    target = torch.linspace(LM_ENTROPY[0], LM_ENTROPY[1], levels, dtype=torch.float64)
+    lo, hi = torch.zeros(levels, dtype=torch.float64), torch.full((levels,), 20.0, dtype=torch.float64)
+    for _ in range(32):
+        mid = (lo + hi) / 2
+        logp = torch.log_softmax(-mid[:, None] * logr[None, :], dim=1)
+        above = -(logp.exp() * logp).sum(dim=1) > target
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return tuple(((lo + hi) / 2).tolist())
+
+
+def lm_like_logits(batch: int, vocab: int, *, generator: torch.Generator, device,
+                   dtype=torch.bfloat16, scale: float = 1.0):
+    """(base, expert, anti) whose combination z = base + (expert - anti) (alpha 1) looks
+    like a decoding LM's logits: the sorted softmax follows a Zipf-like profile
+    -s log(rank) plus a little noise, with entropies spread over LM_ENTROPY across the
+    rows, the columns shuffled per row. expert and anti are a random shared logit matrix
+    and that matrix plus a small edit, as a tuned and an untuned small model differ.
+    Shared by gpu_check's kernel table and tests/test_cuda.py."""
+    dev = torch.device(device)
+    exps = torch.tensor(_zipf_exponents(vocab), dtype=torch.float32)
+    s = exps[torch.arange(batch) % len(exps)].to(dev)
+    logr = torch.log(torch.arange(1, vocab + 1, dtype=torch.float32, device=dev))
+    profile = -s[:, None] * logr[None, :]
+    profile = profile + _ZIPF_JITTER * torch.randn(batch, vocab, generator=generator, device=dev)
+    order = torch.argsort(torch.rand(batch, vocab, generator=generator, device=dev), dim=1)
+    base = torch.empty_like(profile).scatter_(1, order, profile) + 10.0  # LM-sized logits
+    anti = 3.0 * torch.randn(batch, vocab, generator=generator, device=dev)
+    expert = anti + 0.25 * torch.randn(batch, vocab, generator=generator, device=dev)
+    return tuple((t * scale).to(dtype) for t in (base, expert, anti))
+
+
+def row_entropy(base, expert, anti, alpha: float = 1.0, temperature: float = 1.0):
+    """Entropy (nats) of each row's softmax(z / T), z combined in fp32."""
+    z = (base.float() + alpha * (expert.float() - anti.float())) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------ cases
 
 
 def main() -> int:

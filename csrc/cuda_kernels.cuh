@@ -99,6 +99,24 @@ constexpr uint32_t kFlagPosInf = 2u;      // some z is +inf
 constexpr uint32_t kFlagLive = 4u;        // some z > -inf
 
 static_assert(kSliceThreads >= 256 && kMergeThreads >= 256, "the radix scan uses 256 threads");
+static_assert(kSliceWarps == 8, "K1's max butterfly reads 8 warp records");
+
+// ----------------------------------------------------------------------------- variants
+// What differs between the two builds (cuda_sample.h, KernelVariant). Every kernel and
+// helper whose arithmetic differs takes the policy, so K1 and K2 of one variant compute
+// the same z' and the same noise, bit for bit.
+struct V04 {
+  static constexpr bool kFastNoise = false;  // accurate libdevice logf, twice a column
+  static constexpr bool kRecipT = false;     // __fdiv_rn per column, also at T == 1
+  static constexpr bool kWarpMass = false;   // one 64-bit shared atomicAdd per value
+  static constexpr bool kLeanK1 = false;     // every thread re-reduces the warp records
+};
+struct V05 {
+  static constexpr bool kFastNoise = true;   // gumbel_fast: ~19 instructions, |dg| bounded
+  static constexpr bool kRecipT = true;      // z * RN(1/T) + one correction: the IEEE quotient
+  static constexpr bool kWarpMass = true;    // per-warp sums per bin, one atomic per bin
+  static constexpr bool kLeanK1 = true;      // params first; records reduced by one thread
+};
 static_assert(kSliceThreads % 32 == 0 && kMergeThreads % 32 == 0, "whole warps only");
 
 // ----------------------------------------------------------------------------- records
@@ -246,12 +264,101 @@ __device__ __forceinline__ bool is_sampling(float temperature) {
   return !(fabsf(temperature) < 1.17549435e-38f);  // FLT_MIN
 }
 
-__device__ __forceinline__ float scale_logit(float z, float temperature, bool sampling) {
-  return sampling ? __fdiv_rn(z, temperature) : z;
+// z' = z / T. The row's scale: T, RN(1/T) and whether a division happens at all.
+struct TScale {
+  float t;        // the temperature
+  float r;        // RN(1/T) (kRecipT), else unused
+  bool sampling;  // is_sampling(t): else z' = z
+  bool unit;      // T == 1: z / T == z exactly
+};
+
+__device__ __forceinline__ TScale make_tscale(float temperature) {
+  TScale s;
+  s.t = temperature;
+  s.sampling = is_sampling(temperature);
+  s.unit = temperature == 1.0f;
+  s.r = s.sampling ? __frcp_rn(temperature) : 1.0f;
+  return s;
 }
 
+// RN(z / t) from r = RN(1/t) without a division. q0 = RN(z * r) can be 1.5 ulp off z / t
+// (e.g. t = 2 - 2^-23), so one correction q1 = RN(q0 + RN(z - q0 t) * r) makes it
+// faithful, and a second, whose residual z - q1 t is then exact in one FMA, rounds it
+// correctly (Markstein's theorem, given r = RN(1/t)). The theorem needs every value
+// normal and far from overflow, so operands outside [2^-100, 2^100] take the IEEE
+// division (never for an LM's logits; bitwise the same result either way). 5
+// instructions instead of __fdiv_rn's ~13; tests/test_noise_model.py checks the sequence
+// against IEEE division on CPU (and that one correction, though it also matched in
+// every case tried, lacks the theorem's precondition).
+__device__ __forceinline__ float div_by_recip(float z, float t, float r) {
+  float q = __fmul_rn(z, r);
+  const float az = fabsf(z), aq = fabsf(q);
+  if (az >= 0x1p-100f && az <= 0x1p100f && aq >= 0x1p-100f && aq <= 0x1p100f) {
+    q = __fmaf_rn(__fmaf_rn(-q, t, z), r, q);
+    return __fmaf_rn(__fmaf_rn(-q, t, z), r, q);
+  }
+  return __fdiv_rn(z, t);
+}
+
+template <class P>
+__device__ __forceinline__ float scale_logit(float z, const TScale& s) {
+  if constexpr (P::kRecipT) {
+    return (!s.sampling || s.unit) ? z : div_by_recip(z, s.t, s.r);
+  } else {
+    return s.sampling ? __fdiv_rn(z, s.t) : z;
+  }
+}
+
+// g = -log(-log(u)), v0.4: accurate libdevice logf twice (~54 instructions), as the
+// other backends compute it.
+__device__ __forceinline__ float gumbel_accurate(uint32_t bits) {
+  return -logf(-logf(uniform_from_bits(bits)));
+}
+
+// g = -log(-log(u)), v0.5 (~24 instructions, all but two MUFU full rate). The hardware
+// log (MUFU.LG2; __log2f: absolute error <= 2^-22 on [0.5, 2], else <= 2 ulp) has a
+// small absolute error in log2, which is a large relative error of L = -log(u) as u -> 1,
+// where the Gumbel-max winners live. So the inner log is
+//   u >= 3/4: L = 2 atanh(s), s = d / (2 - d), d = 1 - u (exact), s <= 1/7, a series to
+//             s^9 (truncation < 2e-9 relative);
+//   u <  3/4: L = -log2(u) * ln 2 from the hardware log (L > 0.287 there).
+// The outer log splits L's exponent off, L = 2^e * m, m in [1, 2): g = -(e + log2 m) ln 2
+// with the hardware log on m alone, where its bound is absolute (log2 L itself rounded
+// to fp32 near -24 would lose 1e-6). Every operation is spelled out (no contraction
+// choices left to the compiler), so tests/test_noise_model.py emulates this sequence over
+// all 2^23 values of u against float64, with the documented bounds as perturbations:
+// |dg| <= 9.7e-7 (half an ulp of g near its top, 16.6; correctly rounded fp32 logs:
+// 5.2e-7), and g stays inside (kGumbelLo, kGumbelHi).
+constexpr float kNoiseSplit = 0.75f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kAtanh9 = 2.0f / 9.0f, kAtanh7 = 2.0f / 7.0f, kAtanh5 = 2.0f / 5.0f,
+                kAtanh3 = 2.0f / 3.0f;
+
+__device__ __forceinline__ float gumbel_fast(uint32_t bits) {
+  const float u = uniform_from_bits(bits);
+  const float d = __fsub_rn(1.0f, u);                      // exact for u >= 1/2
+  const float s = __fdividef(d, __fsub_rn(2.0f, d));       // MUFU.RCP + FMUL
+  const float s2 = __fmul_rn(s, s);
+  float p = __fmaf_rn(kAtanh9, s2, kAtanh7);
+  p = __fmaf_rn(p, s2, kAtanh5);
+  p = __fmaf_rn(p, s2, kAtanh3);
+  const float near1 = __fmaf_rn(__fmul_rn(s, s2), p, __fmul_rn(2.0f, s));  // 2 atanh(s)
+  const float far = __fmul_rn(__log2f(u), -kLn2);
+  const float L = u >= kNoiseSplit ? near1 : far;         // -log(u), normal, > 0
+  const uint32_t b = __float_as_uint(L);
+  // e as a float without I2F: 2^23 + (b >> 23) exactly, minus 2^23 + 127.
+  const float e = __fsub_rn(__uint_as_float((b >> 23) | 0x4B000000u), 8388735.0f);
+  const float m = __uint_as_float((b & 0x007FFFFFu) | 0x3F800000u);
+  return __fmaf_rn(e, -kLn2, __fmul_rn(__log2f(m), -kLn2));
+}
+
+template <class P>
 __device__ __forceinline__ float gumbel_from_bits(uint32_t bits) {
-  return -logf(-logf(uniform_from_bits(bits)));  // accurate logf, as the other backends
+  if constexpr (P::kFastNoise) {
+    return gumbel_fast(bits);
+  } else {
+    return gumbel_accurate(bits);
+  }
 }
 
 __device__ __forceinline__ uint32_t philox_word(const Philox4& r, int j) {
@@ -289,6 +396,38 @@ __device__ __forceinline__ RowFilter read_filter(const RowParams& rp, int64_t ro
   f.top_p = rp.top_p[row];
   f.top_p_on = f.top_p < 1.0f;
   f.min_p = rp.min_p[row];
+  f.min_p_on = f.min_p > 0.0f;
+  return f;
+}
+
+// Every per-row parameter K1 uses, loaded at once at the top of the kernel (v0.5): one
+// round of independent loads in flight beside the data's, instead of temperature, then
+// the filter (its loads sunk below the `sampling` test), then seed/step after a barrier.
+struct RowScalars {
+  float alpha, temperature, top_p, min_p;
+  int64_t top_k, seed, step;
+};
+
+__device__ __forceinline__ RowScalars load_row_scalars(const RowParams& rp, int64_t row) {
+  RowScalars r;
+  r.alpha = __ldg(rp.alpha + row);
+  r.temperature = __ldg(rp.temperature + row);
+  r.top_p = __ldg(rp.top_p + row);
+  r.min_p = __ldg(rp.min_p + row);
+  r.top_k = __ldg(rp.top_k + row);
+  r.seed = __ldg(rp.seed + row);
+  r.step = __ldg(rp.step + row);
+  return r;
+}
+
+// read_filter's rule on preloaded values.
+__device__ __forceinline__ RowFilter filter_of(const RowScalars& r, int64_t vocab) {
+  RowFilter f;
+  f.top_k_on = r.top_k > 0 && r.top_k < vocab;
+  f.k = f.top_k_on ? static_cast<uint32_t>(r.top_k) : 0u;
+  f.top_p = r.top_p;
+  f.top_p_on = f.top_p < 1.0f;
+  f.min_p = r.min_p;
   f.min_p_on = f.min_p > 0.0f;
   return f;
 }
@@ -404,11 +543,39 @@ struct MassCtx {
 };
 
 // All 32 lanes must call this together (the sources call back in warp-uniform loops).
-__device__ __forceinline__ void warp_hist_add(uint32_t* cnt, bool active, uint32_t d) {
+__device__ __forceinline__ unsigned warp_hist_add(uint32_t* cnt, bool active, uint32_t d) {
   const unsigned peers = __match_any_sync(kFullMask, active ? d : 0xFFFFFFFFu);
   if (active && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
     atomicAdd(&cnt[d], static_cast<uint32_t>(__popc(peers)));
   }
+  return peers;
+}
+
+// v0.5: the fixed-point masses of the lanes sharing a bin (peers, from warp_hist_add)
+// summed in the warp, then one shared-memory atomic per bin and warp. sm_90 has no
+// native 64-bit shared add (atomicAdd compiles to a CAS loop), and a flat row at T = 4
+// sends ~128k values into ~8 bins: per-value atomics serialize there (1.4 ms a row in
+// NOTES v0.4). A mass is < 2^61 (2^F, F <= 60), so three 27-bit pieces each sum over
+// 32 lanes without overflow in the native 32-bit warp reduction (REDUX). Integer sums:
+// the histogram does not depend on the order, as before. All lanes call this together.
+__device__ __forceinline__ void warp_mass_add(unsigned long long* mass, bool active, uint32_t d,
+                                              unsigned long long q, unsigned peers) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned long long v = active ? q : 0ull;
+  constexpr unsigned long long kPiece = (1ull << 27) - 1ull;
+  // Each group of peers reduces with its own mask (the labeled-partition pattern).
+  const unsigned lo = __reduce_add_sync(peers, static_cast<unsigned>(v & kPiece));
+  const unsigned mid = __reduce_add_sync(peers, static_cast<unsigned>((v >> 27) & kPiece));
+  const unsigned hi = __reduce_add_sync(peers, static_cast<unsigned>(v >> 54));
+  if (active && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
+    atomicAdd(&mass[d], static_cast<unsigned long long>(lo) +
+                            (static_cast<unsigned long long>(mid) << 27) +
+                            (static_cast<unsigned long long>(hi) << 54));
+  }
+#else
+  (void)peers;  // no warp reduction before sm_80: one atomic per value
+  if (active) atomicAdd(&mass[d], q);
+#endif
 }
 
 // Radix search over the keys of a source, 8 bits per level from the top, early exit as
@@ -423,7 +590,7 @@ __device__ __forceinline__ void warp_hist_add(uint32_t* cnt, bool active, uint32
 // found = false: fewer than need values (kRank) or the mass never reaches the target.
 // Block-uniform result. Integer histograms: the result does not depend on the order in
 // which the source lists its values.
-template <int NT, class Src>
+template <int NT, bool kWarpMass, class Src>
 __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
                                                   const SearchSpec& spec, const MassCtx& mc) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -447,8 +614,12 @@ __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
         active = false;
       }
       const uint32_t d = (k >> shift) & 255u;
-      warp_hist_add(sm.cnt, active, d);
-      if (spec.with_mass && active) atomicAdd(&sm.mass[d], mc.q(x));
+      const unsigned peers = warp_hist_add(sm.cnt, active, d);
+      if constexpr (kWarpMass) {
+        if (spec.with_mass) warp_mass_add(sm.mass, active, d, active ? mc.q(x) : 0ull, peers);
+      } else {
+        if (spec.with_mass && active) atomicAdd(&sm.mass[d], mc.q(x));
+      }
     });
     __syncthreads();
     // Thread t < 256 owns bin 255 - t: inclusive scans run from the top bin down.
@@ -533,7 +704,7 @@ __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
 
 // ----------------------------------------------------------------------------- K1
 
-template <class Loader, int EPT>
+template <class Loader, int EPT, class P>
 __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a) {
   constexpr int CH = EPT >= kChunk ? kChunk : EPT;  // columns per load
   constexpr int CPT = EPT / CH;                      // chunks per thread
@@ -551,10 +722,23 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   const int64_t row = static_cast<int64_t>(blockIdx.x) / a.num_slices;
   const int slice = static_cast<int>(static_cast<int64_t>(blockIdx.x) - row * a.num_slices);
   const int64_t vocab = a.vocab;
-  const float alpha = a.params.alpha[row];
-  const float temperature = a.params.temperature[row];
-  const bool sampling = is_sampling(temperature);
-  const RowFilter rf = read_filter(a.params, row, vocab);
+  float alpha, temperature;
+  RowFilter rf;
+  int64_t seed = 0, step = 0;
+  if constexpr (P::kLeanK1) {
+    const RowScalars rp = load_row_scalars(a.params, row);
+    alpha = rp.alpha;
+    temperature = rp.temperature;
+    rf = filter_of(rp, vocab);
+    seed = rp.seed;
+    step = rp.step;
+  } else {
+    alpha = a.params.alpha[row];
+    temperature = a.params.temperature[row];
+    rf = read_filter(a.params, row, vocab);
+  }
+  const TScale ts = make_tscale(temperature);
+  const bool sampling = ts.sampling;
   const bool filtered = sampling && rf.any();
   const Loader ld(a, row);
   const int64_t slice0 = static_cast<int64_t>(slice) * kSlice;
@@ -585,7 +769,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
           flags |= (z != z) ? kFlagNan : 0u;
           flags |= (z == INFINITY) ? kFlagPosInf : 0u;
           flags |= (z > -INFINITY) ? kFlagLive : 0u;
-          const float xp = scale_logit(z, temperature, sampling);
+          const float xp = scale_logit<P>(z, ts);
           x[e] = xp;
           mx = fmaxf(mx, xp);
           const Best cand{xp, static_cast<int32_t>(col0[c] + j), xp};
@@ -611,11 +795,20 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   float m = -INFINITY;
   uint32_t slice_flags = 0u;
   Best slice_best = no_best();
+  if constexpr (P::kLeanK1) {
+    // Every thread needs m: lane l reads warp l % 8's max, a 3-step butterfly (the same
+    // steps in every warp, so every thread gets the same bits). The flags and the
+    // arg-max only matter to thread 0, which reduces them when it writes the record.
+    m = r1_max[lane & (kSliceWarps - 1)];
 #pragma unroll
-  for (int w = 0; w < kSliceWarps; ++w) {
-    m = fmaxf(m, r1_max[w]);
-    slice_flags |= r1_flags[w];
-    if (better(r1_best[w], slice_best)) slice_best = r1_best[w];
+    for (int o = kSliceWarps / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, o));
+  } else {
+#pragma unroll
+    for (int w = 0; w < kSliceWarps; ++w) {
+      m = fmaxf(m, r1_max[w]);
+      slice_flags |= r1_flags[w];
+      if (better(r1_best[w], slice_best)) slice_best = r1_best[w];
+    }
   }
 
   // Round 2: sum of exp(z' - m), Gumbel winner.
@@ -628,7 +821,10 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   }
   Best g = no_best();
   if (sampling) {
-    const int64_t seed = a.params.seed[row], step = a.params.step[row];
+    if constexpr (!P::kLeanK1) {
+      seed = a.params.seed[row];
+      step = a.params.step[row];
+    }
     const float floor_key = __fadd_rn(m, kGumbelLo);
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
@@ -647,7 +843,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
           for (int j = 0; j < 4; ++j) {
             const int e = c * CH + h * 4 + j;
             if ((h * 4 + j < nvalid[c]) && !(__fadd_rn(x[e], kGumbelHi) < floor_key)) {
-              const Best cand{__fadd_rn(x[e], gumbel_from_bits(r.w[j])),
+              const Best cand{__fadd_rn(x[e], gumbel_from_bits<P>(r.w[j])),
                               static_cast<int32_t>(col0[c] + h * 4 + j), x[e]};
               if (better(cand, g)) g = cand;
             }
@@ -665,11 +861,16 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   __syncthreads();
   float slice_sum = 0.0f;
   Best slice_g = no_best();
+  // v0.5: only thread 0 writes the record, so only it reduces (after the filtered
+  // branch's barriers, which leave r1_* and r2_* untouched). Same order, same bits.
+  auto reduce_records = [&]() {
 #pragma unroll
-  for (int w = 0; w < kSliceWarps; ++w) {
-    slice_sum = __fadd_rn(slice_sum, r2_sum[w]);
-    if (better(r2_g[w], slice_g)) slice_g = r2_g[w];
-  }
+    for (int w = 0; w < kSliceWarps; ++w) {
+      slice_sum = __fadd_rn(slice_sum, r2_sum[w]);
+      if (better(r2_g[w], slice_g)) slice_g = r2_g[w];
+    }
+  };
+  if constexpr (!P::kLeanK1) reduce_records();
 
   // Filtered rows: the slice's candidates (every key above tkey, at most cand_cap).
   uint32_t tkey = 0u;
@@ -687,7 +888,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
     const int cand_cap = a.cand_per_slice;
     SearchSpec spec{SearchMode::kRank, static_cast<uint32_t>(cand_cap) + 1u, 0u, false,
                     0.0f, false, 0.0, /*count_exit=*/false};
-    const SearchOut so = radix_search<kSliceThreads>(src, rs, spec, MassCtx{m, 1.0f});
+    const SearchOut so = radix_search<kSliceThreads, P::kWarpMass>(src, rs, spec, MassCtx{m, 1.0f});
     // The (cand_cap + 1)-th largest value's bin holds it alone or is a single key, so
     // at most cand_cap values lie above key_hi and the bound is as tight as the keys
     // allow; fewer than cand_cap + 1 finite values: store them all (tkey 0).
@@ -713,6 +914,14 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   }
 
   if (tid == 0) {
+    if constexpr (P::kLeanK1) {
+      reduce_records();
+#pragma unroll
+      for (int w = 0; w < kSliceWarps; ++w) {
+        slice_flags |= r1_flags[w];
+        if (better(r1_best[w], slice_best)) slice_best = r1_best[w];
+      }
+    }
     SlicePartial p;
     p.max = m;
     p.sum = slice_sum;
@@ -752,11 +961,11 @@ struct CandSource {
 };
 
 // The whole row, recomputed from the inputs (the same z' as K1, bit for bit).
-template <class Loader, int NT>
+template <class Loader, int NT, class P>
 struct RowSource {
   Loader ld;
-  float alpha, temperature;
-  bool sampling;
+  float alpha;
+  TScale ts;
   int64_t vocab;
   template <class F>
   __device__ __forceinline__ void operator()(F&& f) const {
@@ -778,8 +987,7 @@ struct RowSource {
         for (int j = 0; j < kChunk; ++j) {
           const bool valid = j < n[u];
           const float xp =
-              valid ? scale_logit(combine_logit(v[u][0][j], v[u][1][j], v[u][2][j], alpha),
-                                  temperature, sampling)
+              valid ? scale_logit<P>(combine_logit(v[u][0][j], v[u][1][j], v[u][2][j], alpha), ts)
                     : -INFINITY;
           f(valid, xp, static_cast<int32_t>(col0[u] + j));
         }
@@ -806,7 +1014,7 @@ __device__ __forceinline__ bool is_kept(float x, uint32_t thr, const FilterCtx& 
 // The key threshold thr (keep key >= thr) of top_k then top_p over a source that holds
 // every value of the row with key >= dom_lo (complete: every finite value). Returns false
 // when the source cannot decide (fewer than k values, or the top_p mass is not reached).
-template <int NT, class Src>
+template <int NT, class P, class Src>
 __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& fc,
                                uint32_t dom_lo, bool complete, uint32_t& thr_out) {
   const MassCtx mc{fc.m, fc.scale};
@@ -814,7 +1022,7 @@ __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& f
   bool bounded = false;  // the top_k set lies inside the source
   if (fc.rf.top_k_on) {
     const SearchSpec spec{SearchMode::kRank, fc.rf.k, dom_lo, false, 0.0f, false, 0.0};
-    const SearchOut so = radix_search<NT>(src, rs, spec, mc);
+    const SearchOut so = radix_search<NT, P::kWarpMass>(src, rs, spec, mc);
     if (so.found) {
       thr = umax(so.key_lo, dom_lo);
       bounded = true;
@@ -826,7 +1034,7 @@ __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& f
     // The total is the top_k set's mass (or every value's) when the source holds it.
     const bool internal = complete || bounded;
     const SearchSpec spec{SearchMode::kMass, 0u, thr, true, fc.rf.top_p, !internal, fc.t_ext};
-    const SearchOut so = radix_search<NT>(src, rs, spec, mc);
+    const SearchOut so = radix_search<NT, P::kWarpMass>(src, rs, spec, mc);
     if (so.found) {
       thr = umax(so.key_lo, thr);
     } else if (!internal) {
@@ -838,7 +1046,7 @@ __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& f
   return true;
 }
 
-template <int NT, class Src>
+template <int NT, class P, class Src>
 __device__ Best block_draw(const Src& src, const FilterCtx& fc, uint32_t thr, Best* red) {
   Best b = no_best();
   const float floor_key = __fadd_rn(fc.m, kGumbelLo);
@@ -846,18 +1054,17 @@ __device__ Best block_draw(const Src& src, const FilterCtx& fc, uint32_t thr, Be
     if (!active || !is_kept(x, thr, fc)) return;
     if (__fadd_rn(x, kGumbelHi) < floor_key) return;  // cannot beat the (kept) max
     const Philox4 r = philox_for_group(fc.seed, fc.step, static_cast<uint32_t>(idx) >> 2);
-    const Best cand{__fadd_rn(x, gumbel_from_bits(philox_word(r, idx & 3))), idx, x};
+    const Best cand{__fadd_rn(x, gumbel_from_bits<P>(philox_word(r, idx & 3))), idx, x};
     if (better(cand, b)) b = cand;
   });
   return block_best<NT>(b, red);
 }
 
-template <class Loader>
-__device__ float zprime_at(const Loader& ld, int64_t col, float alpha, float temperature,
-                           bool sampling) {
+template <class P, class Loader>
+__device__ float zprime_at(const Loader& ld, int64_t col, float alpha, const TScale& ts) {
   float v[3][kChunk];
   ld.load8(col, 1, v);
-  return scale_logit(combine_logit(v[0][0], v[1][0], v[2][0], alpha), temperature, sampling);
+  return scale_logit<P>(combine_logit(v[0][0], v[1][0], v[2][0], alpha), ts);
 }
 
 // ----------------------------------------------------------------------------- K2
@@ -868,7 +1075,7 @@ struct MergeState {
   Best greedy, gumbel;
 };
 
-template <class Loader>
+template <class Loader, class P>
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a) {
   constexpr int NT = kMergeThreads;
   __shared__ RadixSmem rs;
@@ -883,19 +1090,19 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   const int S = a.num_slices;
   const int64_t vocab = a.vocab;
   const float alpha = a.params.alpha[row];
-  const float temperature = a.params.temperature[row];
-  const bool sampling = is_sampling(temperature);
+  const TScale ts = make_tscale(a.params.temperature[row]);
+  const bool sampling = ts.sampling;
   const RowFilter rf = read_filter(a.params, row, vocab);
   const bool filtered = sampling && rf.any();
   const Loader ld(a, row);
 
   if (warp == 0) {
-    const SlicePartial* P = a.partials + row * S;
+    const SlicePartial* parts = a.partials + row * S;
     float mx = -INFINITY;
     uint32_t fl = 0u, tstar = 0u;
     Best gb = no_best(), gg = no_best();
     for (int s = lane; s < S; s += 32) {
-      const SlicePartial q = P[s];
+      const SlicePartial q = parts[s];
       mx = fmaxf(mx, q.max);
       fl |= q.flags;
       tstar = umax(tstar, q.tkey);
@@ -912,7 +1119,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     float sum = 0.0f;
     if (mx > -INFINITY) {
       for (int s = lane; s < S; s += 32) {
-        const float ms = P[s].max, ss = P[s].sum;
+        const float ms = parts[s].max, ss = parts[s].sum;
         if (ms > -INFINITY) sum = __fadd_rn(sum, __fmul_rn(ss, expf(__fsub_rn(ms, mx))));
       }
     }
@@ -941,7 +1148,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
       const float l = (flags & kFlagNan) ? NAN : ((flags & kFlagPosInf) ? INFINITY : lse);
       out.tokens[row] = -1;
       out.lse[row] = l;
-      out.logprobs[row] = __fsub_rn(zprime_at(ld, 0, alpha, temperature, sampling), l);
+      out.logprobs[row] = __fsub_rn(zprime_at<P>(ld, 0, alpha, ts), l);
       out.status[row] = status;
     }
     return;
@@ -952,7 +1159,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   if (sampling && !isfinite(m)) {
     // The overflow rule (proxykern/reference.py): a good sampled row whose max z / T is
     // +-inf is sampled as greedy -- one more pass over z, by this block. Rare.
-    const RowSource<Loader, NT> zsrc{ld, alpha, 1.0f, false, vocab};
+    TScale none = ts;
+    none.sampling = false;
+    const RowSource<Loader, NT, P> zsrc{ld, alpha, none, vocab};
     Best b = no_best();
     zsrc([&](bool valid, float x, int32_t idx) {
       const Best c{x, idx, x};
@@ -1004,16 +1213,16 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
       const uint32_t n = s_nstage;
       if (n <= static_cast<uint32_t>(kCandStage)) csrc = CandSource<NT>{stage, static_cast<int>(n), 0u};
     };
-    const RowSource<Loader, NT> rsrc{ld, alpha, temperature, sampling, vocab};
+    const RowSource<Loader, NT, P> rsrc{ld, alpha, ts, vocab};
 
     // 1. Thresholds of top_k / top_p: from the candidates when they decide, else the row.
     uint32_t thr = 0u;
     bool have_thr = !(rf.top_k_on || rf.top_p_on);
     if (!have_thr && use_c) {
       stage_candidates();
-      have_thr = find_threshold<NT>(csrc, rs, fc, c_lo, c_complete, thr);
+      have_thr = find_threshold<NT, P>(csrc, rs, fc, c_lo, c_complete, thr);
     }
-    if (!have_thr) find_threshold<NT>(rsrc, rs, fc, 0u, true, thr);
+    if (!have_thr) find_threshold<NT, P>(rsrc, rs, fc, 0u, true, thr);
 
     // 2. The unfiltered winner, if kept, is the answer.
     const Best gw = st.gumbel;
@@ -1027,9 +1236,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
                     (rf.min_p_on && expf(__fsub_rn(key_value(tstar), m)) < rf.min_p));
       if (c_holds_kept) {
         stage_candidates();
-        result = block_draw<NT>(csrc, fc, thr, red);
+        result = block_draw<NT, P>(csrc, fc, thr, red);
       } else {
-        result = block_draw<NT>(rsrc, fc, thr, red);
+        result = block_draw<NT, P>(rsrc, fc, thr, red);
       }
     }
   }
@@ -1039,7 +1248,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     float x = result.x;
     if (result.idx == kNoIndex) {  // nothing kept (or every key NaN): the reference's argmax -> 0
       token = 0;
-      x = zprime_at(ld, 0, alpha, temperature, scaled);
+      TScale t0 = ts;
+      t0.sampling = scaled;
+      x = zprime_at<P>(ld, 0, alpha, t0);
     }
     out.tokens[row] = token;
     out.logprobs[row] = __fsub_rn(x, lse);
@@ -1050,23 +1261,33 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
 
 // ----------------------------------------------------------------------------- launch
 
-template <class Loader, int EPT>
+template <class Loader, int EPT, class P>
 cudaError_t launch_ept(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
   const int64_t blocks = batch * args.num_slices;
-  slice_kernel<Loader, EPT><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
+  slice_kernel<Loader, EPT, P><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  merge_kernel<Loader><<<static_cast<unsigned>(batch), kMergeThreads, 0, stream>>>(args);
+  merge_kernel<Loader, P><<<static_cast<unsigned>(batch), kMergeThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
-// K1 and K2 for one loader; ept: slice_elems_per_thread(vocab).
-template <class Loader>
+// K1 and K2 for one loader and variant; ept: slice_elems_per_thread(vocab).
+template <class Loader, class P>
 cudaError_t launch_kernels(const KernelArgs& args, int64_t batch, int ept, cudaStream_t stream) {
   switch (ept) {
-    case 16: return launch_ept<Loader, 16>(args, batch, stream);
-    case 8: return launch_ept<Loader, 8>(args, batch, stream);
-    case 4: return launch_ept<Loader, 4>(args, batch, stream);
+    case 16: return launch_ept<Loader, 16, P>(args, batch, stream);
+    case 8: return launch_ept<Loader, 8, P>(args, batch, stream);
+    case 4: return launch_ept<Loader, 4, P>(args, batch, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <class Loader>
+cudaError_t launch_variant(const KernelArgs& args, int64_t batch, int ept, KernelVariant v,
+                           cudaStream_t stream) {
+  switch (v) {
+    case KernelVariant::kV04: return launch_kernels<Loader, V04>(args, batch, ept, stream);
+    case KernelVariant::kV05: return launch_kernels<Loader, V05>(args, batch, ept, stream);
     default: return cudaErrorInvalidValue;
   }
 }

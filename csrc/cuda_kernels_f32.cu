@@ -4,9 +4,10 @@
 namespace proxykern {
 namespace cuda {
 
-cudaError_t launch_f32(const KernelArgs& args, int64_t batch, bool vec, int ept, cudaStream_t stream) {
-  return vec ? launch_kernels<UniformLoader<F32, true>>(args, batch, ept, stream)
-             : launch_kernels<UniformLoader<F32, false>>(args, batch, ept, stream);
+cudaError_t launch_f32(const KernelArgs& args, int64_t batch, bool vec, int ept, KernelVariant v,
+                       cudaStream_t stream) {
+  return vec ? launch_variant<UniformLoader<F32, true>>(args, batch, ept, v, stream)
+             : launch_variant<UniformLoader<F32, false>>(args, batch, ept, v, stream);
 }
 
 }  // namespace cuda

@@ -5,13 +5,14 @@
 namespace proxykern {
 namespace cuda {
 
-cudaError_t launch_mixed(const KernelArgs& args, int64_t batch, int ept, cudaStream_t stream) {
-  return launch_kernels<DynLoader>(args, batch, ept, stream);
+cudaError_t launch_mixed(const KernelArgs& args, int64_t batch, int ept, KernelVariant v,
+                         cudaStream_t stream) {
+  return launch_variant<DynLoader>(args, batch, ept, v, stream);
 }
 
 int kernel_image_version() {
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, merge_kernel<DynLoader>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, merge_kernel<DynLoader, V05>);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it so that later checks start clean
     return -1;

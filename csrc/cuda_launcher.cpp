@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -43,6 +44,30 @@ int slice_ept(int64_t vocab) {
     return std::stoi(v);
   }();
   return forced != 0 ? forced : cuda::slice_elems_per_thread(vocab);
+}
+
+// The kernel variant (cuda_sample.h, KernelVariant): PROXYKERN_CUDA_KERNEL=v04|v05 (default
+// v04, the kernel measured on a GPU; v05 is written and compiled but not yet run on one,
+// so users get it only once a device run has checked it), read once per process, so a process stays deterministic and batch-invariant;
+// benchmarks switch it with the cuda_kernel_variant op to time both builds side by side
+// (a CUDA graph keeps the variant it was captured with). Not part of the API.
+cuda::KernelVariant parse_variant(const std::string& v, const char* what) {
+  if (v == "v04") return cuda::KernelVariant::kV04;
+  if (v == "v05") return cuda::KernelVariant::kV05;
+  TORCH_CHECK(false, what, " must be 'v04' or 'v05', got '", v, "'");
+}
+
+std::atomic<int>& variant_slot() {
+  static std::atomic<int> slot{[] {
+    const char* s = std::getenv("PROXYKERN_CUDA_KERNEL");
+    if (s == nullptr || *s == '\0') return static_cast<int>(cuda::KernelVariant::kV04);
+    return static_cast<int>(parse_variant(s, "PROXYKERN_CUDA_KERNEL"));
+  }()};
+  return slot;
+}
+
+const char* variant_name(int v) {
+  return v == static_cast<int>(cuda::KernelVariant::kV04) ? "v04" : "v05";
 }
 
 }  // namespace
@@ -96,18 +121,27 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
   const bool same = fa.expert.dtype == dt && fa.anti.dtype == dt;
   const bool vec = vec_aligned(fa.base, fa.batch) && vec_aligned(fa.expert, fa.batch) &&
                    vec_aligned(fa.anti, fa.batch);
+  const auto variant = static_cast<cuda::KernelVariant>(variant_slot().load());
   cudaError_t err;
   if (!same) {
-    err = cuda::launch_mixed(args, fa.batch, ept, stream);
+    err = cuda::launch_mixed(args, fa.batch, ept, variant, stream);
   } else if (dt == LogitsDtype::kFloat32) {
-    err = cuda::launch_f32(args, fa.batch, vec, ept, stream);
+    err = cuda::launch_f32(args, fa.batch, vec, ept, variant, stream);
   } else if (dt == LogitsDtype::kBFloat16) {
-    err = cuda::launch_bf16(args, fa.batch, vec, ept, stream);
+    err = cuda::launch_bf16(args, fa.batch, vec, ept, variant, stream);
   } else {
-    err = cuda::launch_f16(args, fa.batch, vec, ept, stream);
+    err = cuda::launch_f16(args, fa.batch, vec, ept, variant, stream);
   }
   C10_CUDA_CHECK(err);
   return fa.outputs;
+}
+
+std::string cuda_kernel_variant(const std::string& name) {
+  const int previous = variant_slot().load();
+  if (!name.empty()) {
+    variant_slot().store(static_cast<int>(parse_variant(name, "cuda_kernel_variant's name")));
+  }
+  return variant_name(previous);
 }
 
 int64_t cuda_kernel_version(int64_t device) {

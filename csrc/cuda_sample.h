@@ -66,14 +66,36 @@ struct KernelArgs {
   Cand* cands;              // [batch][num_slices][cand_per_slice]
 };
 
+// ----------------------------------------------------------------------------- variants
+//
+// Two builds of the same design live side by side in the extension, for A/B timing on
+// one GPU in one process (benchmarks/gpu_check.py). Both implement the same contract;
+// each is deterministic and batch-invariant on its own, and they may differ from each
+// other only at floating-point near-ties of the Gumbel keys (the noise's last bits).
+//   kV04: the kernel as measured in benchmarks/NOTES.md v0.4 (libdevice logf noise,
+//         IEEE division per column, per-lane 64-bit shared atomics in the fallback).
+//   kV05: the default. Noise with an accurate inner log near u = 1 and the hardware log
+//         elsewhere; z / T as z * RN(1/T) plus two FMA correction steps (the IEEE
+//         quotient, bit for bit); the row's parameters loaded before its data; the
+//         block's records reduced once (by the thread that writes them) instead of by
+//         every thread; the fallback's mass histograms aggregated per warp before the
+//         shared-memory atomic.
+// The launcher picks one per process (PROXYKERN_CUDA_KERNEL, or the benchmark-only
+// cuda_kernel_variant op): not part of the API.
+enum class KernelVariant : int32_t { kV04 = 0, kV05 = 1 };
+
 // ----------------------------------------------------------------------------- launches
 // Each launches K1 (slice widths of `ept` elements per thread) and K2 on `stream` for
 // inputs that all have the unit's dtype (mixed: any dtypes); `vec`: every pointer and
 // row stride is 16-byte aligned. Returns the launch error (cudaSuccess when fine).
-cudaError_t launch_f32(const KernelArgs& args, int64_t batch, bool vec, int ept, cudaStream_t stream);
-cudaError_t launch_bf16(const KernelArgs& args, int64_t batch, bool vec, int ept, cudaStream_t stream);
-cudaError_t launch_f16(const KernelArgs& args, int64_t batch, bool vec, int ept, cudaStream_t stream);
-cudaError_t launch_mixed(const KernelArgs& args, int64_t batch, int ept, cudaStream_t stream);
+cudaError_t launch_f32(const KernelArgs& args, int64_t batch, bool vec, int ept, KernelVariant v,
+                       cudaStream_t stream);
+cudaError_t launch_bf16(const KernelArgs& args, int64_t batch, bool vec, int ept, KernelVariant v,
+                        cudaStream_t stream);
+cudaError_t launch_f16(const KernelArgs& args, int64_t batch, bool vec, int ept, KernelVariant v,
+                       cudaStream_t stream);
+cudaError_t launch_mixed(const KernelArgs& args, int64_t batch, int ept, KernelVariant v,
+                         cudaStream_t stream);
 
 // The architecture of the kernel image the current device would run (e.g. 90), or -1
 // when the build holds none it can load (built for another architecture, no PTX).

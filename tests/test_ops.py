@@ -219,7 +219,7 @@ def test_bad_rows_raise_naming_the_row(backend):
 
 @pytest.mark.parametrize("name,value,match", [
     ("temperature", torch.tensor([0.5, -1.0, 1.0]), r"row 1.*temperature"),
-    ("temperature", torch.tensor([0.5, 1.0, float("inf")]), r"row 2.*temperature.*infinite"),
+    ("temperature", torch.tensor([0.5, 1.0, float("inf")]), r"row 2.*temperature.*not finite"),
     ("temperature", torch.tensor([float("nan"), 1.0, 1.0]), r"row 0.*temperature"),
     ("top_p", torch.tensor([0.5, 1.0, 0.0]), r"row 2.*top_p"),
     ("min_p", torch.tensor([1.0, 0.0, 0.0]), r"row 0.*min_p"),
@@ -243,7 +243,7 @@ def _good():
     (lambda b, e, a: ((b, e, a.double()), {}), TypeError, "anti_logits"),
     (lambda b, e, a: ((b, e.numpy(), a), {}), TypeError, "expert_logits must be a torch.Tensor"),
     (lambda b, e, a: ((b, e, a), dict(temperature=-0.1)), ValueError, "temperature"),
-    (lambda b, e, a: ((b, e, a), dict(temperature=float("inf"))), ValueError, "temperature must be finite"),
+    (lambda b, e, a: ((b, e, a), dict(temperature=float("inf"))), ValueError, "temperature must be .*finite"),
     (lambda b, e, a: ((b, e, a), dict(temperature=float("nan"))), ValueError, "temperature"),
     (lambda b, e, a: ((b, e, a), dict(top_p=0.0)), ValueError, "top_p"),
     (lambda b, e, a: ((b, e, a), dict(top_p=1.5)), ValueError, "top_p"),
