@@ -67,7 +67,10 @@ def test_default_alpha_from_hf_overrides(trio, prompt_ids, reference):
 
 # ------------------------------------------------------------------ random models, other shapes
 
-def _random_llama(folder, *, vocab, layers, heads, kv_heads, hidden, seed, tokenizer_from):
+def _random_llama(folder, *, vocab, layers, heads, kv_heads, hidden, seed, tokenizer_from,
+                  prefer_from=None, prefer_scale=1.0):
+    """A random Llama; ``prefer_from``: lm_head rows from there on scaled by ``prefer_scale``
+    (larger logits, so greedy decoding picks those tokens more often)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -76,7 +79,11 @@ def _random_llama(folder, *, vocab, layers, heads, kv_heads, hidden, seed, token
                          max_position_embeddings=128, initializer_range=0.2,
                          tie_word_embeddings=False, bos_token_id=2, eos_token_id=2,
                          pad_token_id=0)
-    LlamaForCausalLM(config).float().save_pretrained(folder)
+    model = LlamaForCausalLM(config).float()
+    if prefer_from is not None:
+        with torch.no_grad():
+            model.lm_head.weight[prefer_from:] *= prefer_scale
+    model.save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / f, folder / f)
     return folder
@@ -103,6 +110,93 @@ def test_random_models_mixed_shapes(random_trio, prompt_ids, tokenizer):
         want = fused_reference(hf_models(*folders), prompt_ids[:12], ALPHAS, tokenizer)
     llm = make_llm(*folders, enable_prefix_caching=True)
     assert not _mismatches(_tokens(llm, prompt_ids[:12], ALPHAS), want)
+
+
+# ------------------------------------------------------------------ a base wider than the experts
+
+NARROW = 150  # the experts' width; the base has the tokenizer's 161 (gap 11 <= 150 // 8)
+WIDE_ALPHAS = (0.0, 0.5, 1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def wide_base_trio(tmp_path_factory):
+    """The base reads and writes all 161 tokens and prefers ids 150..160 (lm_head rows
+    scaled); the expert and the anti-expert have 150, so those ids are the zero-delta tail
+    and reach the experts as the stand-in pad id (0, the base's generation config's)."""
+    out = tmp_path_factory.mktemp("wide_base")
+    tok = MODELS / "tokenizer"
+    return {
+        "base": _random_llama(out / "base", vocab=161, layers=2, heads=4, kv_heads=2,
+                              hidden=128, seed=5, tokenizer_from=tok, prefer_from=NARROW,
+                              prefer_scale=2.0),
+        "expert": _random_llama(out / "expert", vocab=NARROW, layers=2, heads=2, kv_heads=1,
+                                hidden=64, seed=6, tokenizer_from=tok),
+        "anti_expert": _random_llama(out / "anti_expert", vocab=NARROW, layers=1, heads=2,
+                                     kv_heads=2, hidden=64, seed=7, tokenizer_from=tok)}
+
+
+@pytest.fixture(scope="module")
+def narrow_prompt_ids(tokenizer):
+    """Held-out prompts every model can read (fused_proxy_generate refuses prompt ids past
+    a model's embedding; generated ids past it are the stand-in's business)."""
+    items = json.loads((MODELS / "heldout.json").read_text())["items"]
+    ids = [tokenizer(item["prompt"], add_special_tokens=False).input_ids for item in items]
+    return [x for x in ids if max(x) < NARROW][:12]
+
+
+def _base_alone(model, prompt_ids, eos):
+    """Greedy tokens of the base by itself (Hugging Face, fp32)."""
+    outs = []
+    for ids in prompt_ids:
+        seq, new = list(ids), []
+        for _ in range(MAX_NEW_TOKENS):
+            token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            new.append(token)
+            seq.append(token)
+            if token == eos:
+                break
+        outs.append(new)
+    return outs
+
+
+def test_base_wider_than_experts(wide_base_trio, narrow_prompt_ids, tokenizer):
+    """vLLM follows fused_proxy_generate's vocabulary rule: the base's 161 columns, z = base
+    on 150..160, the experts fed the pad id for the tail tokens; alpha 0 is the base alone."""
+    from proxykern.integrations.vllm_plugin import _STEP
+    assert len(narrow_prompt_ids) == 12
+    folders = [wide_base_trio[n] for n in ("base", "expert", "anti_expert")]
+    models = hf_models(*folders)
+    with torch.inference_mode():
+        want = fused_reference(models, narrow_prompt_ids, WIDE_ALPHAS, tokenizer)
+        alone = _base_alone(models[0], narrow_prompt_ids, tokenizer.eos_token_id)
+    llm = make_llm(*folders, enable_prefix_caching=True)
+    [(plan, stand_ins)] = llm.apply_model(lambda m: (m.plan, list(m.stand_ins)))
+    assert plan.vocab_size == 161 and plan.delta_width == NARROW
+    assert stand_ins == [("expert", (NARROW, 0)), ("anti_expert", (NARROW, 0))]
+    got = _tokens(llm, narrow_prompt_ids, WIDE_ALPHAS)
+    assert not _mismatches(got, want)
+    assert _STEP.base.shape[1] == 161 and bool((_STEP.diff[:, NARROW:] == 0).all())
+    n = len(WIDE_ALPHAS)
+    assert got[0::n] == alone  # alpha 0: the base alone, tail tokens included
+    # Not vacuous: tail tokens are chosen, at alpha 0 and with a delta, and generation
+    # goes on after them (the experts then read the stand-in).
+    for k, alpha in enumerate(WIDE_ALPHAS):
+        rows = got[k::n]
+        assert any(t >= NARROW for row in rows for t in row[:-1]), alpha
+    assert any(t < NARROW for row in got for t in row)
+    assert len({tuple(t) for t in got}) > len(got) // 3  # the alphas do differ
+
+
+def test_refuses_unreadable_pad(wide_base_trio, tmp_path):
+    """The stand-in must be readable by every model: a base pad id past the experts' width
+    is refused at start."""
+    base = tmp_path / "base"
+    shutil.copytree(wide_base_trio["base"], base)
+    gen = json.loads((base / "generation_config.json").read_text())
+    gen["pad_token_id"] = 155
+    (base / "generation_config.json").write_text(json.dumps(gen))
+    msg = _start_error(base, wide_base_trio["expert"], wide_base_trio["anti_expert"])
+    assert "pad_token_id 155" in msg
 
 
 # ------------------------------------------------------------------ refusals at start

@@ -9,16 +9,22 @@ Contract (docs/api.md, section 5):
   "alpha": 1.0}}``. The base, the expert and the anti-expert are vLLM's own model
   classes (sub-modules ``base``, ``expert``, ``anti_expert``), each loading its own
   checkpoint; ``forward`` runs the three and ``compute_logits`` returns
-  ``base + alpha * (expert - anti)`` in fp32 over the shared vocabulary
-  (:func:`proxykern.generation_args.shared_vocab_size`; columns past it are ``-inf``).
+  ``base + alpha * (expert - anti)`` in fp32 under ``fused_proxy_generate``'s vocabulary
+  rule (:func:`proxykern.generation_args.plan_vocabulary`): the base's width ``V_b``, a
+  zero delta (``z = base``) on columns ``[V_d, V_b)`` only the base has, a wider expert's
+  columns past ``V_b`` ignored, ``-inf`` where any input is ``-inf`` (and past ``V_b`` only
+  if vLLM's logits are wider). A sub-model that cannot read a token gets the stand-in
+  ``pad_token_id`` (the base's generation config's, else its first EOS, else 0:
+  :func:`proxykern.generation_args.resolve_pad_token_id`).
   vLLM's scheduler, KV cache, batching, prefix caching, chunked prefill and sampler
   apply unchanged.
 - A request's own alpha: ``SamplingParams(extra_args={"proxy_alpha": a})`` (the OpenAI
   server's ``vllm_xargs``), carried by :class:`ProxyAlphaLogitsProcessor` (the
   ``vllm.logits_processors`` entry point) and checked at admission: a non-numeric,
   NaN or infinite alpha is refused with ``ValueError`` (HTTP 400), the engine stays up.
-- Refused with ``ValueError`` at start: tokenizers that map an id of the shared
-  vocabulary to different tokens, widths more than padding apart, ``max_model_len``
+- Refused with ``ValueError`` at start: an expert's or anti-expert's tokenizer that maps
+  an id of the columns it shares with the base to another token than the base's, widths
+  more than padding apart, a stand-in pad id some model cannot read, ``max_model_len``
   above a sub-model's ``max_position_embeddings``, pipeline parallelism, speculative
   decoding, prompt embeddings.
 
@@ -38,7 +44,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..generation_args import MODEL_NAMES, shared_vocab_size
+from ..generation_args import (MODEL_NAMES, checked_widths, plan_vocabulary,
+                               resolve_pad_token_id)
 
 ARCHITECTURE = "ProxyTuningForCausalLM"
 ALPHA_KEY = "proxy_alpha"          # SamplingParams.extra_args key of a request's alpha
@@ -127,13 +134,18 @@ def _check_positions(name: str, hf_config, max_model_len: int) -> None:
                          f"max_position_embeddings={limit}: set max_model_len <= {limit}")
 
 
-def check_tokenizers(paths: dict, width: int, trust_remote_code: bool = False) -> None:
-    """Every id in ``[0, width)`` that one tokenizer defines maps to the same token in all.
+def check_tokenizers(paths: dict, widths, trust_remote_code: bool = False) -> None:
+    """Each tokenizer maps every id in ``[0, widths[name])`` to the first one's token.
 
-    ``paths``: model name -> tokenizer folder or hub name. Widths alone cannot tell two
-    tokenizers of one size apart; this compares the token strings id by id (added tokens
-    past ``width``, e.g. a fine-tune's extra pad token, do not count).
+    ``paths``: model name -> tokenizer folder or hub name, the reference (the base) first.
+    ``widths``: model name -> the columns it shares with the reference (an int: the same
+    for all); an id one of the two defines there and the other does not also differs.
+    Widths alone cannot tell two tokenizers of one size apart; this compares the token
+    strings id by id (added tokens past the shared columns, e.g. a fine-tune's extra pad
+    token, do not count).
     """
+    if isinstance(widths, int):
+        widths = dict.fromkeys(paths, widths)
     from transformers import AutoTokenizer
 
     tables = {}
@@ -144,10 +156,13 @@ def check_tokenizers(paths: dict, width: int, trust_remote_code: bool = False) -
             raise ValueError(f"cannot load the {name}'s tokenizer from {path!r} to check that "
                              f"it is the base's ({type(exc).__name__}: {exc}); the folder must "
                              f"hold its tokenizer") from exc
-        tables[name] = {i: t for t, i in tok.get_vocab().items() if i < width}
+        tables[name] = tok.get_vocab()
     ref_name, ref = next(iter(tables.items()))
-    for name, table in tables.items():
-        for i in sorted(set(ref) | set(table)):
+    ref = {i: t for t, i in ref.items()}
+    for name, vocab in tables.items():
+        width = widths[name]
+        table = {i: t for t, i in vocab.items() if i < width}
+        for i in sorted({i for i in ref if i < width} | set(table)):
             if ref.get(i) != table.get(i):
                 raise ValueError(
                     f"the {name}'s tokenizer ({paths[name]}) differs from the {ref_name}'s "
@@ -155,11 +170,25 @@ def check_tokenizers(paths: dict, width: int, trust_remote_code: bool = False) -
                     f"(proxy tuning needs one shared vocabulary)")
 
 
+def _pad_token_id(model_config, trust_remote_code: bool) -> int:
+    """The stand-in pad id: ``fused_proxy_generate``'s default (``resolve_pad_token_id``)
+    on the base's generation config (``generation_config.json``, else derived from its
+    ``config.json``): its ``pad_token_id``, else its first ``eos_token_id``, else 0."""
+    from vllm.transformers_utils.config import try_get_generation_config
+
+    gen = try_get_generation_config(model_config.model, trust_remote_code,
+                                    revision=model_config.revision)
+    eos = getattr(gen, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return resolve_pad_token_id(SimpleNamespace(generation_config=gen), None, eos)
+
+
 # --------------------------------------------------------------------------- the step's logits
 
 class _StepLogits:
     """The latest ``compute_logits`` of this process: the base's logits and the
-    ``expert - anti`` difference (fp32, shared width), kept so that the logits processor
+    ``expert - anti`` difference (fp32, the base's width, zero on the columns only the
+    base has), kept so that the logits processor
     can recompute a row with the request's own alpha exactly as ``compute_logits`` does.
     vLLM calls ``compute_logits`` for the sampled rows and then the sampler, in one
     process, before the next step (prompt logprobs come after the sampler)."""
@@ -215,12 +244,17 @@ class ProxyTuningForCausalLM(nn.Module):
                                  f"(got {arch}); {ARCHITECTURE} is set by hf_overrides only")
             _check_positions(name, configs[name], model_config.max_model_len)
 
-        # The fused op's vocabulary rule, reused: widths may differ by padding only.
-        self.vocab_size = shared_vocab_size(*(SimpleNamespace(config=configs[n])
-                                              for n in MODEL_NAMES))
+        # fused_proxy_generate's vocabulary rule, reused (generation_args): widths may
+        # differ by padding only; the proxy vocabulary is the base's width. A vLLM model
+        # reads ids below its config's vocab_size, its output width: reads = outputs.
+        widths = checked_widths(*(SimpleNamespace(config=configs[n]) for n in MODEL_NAMES))
+        self.plan = plan_vocabulary(widths, {}, _pad_token_id(model_config, trust))
+        self.vocab_size = self.plan.vocab_size
         self.logits_width = model_config.get_vocab_size()  # what vLLM's sampler expects
         check_tokenizers({"base": model_config.tokenizer, "expert": settings.expert,
-                          "anti_expert": settings.anti_expert}, self.vocab_size, trust)
+                          "anti_expert": settings.anti_expert}, self.plan.own_widths, trust)
+        # Sub-models that cannot read every base token get the stand-in pad id for those.
+        self.stand_ins = [(n, s) for n, s in self.plan.stand_ins.items() if s is not None]
 
         for name in MODEL_NAMES:
             setattr(self, name, init_vllm_registered_model(
@@ -241,22 +275,28 @@ class ProxyTuningForCausalLM(nn.Module):
                 **kwargs):
         """The three models on the same tokens and positions, their last hidden states
         side by side (base | expert | anti-expert): vLLM keeps one hidden-state row per
-        token and hands the sampled rows to ``compute_logits``."""
+        token and hands the sampled rows to ``compute_logits``. A sub-model narrower than
+        the base reads the stand-in pad id in place of the ids it cannot read."""
         if inputs_embeds is not None:
             raise ValueError(f"{ARCHITECTURE} does not take inputs_embeds")
-        return torch.cat([getattr(self, name)(input_ids, positions) for name in MODEL_NAMES],
+        ids = dict.fromkeys(MODEL_NAMES, input_ids)
+        for name, stand_in in self.stand_ins:  # one torch.where each, on the device
+            ids[name] = stand_in(input_ids)
+        return torch.cat([getattr(self, name)(ids[name], positions) for name in MODEL_NAMES],
                          dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """``base + alpha * (expert - anti)`` (fp32) with the default alpha, ``-inf`` past
-        the shared vocabulary; the logits processor redoes the rows of requests that
-        bring their own alpha."""
+        """``base + alpha * (expert - anti)`` (fp32) with the default alpha over the base's
+        width ``V_b``, the delta zero on ``[V_d, V_b)`` (``z = base``), ``-inf`` past ``V_b``
+        only when vLLM's logits are wider; the logits processor redoes the rows of
+        requests that bring their own alpha."""
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
         logits = [getattr(self, name).compute_logits(h) for name, h in zip(MODEL_NAMES, parts)]
         if any(x is None for x in logits):  # a tensor-parallel rank that holds no logits
             return None
-        V = self.vocab_size
+        V = self.vocab_size  # a wider expert's columns past V_b are ignored
         base, expert, anti = (x[:, :V].float() for x in logits)
+        expert, anti = self.plan.widen(expert, anti)  # zero on [V_d, V_b): no delta there
         diff = expert - anti
         excluded = torch.isneginf(base) | torch.isneginf(expert) | torch.isneginf(anti)
         _STEP.base, _STEP.diff, _STEP.excluded, _STEP.alpha = base, diff, excluded, self.alpha
