@@ -142,7 +142,9 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     ``num_draft_tokens=k > 0``: speculative proxy decoding (:mod:`proxykern.engine.speculative`):
     the expert drafts up to k tokens a round, the base and the anti-expert score them
     in one forward each; same output as ``k = 0`` (up to float rounding of batched
-    forwards), fewer base forwards; ``out.stats`` reports the acceptance. Eager only.
+    forwards), fewer base forwards; ``out.stats`` reports the acceptance. The rounds run on
+    static KV caches with fixed shapes (:mod:`proxykern.engine.static_speculative`) when
+    every model supports one, else on dynamic caches; no CUDA graphs yet.
     """
     args = prepare_generation(
         base, expert, anti_expert, input_ids, attention_mask, max_new_tokens=max_new_tokens,

@@ -15,7 +15,7 @@ class ProxyGenerateOutput(NamedTuple):
     row's EOS), ``lengths`` (B,) int64 (new tokens per row, EOS included),
     ``logprobs`` (B, N) float32 or None, ``model_logprobs`` dict
     ``{"base", "expert", "anti_expert"}`` -> (B, N) float32, or None. ``stats``:
-    a :class:`proxykern.engine.speculative.SpeculativeStats` (acceptance rate, base
+    a :class:`proxykern.engine.rounds.SpeculativeStats` (acceptance rate, base
     forwards per token) when ``num_draft_tokens > 0``, else None.
     """
 

@@ -197,13 +197,17 @@ def test_padded_vocabulary_and_bad_row():
     ids, mask = ragged_batch()
     wide = copy.deepcopy(expert)
     wide.resize_token_embeddings(1024, mean_resizing=False)
-    with torch.no_grad():  # make the padding columns win if they were read
+    with torch.no_grad():  # the base's and the expert's extra columns win where they count
         wide.get_output_embeddings().weight[1000:] = 5 * wide.get_output_embeddings().weight[:24]
-    ref = fused_proxy_generate(wide, expert, anti, ids, mask, max_new_tokens=6, alpha=0.3,
+    # The anti-expert is narrower: columns >= 1000 take a zero delta (z = base there) and
+    # the anti-expert reads pad for such tokens (docs/api.md, the vocabulary rule); drafts
+    # and verification follow the same rule as plain decoding.
+    ref = fused_proxy_generate(wide, wide, anti, ids, mask, max_new_tokens=6, alpha=0.3,
                                eos_token_id=[], **SAMPLED)
     out = fused_proxy_generate(wide, wide, anti, ids, mask, max_new_tokens=6, alpha=0.3,
                                eos_token_id=[], num_draft_tokens=3, **SAMPLED)
     assert torch.equal(out.tokens, ref.tokens)
+    assert bool((ref.tokens >= 1000).any())  # the widened columns were really drawn
 
     calls = []
 

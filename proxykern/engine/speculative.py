@@ -52,14 +52,13 @@ committed it. ``out.stats`` is a :class:`SpeculativeStats`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..generation_args import GenerationArgs
 from ..ops import proxy_sample_with_status
 from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
 from ..runner import ModelRunner
+from .rounds import SpeculativeStats, expand_rows  # noqa: F401  (SpeculativeStats: re-exported)
 from .step import raise_bad_generation_rows
 
 #: How the expert guesses the proxy's token. "expert": the op on the expert's own
@@ -69,30 +68,11 @@ from .step import raise_bad_generation_rows
 #: shipped trio in benchmarks/NOTES.md; "expert" is the default.
 DRAFTS = ("expert", "contrast")
 
-
-class SpeculativeStats(NamedTuple):
-    """What a speculative call did (``out.stats``).
-
-    ``drafted``: draft tokens proposed at positions a row could still use (before
-    its budget ends and up to its EOS); ``accepted``: those the op agreed with; ``rounds``; ``base_forwards``
-    (prefill included); ``steps``: the batch's decode steps ``max(lengths)``.
-    """
-
-    num_draft_tokens: int
-    rounds: int
-    drafted: int
-    accepted: int
-    base_forwards: int
-    steps: int
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def base_forwards_per_token(self) -> float:
-        """Base forwards per decode step of the batch (plain decoding: 1.0)."""
-        return self.base_forwards / self.steps if self.steps else 0.0
+#: Which rounds ``speculative_decode`` runs: "auto" the static-cache rounds
+#: (:mod:`proxykern.engine.static_speculative`) when every model supports a static cache
+#: and the draft is "expert", else the eager rounds below; False always the eager rounds;
+#: True the static rounds or ``ValueError``. A module switch for tests and benchmarks.
+STATIC_ROUNDS = "auto"
 
 
 def _check_full_attention(runner: ModelRunner, name: str) -> None:
@@ -106,17 +86,20 @@ def _check_full_attention(runner: ModelRunner, name: str) -> None:
                              f"has a {type(layer).__name__} layer that cannot be rolled back")
 
 
-def _expand(sampling: dict, P: int) -> dict:
-    """Per-row sampling tensors repeated for the P positions of each row."""
-    return {k: v.repeat_interleave(P) if isinstance(v, torch.Tensor) else v
-            for k, v in sampling.items()}
-
-
 def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
                        draft: str = "expert") -> ProxyGenerateOutput:
     """Decode with ``args.num_draft_tokens`` drafted tokens per round (module doc)."""
     if draft not in DRAFTS:
         raise ValueError(f"draft must be one of {DRAFTS}, got {draft!r}")
+    if STATIC_ROUNDS is not False:
+        from .static_speculative import static_speculative_decode, static_unsupported_reason
+        reason = ("the static rounds draft with the expert only" if draft != "expert" else
+                  static_unsupported_reason((base, expert, None if args.share_anti
+                                             else anti_expert)))
+        if reason is None:
+            return static_speculative_decode(base, expert, anti_expert, args, feed)
+        if STATIC_ROUNDS is True:
+            raise ValueError(f"static speculative rounds unavailable: {reason}")
     B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
     k = args.num_draft_tokens
     if n_max == 0:
@@ -216,7 +199,7 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
 
         # 3. the proxy token at every position, with each position's plain-decoding step
         if P not in expanded:
-            expanded[P] = _expand(args.sampling, P)
+            expanded[P] = expand_rows(args.sampling, P)
         steps = (n_done[:, None] + torch.arange(P, device=dev)).reshape(-1)
         flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
         flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))

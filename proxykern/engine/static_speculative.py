@@ -1,0 +1,306 @@
+"""Speculative proxy decoding on static KV caches: fixed-shape rounds, bookkeeping on the device.
+
+Same contract as :mod:`proxykern.engine.speculative` (the eager rounds on dynamic
+caches): the output is plain decoding's (tokens, lengths; logprobs up to the float
+rounding of a multi-token forward), ``out.stats`` is a
+:class:`~proxykern.engine.rounds.SpeculativeStats`. What changes is the layout,
+so that a round has the same shapes and reads no host value every time (the
+prerequisite for replaying it as a CUDA graph).
+
+One round (always ``P = k + 1`` columns, ``k = num_draft_tokens``)::
+
+    expert    P single-token forwards: the pending token (the last one committed), then
+              d_0 .. d_{k-1}, d_j = op(expert, expert, expert; step n_done + j) over the
+              delta columns (argmax when greedy); its logits at the P positions are kept
+    base      one forward over [pending, d_0, .., d_{k-1}]          -> (B, P, V)
+    anti      one forward over the same tokens                      -> (B, P, V)
+    op        all B * P positions at once, step n_done[row] + j     -> y (B, P)
+    accept    c = min(matches + 1, first EOS + 1, tokens left)      (0 for a done row)
+    commit    tokens[row, n_done + j] = y (pad where j >= c); n_done += c; ...
+
+Token 0 is drawn from the prefill logits (as plain decoding does), so every round
+has a pending token and the same shapes. Drafts past a row's budget are computed and
+thrown away (fixed k, never a smaller last round).
+
+Cache invariant (the rollback)
+------------------------------
+Each model owns a :class:`~proxykern.engine.static_runner.StaticRunner`: an HF
+``StaticCache`` of ``L = prompt + capacity`` slots shared by the batch and one
+full-width (B, L) attention mask. ``slot`` (a (1,) device tensor, the runner's
+``cache_position``) is row-agnostic. Round r writes its P columns, for every row,
+at slots ``slot .. slot + P - 1`` (mask set to 1 there before the forward, so the
+round's own columns are attended causally); after the op, row ``i``'s mask over those
+P slots becomes ``[1] * c_i + [0] * (P - c_i)`` and ``slot += max_i c_i``. Hence,
+after every round, for every row:
+
+* the slots with mask 1 are exactly the row's prompt followed by its committed tokens
+  except the pending one, in order, at positions ``n_prompt .. n_prompt + n_done - 2``
+  (positions come from ``position_ids`` (B, 1), a device tensor advanced by ``c``,
+  never from slots);
+* every slot ``>= slot`` is free: the columns no row kept are overwritten by the next
+  round; a rejected column below ``slot`` (a row that kept fewer than the round's most)
+  is a masked hole that no later query attends.
+
+So a row's attention sees exactly the keys/values plain decoding gives it. ``slot``
+advances by at most ``min(B, P) * (n_max - 1)`` over a call (the sum over rounds of
+the most any row kept is at most the tokens committed by all rows, and at most P per
+round), so ``capacity = min(B, P) * (n_max - 1) + P`` slots always suffice; rounds run
+after every row is done (between host checks) keep nothing and rewrite the same slots.
+Positions past the last one plain decoding ever feeds (``n_prompt + n_max - 2``) are
+clamped to it (learned position tables stay in range); their logits are never kept.
+
+Host reads: one per ``check_interval`` rounds (every round on CPU): (some row still
+going, some row bad, the streaming frontier). Stats are accumulated on the device and
+read once at the end. Full attention only (same rule as the eager path: a
+sliding-window model cannot keep masked holes); the caller picks this path only when
+every model supports a static cache (:func:`static_unsupported_reason`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..generation_args import GenerationArgs
+from ..outputs import MODEL_NAMES, ProxyGenerateOutput, empty_output, own_logprobs
+from .rounds import SpeculativeStats, expand_rows
+from .static_runner import StaticRunner, static_cache_unsupported_reason
+from .step import raise_bad_generation_rows
+
+#: Rounds between host checks of (some row going, some row bad) on an accelerator.
+ROUND_CHECK_INTERVAL = 2
+
+
+def static_unsupported_reason(models) -> str | None:
+    """Why these models cannot run static speculative rounds (None when they can)."""
+    for name, model in zip(MODEL_NAMES, models):
+        if model is None:
+            continue
+        reason = static_cache_unsupported_reason(model)
+        if reason is not None:
+            return f"{name}: {reason}"
+        config = getattr(model, "config", None)
+        text = getattr(config, "get_text_config", lambda: config)()
+        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+            return f"{name}: sliding-window attention cannot keep rolled-back columns"
+        types = getattr(text, "layer_types", None)
+        if types and any(t != "full_attention" for t in types):
+            return f"{name}: not every layer is full attention"
+    return None
+
+
+def capacity_for(batch_size: int, num_draft_tokens: int, max_new_tokens: int) -> int:
+    """Cache slots past the prompt that a call needs (module doc)."""
+    P = num_draft_tokens + 1
+    return min(batch_size, P) * max(max_new_tokens - 1, 0) + P
+
+
+class _Model:
+    """One model's static state for rounds: forwards of n columns at ``slot + j``."""
+
+    def __init__(self, model, ids, mask, capacity, n_max, stand_in):
+        self.run = StaticRunner(model, ids, mask, capacity, None, stand_in)
+        self.n_max = n_max
+        self.max_pos = None
+
+    def prefill(self) -> torch.Tensor:
+        logits = self.run.prefill()
+        # position_ids is the count of prompt tokens: the position of token 0
+        self.max_pos = self.run.position_ids + max(self.n_max - 2, 0)
+        # transformers' StaticLayer writes at its own counter (``cumulative_length``, advanced
+        # by every update) and masks causally from it, not from ``cache_position``: each
+        # forward points it at its first slot (in place: the layer's static address).
+        self.lengths = [layer.cumulative_length for layer in self.run.cache.layers]
+        if not all(isinstance(t, torch.Tensor) for t in self.lengths):
+            raise ValueError("static speculative rounds need transformers' StaticLayer caches")
+        return logits
+
+    def forward(self, tokens: torch.Tensor, j: int, cols: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (B, n) at slots ``slot + j + 0..n-1``; logits (B, n, V)."""
+        r = self.run
+        n = tokens.shape[1]
+        offs = cols[j:j + n]
+        cache_pos = r.cache_position + offs
+        pos = torch.minimum(r.position_ids + offs, self.max_pos)
+        r.mask.index_fill_(1, cache_pos, 1)
+        start = cache_pos[0]
+        for length in self.lengths:  # where HF's StaticLayer writes and its causal offset
+            length.copy_(start)
+        if r.stand_in is not None:
+            tokens = r.stand_in(tokens)
+        out = r.model(input_ids=tokens, attention_mask=r.mask, position_ids=pos,
+                      cache_position=cache_pos, use_cache=True, **{r._cache_arg: r.cache})
+        return out.logits
+
+    def commit(self, keep: torch.Tensor, c: torch.Tensor, advance: torch.Tensor,
+               cols: torch.Tensor) -> None:
+        """Mask the round's rejected columns, advance positions by c and the slot."""
+        r = self.run
+        slots = (r.cache_position + cols)[None, :].expand(keep.shape[0], -1)
+        r.mask.scatter_(1, slots, keep.to(r.mask.dtype))
+        r.position_ids.add_(c[:, None])
+        r.cache_position.add_(advance)
+
+
+def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
+                              feed) -> ProxyGenerateOutput:
+    """Decode with ``args.num_draft_tokens`` drafts per round on static caches (module doc)."""
+    B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
+    k = args.num_draft_tokens
+    P = k + 1
+    if n_max == 0:
+        if feed is not None:
+            feed.close()
+        return empty_output(args)
+
+    plan = args.vocab
+    stand_in = plan.stand_ins
+    cap = capacity_for(B, k, n_max)
+    b_m = _Model(base, args.input_ids, args.attention_mask, cap, n_max, stand_in["base"])
+    e_m = _Model(expert, args.expert_input_ids, args.expert_attention_mask, cap, n_max,
+                 stand_in["expert"])
+    a_m = None if args.share_anti else _Model(anti_expert, args.input_ids, args.attention_mask,
+                                              cap, n_max, stand_in["anti_expert"])
+    models = [m for m in (b_m, e_m, a_m) if m is not None]
+    V_draft = plan.delta_width
+    backend = args.backend
+    cols = torch.arange(P, device=dev)
+
+    params1 = ops.row_params(args.sampling, B, dev)
+    paramsP = ops.row_params(expand_rows(params1, P), B * P, dev)
+    draft_params = dict(params1, alpha=torch.zeros_like(params1["alpha"]))
+    may_filter = ops.may_filter(args.sampling, V)
+    may_filter_d = ops.may_filter(args.sampling, V_draft)
+
+    pad = args.pad_token_id
+    W = n_max + P  # room for a round's writes past a row's end (pad there, trimmed later)
+    tokens = torch.full((B, W), pad, dtype=torch.long, device=dev)
+    logprobs = torch.zeros((B, W), device=dev) if args.return_logprobs else None
+    model_lp = ({n: torch.zeros((B, W), device=dev) for n in MODEL_NAMES}
+                if args.return_model_logprobs else None)
+    pad_row = torch.full((B, P), pad, dtype=torch.long, device=dev)
+    eos = args.eos_tensor
+
+    # ---------------------------------------------------------------- prefill: token 0
+    head_b, head_e = b_m.prefill(), e_m.prefill()
+    head_a = a_m.prefill() if a_m is not None else head_e
+    wide_e, wide_a = plan.widen(head_e, head_a)
+    zero = torch.zeros(B, dtype=torch.long, device=dev)
+    tok0, lp0, _, status = ops.sample_rows(head_b, wide_e, wide_a, params1, zero, V, backend,
+                                           may_filter)
+    tokens[:, 0] = tok0
+    if logprobs is not None:
+        logprobs[:, 0] = lp0
+    if model_lp is not None:
+        for name, lg in zip(MODEL_NAMES, (head_b, head_e, head_a)):
+            model_lp[name][:, 0] = own_logprobs(lg, tok0.clamp(min=0), plan.own_widths[name])
+    finished = (tok0[:, None] == eos).any(1) if eos is not None else torch.zeros(
+        B, dtype=torch.bool, device=dev)
+    n_done = torch.ones(B, dtype=torch.long, device=dev)
+    pending = tok0.clamp(min=0)
+    status = status.clone()
+    drafted = torch.zeros((), dtype=torch.long, device=dev)
+    accepted = torch.zeros((), dtype=torch.long, device=dev)
+    rounds = torch.zeros((), dtype=torch.long, device=dev)
+
+    def round_():
+        nonlocal pending
+        left = (n_max - n_done).masked_fill(finished, 0)
+        # 1. the expert drafts, one token at a time
+        e_rows, drafts = [], []
+        fed_tok = pending
+        for j in range(P):
+            lg_e = e_m.forward(fed_tok[:, None], j, cols)[:, 0]
+            e_rows.append(lg_e)
+            if j == k:
+                break
+            if args.greedy:
+                d = lg_e[:, :V_draft].argmax(-1)
+            else:
+                d, _, _, _ = ops.sample_rows(lg_e, lg_e, lg_e, draft_params, n_done + j,
+                                             V_draft, backend, may_filter_d)
+                d = d.clamp(min=0)  # a bad row's -1 is simply rejected
+            drafts.append(d)
+            fed_tok = d
+        D = torch.stack(drafts, 1) if drafts else pad_row[:, :0]
+        fed = torch.cat([pending[:, None], D], 1)
+        # 2. the base and anti-expert score the P positions in one forward each
+        lg_b = b_m.forward(fed, 0, cols)
+        lg_e = torch.stack(e_rows, 1)
+        lg_a = a_m.forward(fed, 0, cols) if a_m is not None else lg_e
+        flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
+        flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))
+        w_e, w_a = plan.widen(flat[1], flat[2])
+        steps = (n_done[:, None] + cols).reshape(-1)
+        y, lp, _, st = ops.sample_rows(flat[0], w_e, w_a, paramsP, steps, V, backend, may_filter)
+        y = y.view(B, P)
+        # 3. accept: agreeing draft prefix + the correction, cut at EOS and budget
+        matches = (y[:, :k] == D).long().cumprod(1).sum(1)
+        usable = left
+        if eos is not None:
+            is_eos = (y[:, :, None] == eos).any(-1)
+            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), P)
+            usable = torch.minimum(usable, first_eos + 1)
+        c = torch.minimum(matches + 1, usable)
+        keep = cols[None, :] < c[:, None]
+        bad = st.view(B, P).masked_fill(~keep, 0)
+        status.bitwise_or_(bad.gather(1, (bad != 0).int().argmax(1, keepdim=True)).squeeze(1))
+        # 4. commit on the device (fixed shapes: the non-kept columns write pad / 0)
+        idx = n_done[:, None] + cols
+        tokens.scatter_(1, idx, torch.where(keep, y, pad_row))
+        if logprobs is not None:
+            logprobs.scatter_(1, idx, lp.view(B, P).masked_fill(~keep, 0.0))
+        if model_lp is not None:
+            y_flat = y.reshape(-1).clamp(min=0)
+            for name, lg in zip(MODEL_NAMES, flat):
+                own = own_logprobs(lg, y_flat, plan.own_widths[name]).view(B, P)
+                model_lp[name].scatter_(1, idx, own.masked_fill(~keep, 0.0))
+        if eos is not None:
+            finished.logical_or_(first_eos < c)
+        drafted.add_((usable - 1).clamp(min=0, max=k).sum())
+        accepted.add_((c - 1).clamp(min=0).sum())
+        rounds.add_((left > 0).any().long())
+        n_done.add_(c)
+        # 5. rollback: mask the rejected columns, advance positions and the slot
+        advance = c.max().reshape(1)
+        for m in models:
+            m.commit(keep, c, advance, cols)
+        pending = y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0)
+
+    interval = 1 if dev.type == "cpu" else ROUND_CHECK_INTERVAL
+    big = torch.tensor(n_max, device=dev)
+    streamed = 0
+    checked_steps = 0
+    r = 0
+    while True:
+        if r % interval == 0:  # the only host read of the loop
+            still = ~finished & (n_done < n_max)
+            frontier = torch.where(still.any(), n_done.masked_fill(~still, n_max).min(),
+                                   n_done.max())
+            going, any_bad, front, top = torch.stack(
+                (still.any().long(), status.any().long(), frontier.minimum(big),
+                 n_done.max())).tolist()
+            if any_bad:
+                raise_bad_generation_rows(status, checked_steps, max(top - 1, checked_steps))
+            checked_steps = top
+            if feed is not None:
+                for s in range(streamed, front):
+                    feed.push(s, tokens[:, s])
+                streamed = max(streamed, front)
+            if not going:
+                break
+        round_()
+        r += 1
+
+    if feed is not None:
+        feed.close()
+    lengths = n_done
+    n = int(lengths.max())
+    drafted_, accepted_, rounds_ = torch.stack((drafted, accepted, rounds)).tolist()
+    stats = SpeculativeStats(num_draft_tokens=k, rounds=rounds_, drafted=drafted_,
+                             accepted=accepted_, base_forwards=1 + rounds_, steps=n)
+    out_tokens = tokens[:, :n]
+    return ProxyGenerateOutput(
+        sequences=torch.cat([args.input_ids, out_tokens], dim=1), tokens=out_tokens,
+        lengths=lengths, logprobs=logprobs[:, :n] if logprobs is not None else None,
+        model_logprobs={k_: v[:, :n] for k_, v in model_lp.items()} if model_lp is not None
+        else None, stats=stats)
