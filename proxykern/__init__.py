@@ -7,11 +7,13 @@ from .baseline import naive_proxy_generate
 from .generate import fused_proxy_generate
 from .ops import SampleOutput, proxy_sample
 from .outputs import ProxyGenerateOutput
+from . import programs
+from .programs import LogitProgram, program_sample
 from .scoring import ProxyLogprobs, proxy_logprobs
 
 __all__ = ["SampleOutput", "proxy_sample", "ProxyGenerateOutput", "fused_proxy_generate",
            "naive_proxy_generate", "ProxyTuningLogitsProcessor", "ProxyLogprobs",
-           "proxy_logprobs"]
+           "proxy_logprobs", "programs", "LogitProgram", "program_sample"]
 __version__ = "0.1.0"
 
 

@@ -206,6 +206,13 @@ def proxy_sample_reference(base, expert, anti, alpha, temperature, top_k, top_p,
     Returns (tokens int64, logprobs fp32, lse fp32, status int32), each (B,).
     """
     z = combine_logits(base, expert, anti, alpha, vocab_size)
+    return sample_logits_reference(z, temperature, top_k, top_p, min_p, seed, step)
+
+
+def sample_logits_reference(z, temperature, top_k, top_p, min_p, seed, step):
+    """Everything after the combination: temperature, filters, draw, logprobs, lse, status,
+    on fp32 logits ``z`` of shape (B, V) (``-inf`` = excluded) and per-row tensors."""
+    vocab_size = z.shape[1]
     temperature = temperature.float()
     greedy = temperature.abs() < FP32_MIN_NORMAL  # 0, and the subnormal temperatures
     t = torch.where(greedy, torch.ones_like(temperature), temperature).reshape(-1, 1)
@@ -230,3 +237,91 @@ def proxy_sample_reference(base, expert, anti, alpha, temperature, top_k, top_p,
     tokens = torch.where(status != 0, torch.full_like(tokens, -1), tokens)
     logprobs = zp.gather(1, tokens.clamp(min=0).reshape(-1, 1)).squeeze(1) - lse
     return tokens, logprobs, lse, status.to(torch.int32)
+
+
+# --------------------------------------------------------------------------- logit programs
+#
+# The spec of proxykern.programs (docs/api.md, section 1b). A program reads N logit
+# tensors by role, combines them in fp32 over [0, vocab_size) into z, optionally masks z
+# with a set computed from one role's own logits, then samples z exactly like the op.
+
+def _row_column(value, B: int, device) -> torch.Tensor:
+    """A number or a (B,) / 0-d tensor as a (B, 1) fp32 column."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return t.reshape(-1, 1).expand(B, 1) if t.dim() == 0 else t.float().reshape(B, 1)
+
+
+def program_mask(kind: str, value, logits: torch.Tensor) -> torch.Tensor:
+    """The tokens a program's mask drops (True = set to -inf), from one role's fp32 logits
+    L (B, V) over the program's columns:
+
+    * ``"plausibility"`` with a in (0, 1]: drop v iff ``L[v] - max_u L[u] < log(a)`` (fp32),
+      i.e. keep exactly the tokens with ``p(v) >= a * max p`` (Li et al. 2022's
+      adaptive plausibility constraint).
+    * ``"top_p"`` with p in (0, 1]: drop what the op's own top-p rule (:func:`kept_mask`
+      at temperature 1, no top-k, no min-p) does not keep in softmax(L).
+
+    A row whose L holds NaN or +inf is not masked, so the combined z keeps its NaN/+inf
+    and the row fails as the op's nonfinite rows do (never as an "empty" row).
+    """
+    B = logits.shape[0]
+    col = _row_column(value, B, logits.device)
+    if kind == "plausibility":
+        # (L - m) < log a is False for NaN, so a NaN/+inf max leaves its row unmasked
+        # except for finite tokens below +inf, which the +inf poisons anyway.
+        m = logits.max(dim=1, keepdim=True).values
+        drop = (logits - m) < torch.log(col)
+    elif kind == "top_p":
+        kept = kept_mask(logits, torch.zeros(B, dtype=torch.int64, device=logits.device),
+                         col.reshape(B), torch.zeros(B, device=logits.device))
+        drop = ~kept
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    bad_row = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1, keepdim=True)
+    return drop & ~bad_row
+
+
+def program_logits(program, logits: dict, vocab_size: int) -> torch.Tensor:
+    """z of a program (fp32, (B, vocab_size)), mask applied:
+
+    * a difference program (``program.difference = (b, e, a, s)``): ``z = L_b + s (L_e - L_a)``,
+      evaluated exactly as :func:`combine_logits` (proxy tuning's order of operations);
+    * otherwise ``z = c_0 L_0 + c_1 L_1 + ...`` in role order, left to right, each ``c_i``
+      an fp32 column.
+
+    A token that is ``-inf`` in any role's logits is excluded (``-inf``), as in the op;
+    then the mask's dropped tokens are ``-inf``.
+    """
+    roles = program.roles
+    first = logits[roles[0]]
+    B, device = first.shape[0], first.device
+    cols = {r: logits[r][:, :vocab_size].float() for r in roles}
+    excluded = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+    for r in roles:
+        excluded |= torch.isneginf(cols[r])
+    if program.difference is not None:
+        b, e, a, s = program.difference
+        z = cols[b] + _row_column(s, B, device) * (cols[e] - cols[a])
+    else:
+        z = None
+        for r, c in zip(roles, program.coefficients):
+            term = _row_column(c, B, device) * cols[r]
+            z = term if z is None else z + term
+    z = z.masked_fill(excluded, float("-inf"))
+    if program.mask is not None:
+        z = z.masked_fill(program_mask(program.mask.kind, program.mask.value,
+                                       cols[program.mask.role]), float("-inf"))
+    return z
+
+
+def program_reference(program, logits: dict, temperature, top_k, top_p, min_p, seed, step,
+                      vocab_size: int):
+    """The spec of ``proxykern.program_sample`` on per-row parameter tensors (each (B,)):
+    :func:`program_logits`, then the op's sampling on z (:func:`sample_logits_reference`).
+
+    ``logprobs = log_softmax(z')[token]`` and ``lse = logsumexp(z')`` are over the masked
+    z' (dropped tokens are -inf, so they carry no mass). Returns (tokens, logprobs, lse,
+    status) like :func:`proxy_sample_reference`.
+    """
+    z = program_logits(program, logits, vocab_size)
+    return sample_logits_reference(z, temperature, top_k, top_p, min_p, seed, step)
