@@ -107,6 +107,21 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }
                  "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}")
 
 
+def nan_row_after_prefill(model, row: int = 1):
+    """Make ``model`` return NaN logits for ``row`` from its second forward on (the prefill
+    stays clean): the bad-row path of a decode loop."""
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(1)
+        if len(calls) >= 2:
+            output.logits[row] = float("nan")
+        return output
+
+    model.register_forward_hook(hook)
+    return model
+
+
 def tiny_tokenizer():
     """A WordLevel tokenizer with exactly VOCAB entries and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers

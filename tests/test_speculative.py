@@ -19,7 +19,7 @@ from proxykern.demo import DEFAULT_TRIO, load_trio
 from proxykern.runner import ModelRunner
 from proxykern.engine.speculative import SpeculativeStats
 
-from gen_fixtures import FAMILIES, pad_left, ragged_batch, trio
+from gen_fixtures import FAMILIES, nan_row_after_prefill, pad_left, ragged_batch, trio
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
 
@@ -209,15 +209,7 @@ def test_padded_vocabulary_and_bad_row():
     assert torch.equal(out.tokens, ref.tokens)
     assert bool((ref.tokens >= 1000).any())  # the widened columns were really drawn
 
-    calls = []
-
-    def nan_row_1_after_prefill(module, inputs, output):
-        calls.append(1)
-        if len(calls) >= 2:
-            output.logits[1] = float("nan")
-        return output
-
-    base.register_forward_hook(nan_row_1_after_prefill)
+    nan_row_after_prefill(base, row=1)
     with pytest.raises(ValueError, match=r"row 1: .*NaN"):
         fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=6, eos_token_id=[],
                              num_draft_tokens=2)

@@ -21,7 +21,7 @@ from proxykern.engine.speculative import SpeculativeStats
 from proxykern.engine.static_speculative import _Model, capacity_for, static_unsupported_reason
 from proxykern.engine.static_runner import StaticRunner
 
-from gen_fixtures import pad_left, ragged_batch, tiny_model, trio
+from gen_fixtures import nan_row_after_prefill, pad_left, ragged_batch, tiny_model, trio
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
 
@@ -137,15 +137,7 @@ def test_streamer_and_bad_row(static_rounds):
     assert recs[0] == recs[1]
 
     base = tiny_model("llama", 30)
-    calls = []
-
-    def nan_row_1_after_prefill(module, inputs, output):
-        calls.append(1)
-        if len(calls) >= 2:
-            output.logits[1] = float("nan")
-        return output
-
-    base.register_forward_hook(nan_row_1_after_prefill)
+    nan_row_after_prefill(base, row=1)
     with pytest.raises(ValueError, match=r"row 1: .*NaN"):
         fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=6, eos_token_id=[],
                              num_draft_tokens=2)

@@ -91,6 +91,10 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
     """Decode with ``args.num_draft_tokens`` drafted tokens per round (module doc)."""
     if draft not in DRAFTS:
         raise ValueError(f"draft must be one of {DRAFTS}, got {draft!r}")
+    if args.max_new_tokens == 0:
+        if feed is not None:
+            feed.close()
+        return empty_output(args)
     if STATIC_ROUNDS is not False:
         from .static_speculative import static_speculative_decode, static_unsupported_reason
         reason = ("the static rounds draft with the expert only" if draft != "expert" else
@@ -102,11 +106,6 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
             raise ValueError(f"static speculative rounds unavailable: {reason}")
     B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
     k = args.num_draft_tokens
-    if n_max == 0:
-        if feed is not None:
-            feed.close()
-        return empty_output(args)
-
     plan = args.vocab
     stand_in = plan.stand_ins
     b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max,

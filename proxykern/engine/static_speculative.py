@@ -61,7 +61,7 @@ import torch
 
 from .. import ops
 from ..generation_args import GenerationArgs
-from ..outputs import MODEL_NAMES, ProxyGenerateOutput, empty_output, own_logprobs
+from ..outputs import MODEL_NAMES, ProxyGenerateOutput, own_logprobs
 from .rounds import SpeculativeStats, expand_rows
 from .static_runner import StaticRunner, static_cache_unsupported_reason
 from .step import raise_bad_generation_rows
@@ -143,15 +143,12 @@ class _Model:
 
 def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
                               feed) -> ProxyGenerateOutput:
-    """Decode with ``args.num_draft_tokens`` drafts per round on static caches (module doc)."""
+    """Decode with ``args.num_draft_tokens`` drafts per round on static caches (module doc;
+    ``args.max_new_tokens >= 1``: :func:`proxykern.engine.speculative.speculative_decode`
+    answers 0 itself)."""
     B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
     k = args.num_draft_tokens
     P = k + 1
-    if n_max == 0:
-        if feed is not None:
-            feed.close()
-        return empty_output(args)
-
     plan = args.vocab
     stand_in = plan.stand_ins
     cap = capacity_for(B, k, n_max)
