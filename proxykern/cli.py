@@ -19,7 +19,8 @@ counts; the device; model paths that look local but do not exist), then
 and checked (no tokens, or more positions than a model reads).
 
 Exit status: 0 done; 1 an error, printed as one line ``proxykern: error: ...``;
-2 bad usage (argparse); 130 interrupted by SIGINT (Ctrl-C) and 143 by SIGTERM,
+2 bad usage (argparse); 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM and 129 by
+SIGHUP (the terminal closed),
 printed as one line with no traceback (file mode removes its temporary file and
 leaves an earlier ``--output`` untouched); 141 when stdout is closed early
 (``--output - | head``).
@@ -42,7 +43,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 DEFAULT_BATCH_SIZE = 8
 INT64_MAX = 2 ** 63 - 1
-EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 130, 143, 141
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE, EXIT_SIGHUP = 130, 143, 141, 129
 # Flags that only the file mode reads (refused with --prompt rather than ignored).
 FILE_MODE_FLAGS = (("batch_size", "--batch-size"), ("logprobs", "--logprobs"),
                    ("skip_bad_lines", "--skip-bad-lines"))
@@ -75,7 +76,7 @@ examples:
       --input prompts.jsonl --output - | jq -r .completion
 
 exit status: 0 done, 1 error, 2 bad usage, 130 SIGINT, 143 SIGTERM,
-141 stdout closed early
+129 SIGHUP, 141 stdout closed early
 """
 
 
@@ -170,9 +171,10 @@ def _parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- flags
 
-def _check_count(flag: str, value: int, minimum: int) -> None:
-    if not minimum <= value <= INT64_MAX:
-        raise ValueError(f"{flag} must be an int in [{minimum}, 2**63 - 1], got {value}")
+def _check_count(flag: str, value: int, minimum: int, maximum: int = INT64_MAX) -> None:
+    if not minimum <= value <= maximum:
+        top = "2**63 - 1" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{flag} must be an int in [{minimum}, {top}], got {value}")
 
 
 def _device(spec: str):
@@ -209,6 +211,7 @@ def check_flags(args):
     (:func:`proxykern.ops.check_sampling_arg`: numbers beyond float32 / int64 are
     refused), named as flags; file-mode flags are refused in prompt mode.
     """
+    from .generation_args import MAX_ROWS
     from .jsonl_generate import ROW_FIELDS
     from .loading import resolve_model_path
     from .ops import check_sampling_arg
@@ -229,7 +232,8 @@ def check_flags(args):
             args.batch_size = DEFAULT_BATCH_SIZE
         _check_count("--batch-size", args.batch_size, 1)
     _check_count("--max-new-tokens", args.max_new_tokens, 0)
-    _check_count("--num-return-sequences", args.num_return_sequences, 1)
+    # the rows one call returns (generation_args.MAX_ROWS), refused before any model loads
+    _check_count("--num-return-sequences", args.num_return_sequences, 1, MAX_ROWS)
     _check_count("--num-draft-tokens", args.num_draft_tokens, 0)
     for name in ROW_FIELDS:
         try:
@@ -369,28 +373,47 @@ def generate_main(args) -> int:
 # --------------------------------------------------------------------------- signals
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT, so that the
-    same cleanup (the temporary output file) runs; not an Exception, so no library
-    handler swallows it."""
+    """SIGTERM or SIGHUP (``signum``), raised in the main thread like KeyboardInterrupt for
+    SIGINT, so that the same cleanup (the temporary output file) runs; not an Exception,
+    so no library handler swallows it."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+#: Signals whose default action would end the process without cleanup (the temporary
+#: output file would stay): each raises :class:`Terminated`, then exits 128 + its number
+#: with one line. (SIGINT is KeyboardInterrupt; SIGPIPE is BrokenPipeError; SIGQUIT
+#: keeps its core dump; SIGKILL cannot be caught.)
+CAUGHT_SIGNALS = {signal.SIGTERM: (EXIT_SIGTERM, "terminated by SIGTERM"),
+                  signal.SIGHUP: (EXIT_SIGHUP, "hung up (SIGHUP)"),
+                  **{s: (128 + s, f"terminated by {s.name}") for s in (
+                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGXCPU)}}
 
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """SIGTERM raises :class:`Terminated` inside the block (unless it is ignored, as by a
-    parent that asked for that, or the block runs off the main thread)."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+    """SIGTERM, SIGHUP and the rest of :data:`CAUGHT_SIGNALS` raise :class:`Terminated`
+    inside the block (each unless it is
+    ignored, as by a parent that asked for that -- e.g. ``nohup`` ignores SIGHUP -- or
+    the block runs off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {}
     try:
+        for signum in CAUGHT_SIGNALS:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, _raise_terminated)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _stop(parser, status: int, message: str, signalled: bool = False):
@@ -446,8 +469,9 @@ def main(argv=None) -> int:
             return generate_main(args)
     except KeyboardInterrupt:
         _stop(parser, EXIT_SIGINT, "interrupted by SIGINT", signalled=True)
-    except Terminated:
-        _stop(parser, EXIT_SIGTERM, "terminated by SIGTERM", signalled=True)
+    except Terminated as stop:
+        status, message = CAUGHT_SIGNALS.get(stop.signum, CAUGHT_SIGNALS[signal.SIGTERM])
+        _stop(parser, status, message, signalled=True)
     except BrokenPipeError:  # --output - | head: the reader has what it wanted
         _silence_stdout()
         return EXIT_SIGPIPE

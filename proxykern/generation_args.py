@@ -47,6 +47,10 @@ from .reference import row_seeds
 from .runner import model_device
 
 MAX_VOCAB_PADDING = 1024
+INT64_MAX = 2 ** 63 - 1
+#: Rows (prompts x num_return_sequences) one generation call returns at most: a kernel
+#: launches one program per row, and CUDA grids hold at most 2**31 - 1 of them.
+MAX_ROWS = 2 ** 31 - 1
 MODEL_NAMES = ("base", "expert", "anti_expert")
 
 
@@ -305,8 +309,8 @@ def _token_id_list(name, value) -> list:
     if values is None or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
                              for v in values):
         raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
-    if any(v < 0 for v in values):
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if any(not 0 <= v <= INT64_MAX for v in values):
+        raise ValueError(f"{name} must be in [0, 2**63 - 1] (int64 token ids), got {value!r}")
     return [int(v) for v in values]
 
 
@@ -356,13 +360,26 @@ def generation_seeds(seed, n_prompts: int, n_samples: int, device) -> torch.Tens
     return _check_sampling("seed", seed, n_prompts, n_samples, device).to(torch.int64).contiguous()
 
 
-def _check_count(name, value, minimum: int) -> int:
-    """An int >= ``minimum`` (``TypeError`` / ``ValueError`` naming it)."""
+def _check_count(name, value, minimum: int, maximum: int = INT64_MAX) -> int:
+    """An int in ``[minimum, maximum]`` (``TypeError`` / ``ValueError`` naming it); counts
+    are held in int64, so none may exceed it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def check_rows(prompts: int, num_return_sequences: int) -> int:
+    """The returned rows ``prompts * num_return_sequences``, refused (``ValueError`` naming
+    num_return_sequences) beyond :data:`MAX_ROWS` -- before any row-sized tensor exists."""
+    rows = prompts * num_return_sequences
+    if rows > MAX_ROWS:
+        raise ValueError(f"num_return_sequences {num_return_sequences} x {prompts} prompt(s) "
+                         f"= {rows} rows, more than the {MAX_ROWS} one call can return")
+    return rows
 
 
 def _check_bool(name, value):
@@ -452,14 +469,21 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
 
     checked_widths(base, expert, anti_expert)  # vocabularies beyond padding fail here, early
     n = _check_count("num_return_sequences", num_return_sequences, 1)
+    check_rows(B, n)
     num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
     sampling = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
         ("min_p", min_p))}
-    sampling["seed"] = generation_seeds(seed, B, n, device)
-    if n > 1:  # rows i*n .. i*n+n-1 are prompt i's samples, as in HF generate
-        input_ids, attention_mask, e_ids, e_mask = (
-            t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
+    try:  # the first row-sized tensors: too many rows for memory is the caller's count
+        sampling["seed"] = generation_seeds(seed, B, n, device)
+        if n > 1:  # rows i*n .. i*n+n-1 are prompt i's samples, as in HF generate
+            input_ids, attention_mask, e_ids, e_mask = (
+                t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if n == 1 or not ("memory" in str(exc) or "allocate" in str(exc)):
+            raise
+        raise ValueError(f"num_return_sequences {n} x {B} prompt(s) = {B * n} rows do not "
+                         f"fit in memory on {device}") from None
 
     gen_config = getattr(base, "generation_config", None)
     if eos_token_id is None:

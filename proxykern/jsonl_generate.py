@@ -36,7 +36,9 @@ and an earlier ``--output`` untouched; or, with ``--output -``, to stdout.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import numbers
 import os
 import stat
@@ -46,7 +48,7 @@ import time
 
 import torch
 
-from .generation_args import check_positions, input_width
+from .generation_args import MAX_ROWS, check_positions, input_width
 from .ops import PARAM_DTYPES, check_sampling_arg
 from .reference import as_int64, row_seeds
 from .runner import left_pad
@@ -55,6 +57,35 @@ from .runner import left_pad
 ROW_FIELDS = tuple(name for name in PARAM_DTYPES if name != "step")
 INT64_MAX = 2 ** 63 - 1
 DEFAULT_BATCH_SIZE = 8
+#: The longest input line read (bytes): a longer one (or an endless stream such as
+#: /dev/zero) stops the run instead of filling memory.
+MAX_LINE_BYTES = 64 * 2 ** 20
+
+
+#: The fields each output line gets (an input line holding one would lose it: refused).
+OUTPUT_FIELDS = ("completion", "completions", "num_tokens", "finish_reason", "logprobs")
+
+
+def _no_duplicate_keys(pairs):
+    """``json`` object hook: a key given twice would silently lose its first value."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
+def _non_finite(value) -> bool:
+    """Whether a parsed JSON value holds NaN or an infinity anywhere (Python's json reads
+    NaN / Infinity literals and turns 1e400 into inf; written back they are not JSON)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
 
 
 class BadLine(ValueError):
@@ -112,29 +143,51 @@ class Output:
         return self
 
     def __exit__(self, *exc_info):
-        if self._file is not None:  # not committed: a failure or a signal
-            self._file.close()
-            self._file = None
-            os.remove(self.tmp_path)
+        if self.tmp_path is not None:  # not committed: a failure or a signal
+            self._discard()
         return False
+
+    def _discard(self) -> None:
+        """Remove the temporary file, even when closing it fails (a full disk fails the
+        flush of what is still buffered)."""
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.tmp_path)
+            self.tmp_path = None
 
     def write(self, line: str) -> None:
         if self._file is None:
             sys.stdout.write(line)
             sys.stdout.flush()  # a reader of the stream gets each line when it is done
         else:
-            self._file.write(line)
+            try:
+                self._file.write(line)
+            except OSError as exc:  # disk full, quota, I/O error: the temporary file goes
+                raise self._write_error(exc) from None
+
+    def _write_error(self, exc: OSError) -> ValueError:
+        return ValueError(f"--output {self.path}: cannot write it ({exc.strerror or exc})")
 
     def commit(self) -> None:
         """The lines written become the target (a no-op for stdout)."""
         if self._file is None:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        os.fchmod(self._file.fileno(), self.mode)
-        self._file.close()
-        self._file = None
-        os.replace(self.tmp_path, self.real)
+        try:  # a write error (disk full, ...) here leaves the target as it was
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            os.fchmod(self._file.fileno(), self.mode)
+            self._file.close()
+            self._file = None
+            os.replace(self.tmp_path, self.real)
+        except OSError as exc:
+            self._discard()
+            raise self._write_error(exc) from None
+        self.tmp_path = None
 
 
 class _InOrder:
@@ -160,7 +213,7 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise BadLine(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:  # an int of too many digits, deep nesting
@@ -172,6 +225,10 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
     except UnicodeEncodeError as exc:
         raise BadLine(f"line {number}: holds text that is not valid Unicode "
                       f"({exc.object[exc.start:exc.end]!r}, a lone surrogate)") from None
+    taken = [key for key in OUTPUT_FIELDS if key in obj]
+    if taken:
+        raise BadLine(f"line {number}: has a field {taken[0]!r}, which the output line "
+                      f"writes (its value would be lost): rename it")
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
         raise BadLine(f"line {number}: needs a non-empty string field \"prompt\"")
     if "expert_prompt" in obj and (not isinstance(obj["expert_prompt"], str)
@@ -184,6 +241,10 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
             params[name] = check_sampling_arg(name, value, 1)
         except (TypeError, ValueError) as exc:
             raise BadLine(f"line {number}: {exc}") from None
+    odd = [key for key, value in obj.items() if _non_finite(value)]
+    if odd:  # a sampling field was refused above by its own rule
+        raise BadLine(f"line {number}: field {odd[0]!r} holds NaN or an infinity (a number "
+                      f"beyond float64), which the output line could not write as JSON")
     if "seed" not in obj:
         params["seed"] = int(row_seeds(defaults["seed"], torch.tensor([number - 1])))
     else:
@@ -210,7 +271,15 @@ def _lines(path: str):
     except OSError as exc:
         raise ValueError(f"--input {path}: cannot read it ({exc.strerror})") from None
     with f:
-        for number, raw in enumerate(f, start=1):
+        number = 0
+        while True:  # readline with a cap: /dev/zero or a huge line never fills memory
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise BadLine(f"--input {path}: line {number} is longer than "
+                              f"{MAX_LINE_BYTES // 2 ** 20} MiB")
             try:  # a UTF-8 byte-order mark at the start is not part of the JSON
                 yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
@@ -299,10 +368,12 @@ def _fits(session, rows, limits) -> bool:
     return True
 
 
-def _batches(session, records, rows, batch_size: int):
+def _batches(session, records, rows, batch_size: int, num_return_sequences: int = 1):
     """Index lists of at most ``batch_size`` records, shortest prompts first; a batch is
     closed early where one more record would exceed a model's positions (each record
     fits alone: :func:`check_prompt`)."""
+    # a batch returns batch x num_return_sequences rows, at most MAX_ROWS per call
+    batch_size = max(1, min(batch_size, MAX_ROWS // num_return_sequences))
     order = sorted(range(len(records)), key=lambda i: len(rows[i][0]))
     batch: list = []
     for i in order:
@@ -356,7 +427,7 @@ def generate_file(args, load) -> int:
         with tqdm(total=len(records), unit="prompt", file=sys.stderr, dynamic_ncols=True,
                   disable=None) as bar:
             new_tokens, started = 0, time.perf_counter()
-            for index in _batches(session, records, rows, args.batch_size):
+            for index in _batches(session, records, rows, args.batch_size, n):
                 ids, mask = left_pad([rows[i][0] for i in index], pad)
                 own = [rows[i][1] for i in index]
                 e_ids = e_mask = None

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from .generate import fused_proxy_generate
 from .loading import load_causal_lm, load_tokenizer, resolve_model_path
-from .ops import resolve_backend
+from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend
 from .reference import row_seeds
 from .runner import left_pad
 from .scoring import proxy_logprobs
@@ -172,21 +172,36 @@ def _as_bool(name, value) -> bool:
     raise ValueError(f"model_args {name} must be true or false, got {value!r}")
 
 
-def _as_int(name, value, minimum) -> int:
+INT64_MAX = 2 ** 63 - 1
+
+
+def _as_int(name, value, minimum, maximum=INT64_MAX, where="model_args") -> int:
+    """An integer in ``[minimum, maximum]`` (counts are held in int64), from an int or its
+    digits; a float, even 3.0, is refused rather than truncated."""
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"model_args {name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not minimum <= value <= maximum:
+        top = "2**63 - 1" if maximum == INT64_MAX else str(maximum)
+        raise ValueError(f"{where} {name} must be an integer in [{minimum}, {top}], "
+                         f"got {value!r}")
     return int(value)
 
 
-def _as_float(name, value) -> float:
+def _as_float(name, value, where="model_args") -> float:
+    """A real number by the op's rule for ``name`` (:data:`proxykern.ops.SAMPLING_RULES`:
+    e.g. alpha finite within float32's range), from a number or its text."""
     try:
         out = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         out = math.nan
     if not math.isfinite(out):
-        raise ValueError(f"model_args {name} must be a finite number, got {value!r}")
+        raise ValueError(f"{where} {name} must be a finite number, got {value!r}")
+    if name in SAMPLING_RULES:
+        try:
+            check_sampling_arg(name, out, 1)
+        except ValueError as exc:
+            raise ValueError(f"{where} {exc}") from None
     return out
 
 
@@ -291,7 +306,7 @@ class ProxyKernLM(TemplateLM):
                              "pass a number")
         self.batch_size = _as_int("batch_size", args.batch_size, 1)
         self.max_gen_toks = _as_int("max_gen_toks", args.max_gen_toks, 1)
-        self.seed = _as_int("seed", args.seed, 0)
+        self.seed = _as_int("seed", args.seed, 0, 2 ** 64 - 1)  # 64 bits, as everywhere
         max_length = None if args.max_length is None else _as_int("max_length", args.max_length, 2)
         self._device = _as_device(args.device)
         try:
@@ -486,19 +501,22 @@ class ProxyKernLM(TemplateLM):
         if not all(isinstance(u, str) for u in until):
             raise ValueError(f"generate_until: until must be a string or a list of strings, "
                              f"got {gen_kwargs.get('until')!r}")
+        where = "generate_until: generation kwarg"
+
         def get(key, default, kind):
+            # the op's rules (SAMPLING_RULES), at the edge: a NaN temperature must not turn
+            # into greedy decoding, nor top_k=3.7 into 3
             value = gen_kwargs.get(key)
             if value is None:
                 return default
-            try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"generate_until: generation kwarg {key} must be "
-                                 f"{kind.__name__}, got {value!r}") from None
+            if kind is int:
+                return _as_int(key, value, -(2 ** 63) if key == "seed" else 0,
+                               2 ** 64 - 1 if key == "seed" else INT64_MAX, where)
+            return _as_float(key, value, where)
 
         max_new = next((gen_kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
                         if gen_kwargs.get(k) is not None), self.max_gen_toks)
-        max_new = _as_int("max_gen_toks", max_new, 1)
+        max_new = _as_int("max_gen_toks", max_new, 1, where=where)
         temperature = get("temperature", 0.0, float)
         do_sample = gen_kwargs.get("do_sample")
         if do_sample is None:

@@ -11,7 +11,6 @@ which backends exist:
 """
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import warnings
@@ -305,7 +304,9 @@ def check_sampling_arg(name: str, value, B: int):
                         f"tensor, got {type(value).__name__}")
     if not valid(value):
         raise ValueError(f"{name} {rule}, got {value!r}")
-    return value
+    # A plain int or float from here on (numpy scalars, Fraction: torch.full takes neither
+    # reliably).
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _row_param(name, value, B, device, dtype):

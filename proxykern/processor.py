@@ -37,14 +37,15 @@ Contract and choices:
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from transformers import LogitsProcessor
 
-from .generation_args import (input_width, output_width, plan_vocabulary,
+from .generation_args import (_check_id_range, _check_ids, _check_mask,
+                              input_width, output_width, plan_vocabulary,
                               resolve_pad_token_id, same_vocabulary)
+from .ops import check_sampling_arg
 from .reference import combine_logits
 from .runner import ModelRunner, model_device
 
@@ -69,20 +70,25 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         if model_device(expert) != model_device(anti_expert):
             raise ValueError(f"anti_expert is on {model_device(anti_expert)} but expert is on "
                              f"{model_device(expert)}")
-        if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                or not math.isfinite(alpha)):
+        if isinstance(alpha, torch.Tensor) or not isinstance(alpha, numbers.Real):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        alpha = check_sampling_arg("alpha", alpha, 1)  # generation's rule: finite in float32
         if expert_attention_mask is not None and expert_input_ids is None:
             raise ValueError("expert_attention_mask is given without expert_input_ids")
-        for name, ids, mask in (("expert_input_ids", expert_input_ids, expert_attention_mask),
-                                ("attention_mask", attention_mask, None)):
-            if ids is not None and (not isinstance(ids, torch.Tensor) or ids.dim() != 2
-                                    or ids.numel() == 0):
-                raise ValueError(f"{name} must be a non-empty 2-D tensor (batch, length)")
-            if mask is not None and (not isinstance(mask, torch.Tensor)
-                                     or tuple(mask.shape) != tuple(ids.shape)):
-                raise ValueError(f"expert_attention_mask must have the shape of expert_input_ids "
-                                 f"{tuple(ids.shape)}")
+        # The prompt tensors get generation's checks (integer ids the expert can read, 0/1
+        # left-padded masks), here at the edge rather than as an error inside generate.
+        device = model_device(expert)
+        if expert_input_ids is not None:
+            expert_input_ids = _check_ids("expert_input_ids", expert_input_ids, device)
+            expert_attention_mask = _check_mask("expert_attention_mask", expert_attention_mask,
+                                                expert_input_ids, "expert_input_ids", device)
+            _check_id_range("expert_input_ids", expert_input_ids, (expert,))
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+                    or attention_mask.numel() == 0:
+                raise ValueError("attention_mask must be a non-empty 2-D tensor (batch, length)")
+            attention_mask = _check_mask("attention_mask", attention_mask, attention_mask,
+                                         "attention_mask", attention_mask.device)
         e_width, a_width = output_width(expert), output_width(anti_expert)
         if not same_vocabulary(e_width, a_width):
             raise ValueError(f"anti_expert has a vocabulary of {a_width} tokens but expert has "

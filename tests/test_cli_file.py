@@ -252,7 +252,10 @@ def _default_sigint():
 @pytest.mark.parametrize("mode", ["prompt", "file"])
 @pytest.mark.parametrize("signum, status, message", [
     (signal.SIGTERM, 143, "proxykern: terminated by SIGTERM"),
-    (signal.SIGINT, 130, "proxykern: interrupted by SIGINT")])
+    (signal.SIGINT, 130, "proxykern: interrupted by SIGINT"),
+    # their default action ended the process leaving the temporary file behind
+    (signal.SIGHUP, 129, "proxykern: hung up (SIGHUP)"),
+    (signal.SIGUSR1, 138, "proxykern: terminated by SIGUSR1")])
 def test_a_signal_mid_run_is_one_line_its_status_and_no_file(long_model, tmp_path, mode,
                                                              signum, status, message):
     """SIGTERM / SIGINT while generating: exit 143 / 130 with one line on stderr, no
@@ -335,6 +338,14 @@ def _fails(capsys, *argv):
     ('{"prompt": "%s", "expert_prompt": " "}' % QUESTIONS[1],
      ['"expert_prompt" tokenizes to no tokens']),
     ('{"prompt": "a \\ud800 b"}', ["not valid Unicode"]),
+    # Python's json reads these, but the output line would not be JSON (was written as is)
+    ('{"prompt": "%s", "meta": NaN}' % QUESTIONS[1], ["field 'meta' holds NaN"]),
+    ('{"prompt": "%s", "meta": {"x": [1e400]}}' % QUESTIONS[1], ["field 'meta' holds NaN"]),
+    # the first value would be lost silently (the last one won)
+    ('{"prompt": "%s", "prompt": "%s"}' % (QUESTIONS[1], QUESTIONS[2]),
+     ["key 'prompt' appears twice"]),
+    # the output line's own field would overwrite the input's
+    ('{"prompt": "%s", "completion": "mine"}' % QUESTIONS[1], ["'completion'", "rename it"]),
 ])
 def test_a_line_beyond_a_limit_is_named_before_generating_and_skippable(
         tmp_path, capsys, monkeypatch, bad, words):
@@ -504,3 +515,81 @@ def test_lines_are_written_in_input_order_as_soon_as_earlier_ones_are_done():
     for index, expected in ((2, []), (0, [0]), (3, [0]), (1, [0, 1, 2, 3])):
         writer.put(index, {})
         assert written == expected
+
+
+def test_a_line_too_long_or_an_endless_input_stops_without_filling_memory(
+        tmp_path, capsys, monkeypatch, no_loading):
+    """/dev/zero (no newline, ever) was read into memory until the process died."""
+    from proxykern import jsonl_generate
+    monkeypatch.setattr(jsonl_generate, "MAX_LINE_BYTES", 4096)
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]}),
+                                         json.dumps({"prompt": "x" * 5000})])
+    dst = tmp_path / "out.jsonl"
+    for path, number in ((src, 2), ("/dev/zero", 1)):
+        for skip in ((), ("--skip-bad-lines",)):
+            lines = _fails(capsys, "--input", path, "--output", str(dst), *skip)
+            assert lines == [f"proxykern: error: --input {path}: line {number} is longer "
+                             f"than 0 MiB"], lines
+            assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_too_many_rows_are_refused_before_the_models_load(tmp_path, capsys, no_loading):
+    """--num-return-sequences 10**12 loaded the models, then failed allocating 8 TB."""
+    from proxykern.generation_args import MAX_ROWS
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]})])
+    for mode in (("--prompt", QUESTIONS[0]), ("--input", src, "--output",
+                                              str(tmp_path / "out.jsonl"))):
+        lines = _fails(capsys, *mode, "--num-return-sequences", str(MAX_ROWS + 1))
+        assert lines == [f"proxykern: error: --num-return-sequences must be an int in "
+                         f"[1, {MAX_ROWS}], got {MAX_ROWS + 1}"]
+
+
+def test_file_batches_are_cut_to_the_rows_one_call_returns(monkeypatch):
+    from proxykern import jsonl_generate
+    monkeypatch.setattr(jsonl_generate, "MAX_ROWS", 6)
+    monkeypatch.setattr(jsonl_generate, "_fits", lambda *args: True)
+    rows = [([1] * (i + 1), None) for i in range(7)]
+    records = [{"max_new_tokens": 1}] * 7
+    batches = list(jsonl_generate._batches(None, records, rows, 100, 3))
+    assert [len(b) for b in batches] == [2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("where", ["write", "commit"])
+def test_a_write_error_names_the_output_and_leaves_no_file(tmp_path, capsys, monkeypatch, where):
+    """A full disk: the write (or the final flush) fails. The temporary file used to stay
+    (closing it failed again before its removal) and the message named no flag."""
+    from proxykern import jsonl_generate
+    src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": q}) for q in QUESTIONS[:2]])
+    dst = tmp_path / "out.jsonl"
+    dst.write_text("old results\n")
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            if where == "write":
+                raise OSError(28, "No space left on device")
+            return self.file.write(text)
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):  # the buffered lines cannot be flushed either
+            self.file.close()
+            raise OSError(28, "No space left on device")
+
+        def fileno(self):
+            return self.file.fileno()
+
+    opened = jsonl_generate.Output.__init__
+
+    def init(self, path):
+        opened(self, path)
+        self._file = FullDisk(self._file)
+    monkeypatch.setattr(jsonl_generate.Output, "__init__", init)
+    lines = _fails(capsys, "--input", src, "--output", str(dst), "--max-new-tokens", "2")
+    assert lines[-1] == (f"proxykern: error: --output {dst}: cannot write it "
+                         f"(No space left on device)"), lines
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]
+    assert dst.read_text() == "old results\n"

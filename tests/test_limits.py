@@ -120,3 +120,85 @@ def test_rules_hold_for_tensors_and_numbers_alike():
     assert valid(torch.tensor([1.0, 1e39], dtype=torch.float64)).tolist() == [True, False]
     _integral, valid, _rule = ops.SAMPLING_RULES["top_k"]
     assert valid(torch.tensor([0, 2 ** 62])).all() and not valid(2 ** 63)
+
+
+# --------------------------------------------------------------------------- counts and ids
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+@pytest.mark.parametrize("name,value", [("num_return_sequences", 10 ** 30),
+                                        ("num_draft_tokens", 10 ** 30),
+                                        ("max_new_tokens", 2 ** 63)])
+def test_counts_beyond_int64_are_refused_naming_them(kind, name, value):
+    """Every count goes through one helper with int64's bound (an OverflowError before)."""
+    if kind == "naive" and name == "num_draft_tokens":
+        pytest.skip("naive_proxy_generate has no num_draft_tokens")
+    ids, mask = pad_left([[5, 6, 7]])
+    kwargs = {"max_new_tokens": 2, name: value}
+    with pytest.raises(ValueError, match=name):
+        GENERATORS[kind](*trio(), ids, mask, **kwargs)
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_more_rows_than_one_call_returns_are_refused_before_any_allocation(kind):
+    """num_return_sequences=10**12 tried to allocate 8 TB (a RuntimeError) before."""
+    ids, mask = pad_left([[5, 6, 7], [8, 9]])
+    n = generation_args.MAX_ROWS // 2 + 1
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        GENERATORS[kind](*trio(), ids, mask, max_new_tokens=2, num_return_sequences=n)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        GENERATORS[kind](*trio(), ids, mask, max_new_tokens=2, num_return_sequences=10 ** 12)
+
+
+def test_rows_that_do_not_fit_in_memory_are_refused_naming_the_count(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+    monkeypatch.setattr(generation_args, "generation_seeds", no_memory)
+    ids, mask = pad_left([[5, 6, 7]])
+    with pytest.raises(ValueError, match="num_return_sequences 1000 .* do not fit in memory"):
+        proxykern.fused_proxy_generate(*trio(), ids, mask, max_new_tokens=2,
+                                       num_return_sequences=1000)
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+@pytest.mark.parametrize("name", ["eos_token_id", "pad_token_id"])
+def test_token_ids_beyond_int64_are_refused_naming_them(kind, name):
+    """2**70 was an OverflowError (pad) or 'Overflow when unpacking long long' (eos)."""
+    ids, mask = pad_left([[5, 6, 7]])
+    for value in (2 ** 70, [3, 2 ** 63]):
+        if name == "pad_token_id" and isinstance(value, list):
+            continue
+        with pytest.raises(ValueError, match=name):
+            GENERATORS[kind](*trio(), ids, mask, max_new_tokens=2, **{name: value})
+
+
+def test_numbers_of_other_real_types_are_taken_as_plain_numbers():
+    """A Fraction passed the rule but torch.full refused it with a TypeError naming nothing."""
+    from fractions import Fraction
+    import numpy as np
+    logits = torch.randn(2, 50)
+    ref = proxykern.proxy_sample(logits, logits, logits, temperature=1.0, top_p=0.5,
+                                 backend="torch")
+    for top_p in (Fraction(1, 2), np.float32(0.5), np.float64(0.5)):
+        out = proxykern.proxy_sample(logits, logits, logits, temperature=1.0, top_p=top_p,
+                                     backend="torch")
+        assert torch.equal(out.tokens, ref.tokens)
+    assert type(ops.check_sampling_arg("top_k", np.int64(3), 1)) is int
+    assert type(ops.check_sampling_arg("alpha", Fraction(1, 2), 1)) is float
+
+
+def test_the_processor_checks_its_arguments_by_generation_rules():
+    """alpha=10**400 was an OverflowError and 1e39 was taken; float or out-of-range
+    expert_input_ids were taken and failed inside generate."""
+    _, expert, anti = trio()
+    for alpha in (10 ** 400, 1e39):
+        with pytest.raises(ValueError, match="alpha"):
+            proxykern.ProxyTuningLogitsProcessor(expert, anti, alpha=alpha)
+    with pytest.raises(TypeError, match="expert_input_ids"):
+        proxykern.ProxyTuningLogitsProcessor(expert, anti,
+                                             expert_input_ids=torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="expert_input_ids"):
+        proxykern.ProxyTuningLogitsProcessor(expert, anti,
+                                             expert_input_ids=torch.tensor([[1, 10 ** 6]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        proxykern.ProxyTuningLogitsProcessor(expert, anti,
+                                             attention_mask=torch.tensor([[1, 1, 0]]))

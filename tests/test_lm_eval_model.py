@@ -227,6 +227,9 @@ def test_chat_expert_reads_its_chat_formatted_context(tmp_path):
 @pytest.mark.parametrize("args, name", [
     ("alpha=abc", "alpha"),
     ("alpha=nan", "alpha"),
+    ("alpha=1e39", "alpha must be finite and within float32"),  # was taken; every call failed
+    ("batch_size=100000000000000000000", "batch_size"),  # beyond int64: was taken
+    ("seed=18446744073709551616", "seed"),  # 2**64: was taken, refused at the first sample
     ("mode=teacher", "mode"),
     ("dtype=int8", "dtype"),
     ("batch_size=0", "batch_size"),
@@ -424,3 +427,23 @@ def test_sampled_request_i_draws_with_row_seeds(proxy_lm):
             eos_token_id=proxy_lm.eos_ids)
         assert texts[i] == tok.decode(one.tokens[0, :int(one.lengths[0])],
                                       skip_special_tokens=True), i
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"temperature": float("nan"), "do_sample": True}, "temperature"),  # was silently greedy
+    ({"temperature": "nan"}, "temperature"),
+    ({"temperature": 1.0, "top_k": 3.7}, "top_k"),  # was truncated to 3
+    ({"temperature": 1.0, "seed": 1.5}, "seed"),  # was truncated to 1
+    ({"temperature": 1.0, "top_k": 2 ** 64}, "top_k"),
+    ({"temperature": 1e39}, "temperature"),
+    ({"max_gen_toks": 2 ** 63}, "max_gen_toks"),
+])
+def test_bad_generation_kwargs_are_refused_naming_them_before_generating(proxy_lm, kwargs,
+                                                                         name, monkeypatch):
+    calls = []
+    monkeypatch.setattr("proxykern.lm_eval_model.fused_proxy_generate",
+                        lambda *a, **k: calls.append(1))
+    kwargs = {"max_gen_toks": 5, **kwargs}  # room for the context: only `name` is wrong
+    with pytest.raises(ValueError, match=f"generation kwarg {name}"):
+        proxy_lm.generate_until([req("generate_until", QUESTION, kwargs)])
+    assert not calls
