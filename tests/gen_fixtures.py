@@ -107,6 +107,19 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }
                  "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}")
 
 
+def assert_same_generation(spec, plain):
+    """``spec`` is ``plain``'s output: tokens, lengths and sequences exactly; logprobs and
+    model_logprobs up to the float rounding of multi-token forwards."""
+    assert torch.equal(spec.tokens, plain.tokens), (spec.tokens, plain.tokens)
+    assert torch.equal(spec.lengths, plain.lengths)
+    assert torch.equal(spec.sequences, plain.sequences)
+    if plain.logprobs is not None:
+        torch.testing.assert_close(spec.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    if plain.model_logprobs is not None:
+        for name, lp in plain.model_logprobs.items():
+            torch.testing.assert_close(spec.model_logprobs[name], lp, atol=1e-5, rtol=1e-5)
+
+
 def nan_row_after_prefill(model, row: int = 1):
     """Make ``model`` return NaN logits for ``row`` from its second forward on (the prefill
     stays clean): the bad-row path of a decode loop."""

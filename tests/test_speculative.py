@@ -19,20 +19,10 @@ from proxykern.demo import DEFAULT_TRIO, load_trio
 from proxykern.runner import ModelRunner
 from proxykern.engine.speculative import SpeculativeStats
 
-from gen_fixtures import FAMILIES, nan_row_after_prefill, pad_left, ragged_batch, trio
+from gen_fixtures import (FAMILIES, assert_same_generation, nan_row_after_prefill, pad_left,
+                          ragged_batch, trio)
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
-
-
-def assert_same(spec, plain):
-    assert torch.equal(spec.tokens, plain.tokens)
-    assert torch.equal(spec.lengths, plain.lengths)
-    assert torch.equal(spec.sequences, plain.sequences)
-    if plain.logprobs is not None:
-        torch.testing.assert_close(spec.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
-    if plain.model_logprobs is not None:
-        for name, lp in plain.model_logprobs.items():
-            torch.testing.assert_close(spec.model_logprobs[name], lp, atol=1e-5, rtol=1e-5)
 
 
 def check_against_plain(models, ids, mask, ks, **kw):
@@ -41,7 +31,7 @@ def check_against_plain(models, ids, mask, ks, **kw):
     stats = []
     for k in ks:
         spec = fused_proxy_generate(*models, ids, mask, num_draft_tokens=k, **kw)
-        assert_same(spec, plain)
+        assert_same_generation(spec, plain)
         assert isinstance(spec.stats, SpeculativeStats) and spec.stats.num_draft_tokens == k
         assert spec.stats.steps == spec.tokens.shape[1]
         stats.append(spec.stats)

@@ -21,7 +21,8 @@ from proxykern.engine.speculative import SpeculativeStats
 from proxykern.engine.static_speculative import _Model, capacity_for, static_unsupported_reason
 from proxykern.engine.static_runner import StaticRunner
 
-from gen_fixtures import nan_row_after_prefill, pad_left, ragged_batch, tiny_model, trio
+from gen_fixtures import (assert_same_generation, nan_row_after_prefill, pad_left, ragged_batch,
+                          tiny_model, trio)
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
 
@@ -31,23 +32,12 @@ def static_rounds(monkeypatch):
     monkeypatch.setattr(speculative, "STATIC_ROUNDS", True)
 
 
-def same(spec, plain):
-    assert torch.equal(spec.tokens, plain.tokens), (spec.tokens, plain.tokens)
-    assert torch.equal(spec.lengths, plain.lengths)
-    assert torch.equal(spec.sequences, plain.sequences)
-    if plain.logprobs is not None:
-        torch.testing.assert_close(spec.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
-    if plain.model_logprobs is not None:
-        for name, lp in plain.model_logprobs.items():
-            torch.testing.assert_close(spec.model_logprobs[name], lp, atol=1e-5, rtol=1e-5)
-
-
 def against_plain(models, ids, mask, ks, **kw):
     plain = fused_proxy_generate(*models, ids, mask, **kw)
     stats = []
     for k in ks:
         spec = fused_proxy_generate(*models, ids, mask, num_draft_tokens=k, **kw)
-        same(spec, plain)
+        assert_same_generation(spec, plain)
         s = spec.stats
         assert isinstance(s, SpeculativeStats) and s.num_draft_tokens == k
         assert s.steps == spec.tokens.shape[1] and s.base_forwards == s.rounds + 1
