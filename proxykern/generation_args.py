@@ -467,7 +467,12 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     check_positions((("base", base, base_len), ("expert", expert, expert_len),
                      ("anti_expert", anti_expert, base_len)), max_new_tokens)
 
-    checked_widths(base, expert, anti_expert)  # vocabularies beyond padding fail here, early
+    gen_config = getattr(base, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen_config, "eos_token_id", None)
+    eos = _token_id_list("eos_token_id", eos_token_id)
+    pad = resolve_pad_token_id(base, pad_token_id, eos)
+    plan = vocab_plan(base, expert, anti_expert, pad)  # vocabularies beyond padding fail here
     n = _check_count("num_return_sequences", num_return_sequences, 1)
     check_rows(B, n)
     num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
@@ -485,13 +490,6 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
         raise ValueError(f"num_return_sequences {n} x {B} prompt(s) = {B * n} rows do not "
                          f"fit in memory on {device}") from None
 
-    gen_config = getattr(base, "generation_config", None)
-    if eos_token_id is None:
-        eos_token_id = getattr(gen_config, "eos_token_id", None)
-    eos = _token_id_list("eos_token_id", eos_token_id)
-    pad = resolve_pad_token_id(base, pad_token_id, eos)
-    plan = vocab_plan(base, expert, anti_expert, pad)
-
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):
         raise TypeError(f"streamer must have put() and end() (an HF BaseStreamer), "
@@ -500,7 +498,8 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     _check_bool("return_model_logprobs", return_model_logprobs)
     if num_draft_tokens > 0 and cuda_graphs is True:
         raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
-                         "speculative rounds run eagerly (use cuda_graphs='auto' or False)")
+                         "speculative rounds are not captured as CUDA graphs yet (use "
+                         "cuda_graphs='auto' or False)")
     use_graphs = num_draft_tokens == 0 and check_cuda_graphs(cuda_graphs, device,
                                                              (base, expert, anti_expert))
     backend = resolve_backend(backend, device)
