@@ -1,5 +1,9 @@
 """Speculative proxy decoding on the shipped trio: tokens/s, acceptance, base forwards/token.
 
+``--inflate CONFIG`` runs the trio inflated exactly to a larger shape (a 13B-shaped base
+with small experts: ``trio-13b-small``), so acceptance is the trained trio's while a base
+forward costs what a large base's does: where speculative decoding is meant to pay.
+
 For each batch size, sampling mode and ``num_draft_tokens`` k (k = 0 is plain fused
 decoding) it times ``fused_proxy_generate`` over the same held-out prompts (best of
 ``--repeats``), and checks that every k gives k = 0's tokens and lengths (fp32: must be
@@ -20,6 +24,7 @@ import warnings
 import torch
 
 from proxykern import fused_proxy_generate
+from proxykern.bench_generate import TRIO_CONFIGS, inflated_trio
 from proxykern.demo import DEFAULT_TRIO, load_trio
 
 MODES = {"greedy": {}, "sampled": dict(temperature=0.8, top_p=0.9, seed=1)}
@@ -63,6 +68,9 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     tok, base, expert, anti, heldout = load_trio(args.trio, device, dtype=dtype)
+    if args.inflate:  # the same trained trio at paper-like cost (proxykern.inflate)
+        del base, expert, anti
+        base, expert, anti = inflated_trio(args.inflate, device, dtype)
     prompts = [it["prompt"] for it in heldout["items"][:args.prompts]]
     rows = []
     for bs in args.batch_sizes:
@@ -122,6 +130,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the rows as JSON to this path")
     parser.add_argument("--trio", default=DEFAULT_TRIO)
+    parser.add_argument("--inflate", choices=sorted(TRIO_CONFIGS),
+                        help="run the shipped trio inflated exactly to these shapes "
+                             "(proxykern.bench_generate.TRIO_CONFIGS: same tokens, a large "
+                             "model's cost), e.g. trio-13b-small on a GPU")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4, 8])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
@@ -141,7 +153,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
-    print(f"speculative proxy decoding, {args.trio}, {name}, {args.dtype}, "
+    print(f"speculative proxy decoding, {args.trio}"
+          f"{' inflated as ' + args.inflate if args.inflate else ''}, {name}, {args.dtype}, "
           f"{args.prompts} prompts, up to {args.max_new_tokens} new tokens, alpha {args.alpha:g}, "
           f"best of {args.repeats}")
     print(HEADER)

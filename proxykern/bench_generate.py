@@ -18,6 +18,7 @@ from the small checkpoints) so that its real behaviour runs at paper-like cost:
 
 * ``trio-paper``: the base as ``13b``, the experts as ``7b`` (head_dim 128);
 * ``trio-small``: the base as ``1b``, the experts as ``135m``;
+* ``trio-13b-small``: the base as ``13b``, the experts as ``135m`` (where drafting pays);
 * ``trio-tiny``: a small inflation for a CPU run.
 
 Columns, in ms per decode step (after the prompt) and tokens/s (B / step time):
@@ -70,6 +71,7 @@ BENCH_POSITIONS = 4096
 TRIO_CONFIGS = {
     "trio-paper": ("13b", "7b"),
     "trio-small": ("1b", "135m"),
+    "trio-13b-small": ("13b", "135m"),  # speculative decoding's case: a costly base, cheap drafts
     "trio-tiny": ("tiny-trio-base", "tiny-trio-expert"),
 }
 TRIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -297,3 +297,18 @@ def test_more_positions_keep_the_function_and_lift_the_position_check():
     for bad in (32, 100.0, True):
         with pytest.raises(ValueError, match="max_position_embeddings"):
             inflate_llama(small, **grown(small.config), max_position_embeddings=bad)
+
+
+def test_bench_speculative_runs_the_inflated_trio():
+    """bench_speculative --inflate: the inflated trio's speculative rows equal plain decoding
+    (the script exits 1 when an fp32 row differs)."""
+    import subprocess
+    import sys
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_speculative.py"), "--device",
+         "cpu", "--inflate", "trio-tiny", "--ks", "0", "2", "--batch-sizes", "2", "--prompts",
+         "2", "--max-new-tokens", "4", "--repeats", "1", "--modes", "greedy"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "inflated as trio-tiny" in out.stdout
+    assert out.stdout.count(" yes ") == 2
