@@ -7,8 +7,8 @@ Usage (``make mutants``; not in CI -- run it before a release, ~5-10 minutes on 
     python tests/mutants.py --only ref_row0_top_p cli_drops_min_p
     python tests/mutants.py --keep          # keep the scratch copy (path printed)
 
-The package (``proxykern/`` with its built ``_C*.so``, ``kernels/`` as
-``proxykern/kernels``) and ``tests/`` are copied once to a scratch folder. Each mutant is
+The package (``proxykern/`` with its built ``_C*.so``, and ``kernels/`` through the
+``proxykern/kernels`` link) and ``tests/`` are copied once to a scratch folder. Each mutant is
 one exact text replacement in one file of that copy; the pattern must occur exactly once
 (or the mutant's stated ``count`` times; otherwise the run stops: the mutant list has
 gone stale and needs updating). The
@@ -122,8 +122,8 @@ MUTANTS = [
       "top_p=args.top_p, min_p=args.min_p,", "top_p=args.top_p,",
       ("tests/test_cli.py::test_min_p_flag_reaches_generation",),
       "the CLI parses --min-p and drops it"),
-    M("cli_ignores_dtype", "proxykern/cli.py",
-      "p, dtype=dtype)", "p)",
+    M("cli_ignores_dtype", "proxykern/loading.py",
+      "p, dtype=dtype, trust_remote_code", "p, trust_remote_code",
       ("tests/test_cli.py::test_dtype_flag_loads_the_models_in_that_dtype",),
       "the CLI parses --dtype and loads the checkpoints' own dtype"),
 ]
@@ -131,9 +131,9 @@ MUTANTS = [
 
 def make_copy(dest: str) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    # proxykern/kernels links to kernels/: copytree follows the link, so the copy holds the
+    # Triton sources as plain files there.
     shutil.copytree(os.path.join(ROOT, "proxykern"), os.path.join(dest, "proxykern"),
-                    ignore=ignore)
-    shutil.copytree(os.path.join(ROOT, "kernels"), os.path.join(dest, "proxykern", "kernels"),
                     ignore=ignore)
     shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(dest, "tests"), ignore=ignore)
     shutil.copy2(os.path.join(ROOT, "pyproject.toml"), dest)
