@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     # Batch 1 (local decoding): at batch 8 the naive step's CPU time was bimodal across runs
     # (25 or 40-46 ms at vocab 128256), with the allocator's state left by what ran before.
     parser.add_argument("--kernel-batch", type=int, default=1)
-    parser.add_argument("--kernel-rounds", type=int, default=7)
+    parser.add_argument("--kernel-rounds", type=int, default=15)
     parser.add_argument("--kernel-min-time", type=float, default=0.2,
                         help="seconds per kernel measurement")
     args = parser.parse_args(argv)
