@@ -39,10 +39,11 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from .ops import INT64_MAX  # loaded with the package anyway (proxykern/__init__.py)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 DEFAULT_BATCH_SIZE = 8
-INT64_MAX = 2 ** 63 - 1
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE, EXIT_SIGHUP = 130, 143, 141, 129
 # Flags that only the file mode reads (refused with --prompt rather than ignored).
 FILE_MODE_FLAGS = (("batch_size", "--batch-size"), ("logprobs", "--logprobs"),

@@ -42,12 +42,11 @@ from typing import NamedTuple
 
 import torch
 
-from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend, row_params
+from .ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend, row_params
 from .reference import row_seeds
 from .runner import model_device
 
 MAX_VOCAB_PADDING = 1024
-INT64_MAX = 2 ** 63 - 1
 #: Rows (prompts x num_return_sequences) one generation call returns at most: a kernel
 #: launches one program per row, and CUDA grids hold at most 2**31 - 1 of them.
 MAX_ROWS = 2 ** 31 - 1

@@ -49,13 +49,12 @@ import time
 import torch
 
 from .generation_args import MAX_ROWS, check_positions, input_width
-from .ops import PARAM_DTYPES, check_sampling_arg
+from .ops import INT64_MAX, PARAM_DTYPES, check_sampling_arg
 from .reference import as_int64, row_seeds
 from .runner import left_pad
 
 #: Per-row sampling fields a line may carry: the op's parameters less the step.
 ROW_FIELDS = tuple(name for name in PARAM_DTYPES if name != "step")
-INT64_MAX = 2 ** 63 - 1
 DEFAULT_BATCH_SIZE = 8
 #: The longest input line read (bytes): a longer one (or an endless stream such as
 #: /dev/zero) stops the run instead of filling memory.

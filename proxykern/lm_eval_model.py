@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from .generate import fused_proxy_generate
 from .loading import load_causal_lm, load_tokenizer, resolve_model_path
-from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend
+from .ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend
 from .reference import row_seeds
 from .runner import left_pad
 from .scoring import proxy_logprobs
@@ -170,9 +170,6 @@ def _as_bool(name, value) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ValueError(f"model_args {name} must be true or false, got {value!r}")
-
-
-INT64_MAX = 2 ** 63 - 1
 
 
 def _as_int(name, value, minimum, maximum=INT64_MAX, where="model_args") -> int:
