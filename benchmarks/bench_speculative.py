@@ -24,8 +24,8 @@ import warnings
 import torch
 
 from proxykern import fused_proxy_generate
-from proxykern.bench_generate import TRIO_CONFIGS, inflated_trio
-from proxykern.demo import DEFAULT_TRIO, load_trio
+from proxykern.apps.bench_generate import TRIO_CONFIGS, inflated_trio
+from proxykern.apps.demo import DEFAULT_TRIO, load_trio
 
 MODES = {"greedy": {}, "sampled": dict(temperature=0.8, top_p=0.9, seed=1)}
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trio", default=DEFAULT_TRIO)
     parser.add_argument("--inflate", choices=sorted(TRIO_CONFIGS),
                         help="run the shipped trio inflated exactly to these shapes "
-                             "(proxykern.bench_generate.TRIO_CONFIGS: same tokens, a large "
+                             "(proxykern.apps.bench_generate.TRIO_CONFIGS: same tokens, a large "
                              "model's cost), e.g. trio-13b-small on a GPU")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4, 8])

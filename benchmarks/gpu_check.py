@@ -372,7 +372,7 @@ def kernel_table(device, *, vocabs, families, modes, budget_s, warmup_ms, rep_ms
     import torch
 
     from proxykern import ops
-    from proxykern.bench import graph_replay, naive_sample_step
+    from proxykern.apps.bench import graph_replay, naive_sample_step
 
     timer = _timer(device, warmup_ms, rep_ms)
     t_start = time.monotonic()
@@ -596,7 +596,7 @@ def slice_probe(args) -> int:
     import torch
 
     from proxykern import ops
-    from proxykern.bench import graph_replay
+    from proxykern.apps.bench import graph_replay
     reason = ops.backend_unavailable_reason("cuda", torch.device("cuda"))  # loads the extension
     if reason is not None:
         print(f"slice probe: the cuda backend is unavailable: {reason}", flush=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from proxykern import ops
-from proxykern.bench import naive_sample_step
+from proxykern.apps.bench import naive_sample_step
 
 pytestmark = pytest.mark.skipif(ops.backend_unavailable_reason("cpu", torch.device("cpu")) is not None,
                                 reason="the C++ extension is not built")

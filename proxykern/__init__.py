@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "ProxyTuningLogitsProcessor":  # subclasses transformers' LogitsProcessor
-        from .processor import ProxyTuningLogitsProcessor
+        from .integrations.processor import ProxyTuningLogitsProcessor
         return ProxyTuningLogitsProcessor
     raise AttributeError(f"module 'proxykern' has no attribute {name!r}")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from .generation_args import prepare_generation
-from .ops import raise_on_bad_rows, row_params
+from .ops import raise_on_bad_rows
 from .outputs import ProxyGenerateOutput, empty_output, own_logprobs
 from .reference import STATUS_EMPTY, STATUS_NONFINITE, combine_logits, proxy_sample_reference
-from .runner import cache_kwarg, new_dynamic_cache, positions_from_mask
+from .engine.runner import new_dynamic_cache, positions_from_mask
+from .models import cache_kwarg
 
 
 def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=None, *,
@@ -52,7 +53,7 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
             streamer.end()
         return empty_output(args)
 
-    params = row_params(args.sampling, B, dev)
+    params = args.sampling
     names = ("base", "expert", "anti_expert")
     models = (base, expert, anti_expert)
     ids = [args.input_ids, args.expert_input_ids, args.input_ids]
@@ -78,15 +79,14 @@ def naive_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
                 lg[:, :plan.delta_width], (0, V - plan.delta_width)) for lg in logits[1:]))
 
             if args.greedy:  # as the paper's code: argmax of the combined logits
-                z = combine_logits(b, e, a, params["alpha"], V)
+                z = combine_logits(b, e, a, params.alpha, V)
                 status = (torch.isnan(z) | torch.isposinf(z)).any(1).int() * STATUS_NONFINITE \
                     | (~(z > float("-inf")).any(1)).int() * STATUS_EMPTY
                 sampled = z.argmax(1)
                 logprob = z.gather(1, sampled[:, None]).squeeze(1) - torch.logsumexp(z, 1)
             else:
                 sampled, logprob, _, status = proxy_sample_reference(
-                    b, e, a, params["alpha"], params["temperature"], params["top_k"],
-                    params["top_p"], params["min_p"], params["seed"],
+                    b, e, a, *params.tensors(),
                     torch.full((B,), t, dtype=torch.int64, device=dev), V)
             status = status.masked_fill(finished, 0)
             if status.any():  # host check, every step

@@ -42,15 +42,16 @@ from typing import NamedTuple
 
 import torch
 
-from .ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend, row_params
+from .models import (MODEL_NAMES, graph_unsupported_reason, input_width, model_device,
+                     output_width, position_limit)
+from .ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend
+from .params import SamplingParams, row_tensor
 from .reference import row_seeds
-from .runner import model_device
 
 MAX_VOCAB_PADDING = 1024
 #: Rows (prompts x num_return_sequences) one generation call returns at most: a kernel
 #: launches one program per row, and CUDA grids hold at most 2**31 - 1 of them.
 MAX_ROWS = 2 ** 31 - 1
-MODEL_NAMES = ("base", "expert", "anti_expert")
 
 
 @dataclass
@@ -63,9 +64,7 @@ class GenerationArgs:
     expert_input_ids: torch.Tensor
     expert_attention_mask: torch.Tensor
     max_new_tokens: int
-    sampling: dict          # alpha, temperature, top_k, top_p, min_p: numbers or (B,) tensors;
-                            # seed: always a (B,) int64 tensor (derived, see generation_seeds)
-    greedy: bool            # temperature is the number 0
+    sampling: SamplingParams  # per-row tensors, built once (seeds: generation_seeds)
     eos_token_ids: list     # [] = never stop early
     pad_token_id: int
     vocab_size: int         # the proxy vocabulary: columns [0, vocab_size), the base's width
@@ -84,8 +83,15 @@ class GenerationArgs:
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def greedy(self) -> bool:
+        """Every row greedy (the temperature was the number 0)."""
+        return self.sampling.greedy
+
 
 # --------------------------------------------------------------------------- pieces
+
+
 
 def _check_model(name, model):
     if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "forward", None)):
@@ -93,29 +99,8 @@ def _check_model(name, model):
                         f"got {type(model).__name__}")
 
 
-def output_width(model) -> int:
-    """Width of the model's logits: its output embedding rows, else ``config.vocab_size``."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return int(weight.shape[0])
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    width = getattr(config, "vocab_size", None)
-    if not isinstance(width, int):
-        raise ValueError("cannot tell the vocabulary width of a model without an output "
-                         "embedding or config.vocab_size")
-    return width
 
 
-def input_width(model) -> int | None:
-    """Rows of the model's input embedding (the ids it can read), or None when unknown."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    n = getattr(emb, "num_embeddings", None)
-    return int(n) if isinstance(n, int) else None
 
 
 def same_vocabulary(a: int, b: int) -> bool:
@@ -223,14 +208,6 @@ def vocab_plan(base, expert, anti_expert, pad_token_id: int) -> VocabPlan:
     return plan_vocabulary(widths, reads, pad_token_id)
 
 
-def position_limit(model) -> int | None:
-    """The most positions ``model`` reads: ``max_position_embeddings`` of its (text) config,
-    or None when the config states no limit."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if isinstance(limit, numbers.Integral) and limit > 0 else None
 
 
 def check_positions(reads, max_new_tokens: int) -> None:
@@ -343,7 +320,7 @@ def generation_seeds(seed, n_prompts: int, n_samples: int, device) -> torch.Tens
     """The (n_prompts * n_samples,) int64 seeds of a generation call, derived once.
 
     A Python number (or 0-d tensor): every returned row gets its own,
-    ``row_seeds(seed, row)`` -- the op's own rule (:func:`proxykern.ops.row_params`). A
+    ``row_seeds(seed, row)`` -- the op's own rule (:mod:`proxykern.params`). A
     tensor with one seed per returned row: used exactly as given. A tensor with one
     seed per prompt: used as given when ``n_samples == 1``, else sample ``j`` of
     prompt ``i`` gets ``row_seeds(seed[i], j)`` (so a prompt's samples do not depend
@@ -351,7 +328,8 @@ def generation_seeds(seed, n_prompts: int, n_samples: int, device) -> torch.Tens
     """
     rows = n_prompts * n_samples
     if not isinstance(seed, torch.Tensor) or seed.dim() == 0:
-        return row_params({"seed": seed}, rows, device)["seed"]
+        check_sampling_arg("seed", seed, rows)
+        return row_tensor("seed", seed, rows, device)
     if seed.dim() == 1 and seed.shape[0] == n_prompts and n_samples > 1:
         seed = _check_sampling("seed", seed, n_prompts, 1, device)
         sample = torch.arange(n_samples, device=device).repeat(n_prompts)
@@ -396,7 +374,6 @@ def check_cuda_graphs(cuda_graphs, device, models) -> bool:
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     if cuda_graphs is False or (cuda_graphs == "auto" and device.type != "cuda"):
         return False
-    from .engine import graph_unsupported_reason
     reason = graph_unsupported_reason(models, device)
     if reason is None:
         return True
@@ -475,11 +452,11 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     n = _check_count("num_return_sequences", num_return_sequences, 1)
     check_rows(B, n)
     num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
-    sampling = {name: _check_sampling(name, value, B, n, device) for name, value in (
+    values = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
         ("min_p", min_p))}
     try:  # the first row-sized tensors: too many rows for memory is the caller's count
-        sampling["seed"] = generation_seeds(seed, B, n, device)
+        values["seed"] = generation_seeds(seed, B, n, device)
         if n > 1:  # rows i*n .. i*n+n-1 are prompt i's samples, as in HF generate
             input_ids, attention_mask, e_ids, e_mask = (
                 t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
@@ -503,12 +480,11 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
                                                              (base, expert, anti_expert))
     backend = resolve_backend(backend, device)
 
-    temperature = sampling["temperature"]
+    sampling = SamplingParams.build(values, B * n, device, plan.vocab_size)
     return GenerationArgs(
         device=device, input_ids=input_ids, attention_mask=attention_mask,
         expert_input_ids=e_ids, expert_attention_mask=e_mask, max_new_tokens=max_new_tokens,
-        sampling=sampling, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
-        eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size, vocab=plan,
+        sampling=sampling, eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size, vocab=plan,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
         num_return_sequences=n, cuda_graphs=use_graphs, num_draft_tokens=num_draft_tokens,
         streamer=streamer, return_logprobs=return_logprobs,

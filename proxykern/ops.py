@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
+from .params import PARAM_DTYPES, SamplingParams, may_filter, row_tensor  # noqa: F401  (PARAM_DTYPES re-exported)
 from .reference import STATUS_EMPTY, STATUS_NONFINITE
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
@@ -309,26 +310,18 @@ def check_sampling_arg(name: str, value, B: int):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-def _row_param(name, value, B, device, dtype):
-    """A (B,) tensor of ``dtype`` on ``device`` from a Python number or a 1-D tensor.
+def _row_param(name, value, B, device):
+    """A (B,) tensor on ``device`` from a Python number or a 1-D tensor.
 
     Python numbers are checked here; tensors are checked on the device (see
     :func:`_bad_param_flags`), so passing them costs no host sync.
     """
+    checked = check_sampling_arg(name, value, B)
     if name == "seed" and isinstance(value, torch.Tensor) and value.dim() == 0:
-        check_sampling_arg(name, value, B)  # a number held in a tensor: mixed per row
-        return reference.row_seeds(value.to(device=device, dtype=torch.int64),
-                                   torch.arange(B, device=device))
-    value = check_sampling_arg(name, value, B)
-    if isinstance(value, torch.Tensor):
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
-        return value.to(dtype).contiguous()
-    if name == "seed":  # each row its own seed, derived on the device (reference.row_seeds)
-        return reference.row_seeds(value, torch.arange(B, device=device))
-    if name == "step":
-        value = reference.as_int64(value)  # unsigned 64-bit values wrap to the same bits
-    return torch.full((B,), value, dtype=dtype, device=device)
+        return row_tensor(name, value, B, device)  # a number held in a tensor: a seed per row
+    if isinstance(checked, torch.Tensor) and checked.device != device:
+        raise ValueError(f"{name} is on {checked.device} but the logits are on {device}")
+    return row_tensor(name, checked, B, device)
 
 
 def _bad_param_flags(params: dict) -> torch.Tensor | None:
@@ -359,51 +352,16 @@ def raise_on_bad_rows(status: torch.Tensor, params: dict | None = None) -> None:
     raise ValueError(f"row {row}: {'; '.join(reasons)}{detail}{more}")
 
 
-#: The op's per-row parameters and the dtype each is held in.
-PARAM_DTYPES = {"alpha": torch.float32, "temperature": torch.float32, "top_k": torch.int64,
-                "top_p": torch.float32, "min_p": torch.float32, "seed": torch.int64,
-                "step": torch.int64}
-
-
-def row_params(sampling: dict, B: int, device: torch.device) -> dict:
-    """(B,) tensors of the sampling parameters in ``sampling`` (numbers or tensors whose
-    values were already checked), built once per generation for :func:`sample_rows`."""
-    return {name: _row_param(name, value, B, device, PARAM_DTYPES[name])
-            for name, value in sampling.items()}
-
-
-def may_filter(sampling: dict, vocab_size: int) -> bool:
-    """Whether a row may have top_k, top_p or min_p active, from the parameters as given
-    (numbers or tensors; missing ones take the op's defaults). False only when the
-    numbers rule it out (temperature 0, or every filter off); a tensor counts as
-    "may". It picks the Triton backend's launches (filters staged across programs at
-    small batch, or not), never a result."""
-    def number(name, default):
-        value = sampling.get(name, default)
-        return None if isinstance(value, torch.Tensor) else value
-
-    temperature = number("temperature", 0.0)
-    if temperature is not None and temperature == 0:
-        return False
-    top_k, top_p, min_p = number("top_k", 0), number("top_p", 1.0), number("min_p", 0.0)
-    filters_off = (top_k is not None and (top_k <= 0 or top_k >= vocab_size)
-                   and top_p is not None and top_p >= 1.0
-                   and min_p is not None and min_p <= 0.0)
-    return not filters_off
-
-
-def sample_rows(base, expert, anti, params: dict, step: torch.Tensor, vocab_size: int,
-                backend: str, may_filter: bool = True):
+def sample_rows(base, expert, anti, params: SamplingParams, step: torch.Tensor, vocab_size: int,
+                backend: str):
     """The decode step's entry to the op: no checks, no host sync, no parameter tensors built.
 
-    ``params`` from :func:`row_params`, ``step`` a (B,) int64 tensor, ``backend``
-    resolved, logits with unit stride along the vocabulary, ``may_filter`` from
-    :func:`may_filter` (the function of that name). Returns (tokens, logprobs, lse, status); a bad row has token -1
-    and status != 0.
+    ``params`` a :class:`proxykern.params.SamplingParams` of B rows, ``step`` a (B,) int64
+    tensor, ``backend`` resolved, logits with unit stride along the vocabulary. Returns
+    (tokens, logprobs, lse, status); a bad row has token -1 and status != 0.
     """
     return torch.ops.proxykern.proxy_sample(
-        base, expert, anti, params["alpha"], params["temperature"], params["top_k"],
-        params["top_p"], params["min_p"], params["seed"], step, vocab_size, backend, may_filter)
+        base, expert, anti, *params.tensors(), step, vocab_size, backend, params.may_filter)
 
 
 def _no_host_sync(device: torch.device) -> bool:
@@ -449,18 +407,20 @@ def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0
     resolved = resolve_backend(backend, device)
 
     given = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                 seed=seed, step=step)
-    params = {name: _row_param(name, given[name], B, device, dtype)
-              for name, dtype in PARAM_DTYPES.items()}
-    tensor_params = {n: params[n] for n, v in (("alpha", alpha), ("temperature", temperature),
-                                               ("top_k", top_k), ("top_p", top_p),
-                                               ("min_p", min_p)) if isinstance(v, torch.Tensor)}
+                 seed=seed)
+    rows = {name: _row_param(name, value, B, device) for name, value in given.items()}
+    params = SamplingParams(**rows, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
+                            may_filter=may_filter(given, int(vocab_size)))
+    steps = _row_param("step", step, B, device)
+    tensor_params = {n: rows[n] for n in ("alpha", "temperature", "top_k", "top_p", "min_p")
+                     if isinstance(given[n], torch.Tensor)}
+
     def unit_stride(t):
         return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
     tokens, logprobs, lse, status = sample_rows(
         unit_stride(base_logits), unit_stride(expert_logits), unit_stride(anti_logits),
-        params, params["step"], int(vocab_size), resolved, may_filter(given, int(vocab_size)))
+        params, steps, int(vocab_size), resolved)
     flags = _bad_param_flags(tensor_params)
     if flags is not None:
         status = status | flags

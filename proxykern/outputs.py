@@ -5,8 +5,6 @@ from typing import NamedTuple
 
 import torch
 
-MODEL_NAMES = ("base", "expert", "anti_expert")
-
 
 class ProxyGenerateOutput(NamedTuple):
     """Result of :func:`fused_proxy_generate` / :func:`naive_proxy_generate`.

@@ -51,12 +51,12 @@ from typing import NamedTuple
 
 import torch
 
-from .generation_args import (MODEL_NAMES, input_width, position_limit, resolve_pad_token_id,
-                              vocab_plan)
+from .generation_args import resolve_pad_token_id, vocab_plan
+from .models import MODEL_NAMES, input_width, model_device, position_limit
 from .ops import check_sampling_arg, proxy_sample_with_status, resolve_backend
 from .outputs import own_logprobs
 from .reference import STATUS_EMPTY, STATUS_NONFINITE
-from .runner import left_pad, model_device
+from .engine.runner import left_pad
 
 #: Scored positions combined per fused-op call (rows of V in fp32 held at once).
 DEFAULT_CHUNK_SIZE = 1024

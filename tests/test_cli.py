@@ -8,7 +8,8 @@ import types
 import pytest
 import torch
 
-from proxykern import cli, fused_proxy_generate
+from proxykern import fused_proxy_generate
+from proxykern.apps import cli
 
 from gen_fixtures import llama_trio, save_tiny_checkpoints, tiny_tokenizer
 
@@ -72,11 +73,11 @@ def test_bad_values_exit_with_a_message(checkpoints, capsys):
 
 def test_bench_subcommand_dispatches_lazily(monkeypatch):
     seen = []
-    fake = types.ModuleType("proxykern.bench")
+    fake = types.ModuleType("proxykern.apps.bench")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "proxykern.bench", fake)
-    import proxykern
-    monkeypatch.setattr(proxykern, "bench", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "proxykern.apps.bench", fake)
+    import proxykern.apps
+    monkeypatch.setattr(proxykern.apps, "bench", fake, raising=False)
     assert cli.main(["bench", "--quick", "--device", "cpu"]) == 0
     assert seen == [["--quick", "--device", "cpu"]]
 

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from proxykern import cli, fused_proxy_generate
+from proxykern import fused_proxy_generate
+from proxykern.apps import cli
 from proxykern.reference import row_seeds
 from transformers import AutoTokenizer
 
@@ -218,7 +219,7 @@ def long_model(tmp_path_factory):
 
 
 def _long_job(path, *extra):
-    return [sys.executable, "-m", "proxykern.cli", "generate", "--base", path, "--expert", path,
+    return [sys.executable, "-m", "proxykern.apps.cli", "generate", "--base", path, "--expert", path,
             "--anti-expert", path, "--device", "cpu", "--temperature", "1.0",
             "--max-new-tokens", "3000", *extra]
 
@@ -508,7 +509,7 @@ def test_output_dash_streams_the_lines_to_stdout(tmp_path, capsys):
 
 def test_lines_are_written_in_input_order_as_soon_as_earlier_ones_are_done():
     """Batches finish in length order; each line goes out once every earlier one is done."""
-    from proxykern.jsonl_generate import _InOrder
+    from proxykern.apps.jsonl_generate import _InOrder
     written = []
     out = type("Out", (), {"write": lambda self, text: written.append(json.loads(text)["i"])})()
     writer = _InOrder([{"obj": {"i": i}} for i in range(4)], out)
@@ -520,7 +521,7 @@ def test_lines_are_written_in_input_order_as_soon_as_earlier_ones_are_done():
 def test_a_line_too_long_or_an_endless_input_stops_without_filling_memory(
         tmp_path, capsys, monkeypatch, no_loading):
     """/dev/zero (no newline, ever) was read into memory until the process died."""
-    from proxykern import jsonl_generate
+    from proxykern.apps import jsonl_generate
     monkeypatch.setattr(jsonl_generate, "MAX_LINE_BYTES", 4096)
     src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": QUESTIONS[0]}),
                                          json.dumps({"prompt": "x" * 5000})])
@@ -545,7 +546,7 @@ def test_too_many_rows_are_refused_before_the_models_load(tmp_path, capsys, no_l
 
 
 def test_file_batches_are_cut_to_the_rows_one_call_returns(monkeypatch):
-    from proxykern import jsonl_generate
+    from proxykern.apps import jsonl_generate
     monkeypatch.setattr(jsonl_generate, "MAX_ROWS", 6)
     monkeypatch.setattr(jsonl_generate, "_fits", lambda *args: True)
     rows = [([1] * (i + 1), None) for i in range(7)]
@@ -558,7 +559,7 @@ def test_file_batches_are_cut_to_the_rows_one_call_returns(monkeypatch):
 def test_a_write_error_names_the_output_and_leaves_no_file(tmp_path, capsys, monkeypatch, where):
     """A full disk: the write (or the final flush) fails. The temporary file used to stay
     (closing it failed again before its removal) and the message named no flag."""
-    from proxykern import jsonl_generate
+    from proxykern.apps import jsonl_generate
     src = _write(tmp_path / "in.jsonl", [json.dumps({"prompt": q}) for q in QUESTIONS[:2]])
     dst = tmp_path / "out.jsonl"
     dst.write_text("old results\n")

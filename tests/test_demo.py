@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from proxykern import demo
-from proxykern.demo import (DEFAULT_TRIO, fmt_spread, generation_speed, interleaved_times,
+from proxykern.apps import demo
+from proxykern.apps.demo import (DEFAULT_TRIO, fmt_spread, generation_speed, interleaved_times,
                             kernel_speed, load_trio, ratios, spread)
 
 needs_trio = pytest.mark.skipif(not os.path.isdir(DEFAULT_TRIO), reason="no shipped trio")

@@ -16,7 +16,7 @@ from proxykern import fused_proxy_generate, naive_proxy_generate
 from proxykern.engine import (ProxyStep, StaticRunner, graph_unsupported_reason,
                               static_cache_unsupported_reason)
 from proxykern.generation_args import prepare_generation
-from proxykern.runner import ModelRunner
+from proxykern.engine.runner import ModelRunner
 
 from gen_fixtures import FAMILIES, pad_left, ragged_batch, tiny_model, trio
 
@@ -190,7 +190,7 @@ def test_import_proxykern_does_not_import_transformers():
 
 def test_bench_generate_runs_on_cpu(tmp_path):
     """The generation benchmark's plumbing (tiny config on CPU; the real run is on a GPU)."""
-    out = subprocess.run([sys.executable, "-m", "proxykern.cli", "bench", "generate",
+    out = subprocess.run([sys.executable, "-m", "proxykern.apps.cli", "bench", "generate",
                           "--configs", "tiny", "--batches", "2",
                           "--prompt-len", "8", "--new-tokens", "6", "--naive-tokens", "3",
                           "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path)],

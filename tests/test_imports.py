@@ -2,7 +2,7 @@
 and the package's modules import one way.
 
 Every check runs a fresh interpreter with the repository root as its working directory,
-the way ``python -m pytest``, ``python -m proxykern.cli`` or a user's ``python -c`` from
+the way ``python -m pytest``, ``python -m proxykern.apps.cli`` or a user's ``python -c`` from
 a checkout see it (the root is then first on ``sys.path``).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_a_built_package_carries_the_triton_kernels(tmp_path):
 
 
 def test_cli_help_runs_at_the_root():
-    result = _run_at_root("-m", "proxykern.cli", "generate", "--help")
+    result = _run_at_root("-m", "proxykern.apps.cli", "generate", "--help")
     assert result.returncode == 0, result.stderr
     assert "--base" in result.stdout
 
@@ -141,10 +141,55 @@ def test_no_import_cycles_inside_the_package():
 def test_the_cycle_check_sees_a_cycle():
     """The check itself fails on a known circle (so it cannot pass vacuously)."""
     graph = _import_graph()
-    assert "proxykern.ops" in graph and "proxykern.cli" in graph
-    graph["proxykern.ops"] = graph["proxykern.ops"] | {"proxykern.cli"}
-    graph["proxykern.cli"] = graph["proxykern.cli"] | {"proxykern.ops"}
+    assert "proxykern.ops" in graph and "proxykern.apps.cli" in graph
+    graph["proxykern.ops"] = graph["proxykern.ops"] | {"proxykern.apps.cli"}
+    graph["proxykern.apps.cli"] = graph["proxykern.apps.cli"] | {"proxykern.ops"}
     assert _cycles(graph)
+
+
+#: The package's layers, lowest first: a module imports its own layer and the ones below.
+#: ``proxykern`` (the facade) and ``proxykern.lm_eval_model`` (an alias kept for users who
+#: import it by that name) sit above everything.
+LAYERS = (
+    ("core", ("proxykern.models", "proxykern.reference", "proxykern.ops", "proxykern.program_ops",
+              "proxykern.params", "proxykern.programs", "proxykern.generation_args",
+              "proxykern.outputs", "proxykern.kernels")),
+    ("engine", ("proxykern.engine",)),
+    ("api", ("proxykern.generate", "proxykern.baseline", "proxykern.scoring",
+             "proxykern.program_generate", "proxykern.loading", "proxykern.inflate")),
+    ("integrations", ("proxykern.integrations",)),
+    ("apps", ("proxykern.apps",)),
+    ("facade", ("proxykern", "proxykern.lm_eval_model")),
+)
+
+
+def _layer(module: str) -> int:
+    """The index of ``module``'s layer: its longest matching prefix in :data:`LAYERS`."""
+    best, best_len = None, -1
+    for index, (_name, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = index, len(prefix)
+    assert best is not None, f"{module} is in no layer of LAYERS: place it"
+    return best
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[_layer(m)][0]}) imports {t} ({LAYERS[_layer(t)][0]})"
+                  for m, targets in graph.items() for t in targets if _layer(t) > _layer(m))
+
+
+def test_imports_run_down_the_layers():
+    """Apps use integrations, the API, the engine and the core; the core imports none of
+    them (the layout of docs/api.md's "Layout" and the README's)."""
+    assert _upward_imports(_import_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = _import_graph()
+    graph["proxykern.ops"] = graph["proxykern.ops"] | {"proxykern.engine.step"}
+    assert _upward_imports(graph) == [
+        "proxykern.ops (core) imports proxykern.engine.step (engine)"]
 
 
 def test_import_proxykern_stays_light():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import proxykern
-from proxykern import bench_generate
+from proxykern.apps import bench_generate
 from proxykern.inflate import _check_shape, _shape_of, head_slots, inflate_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model ``proxykern`` (proxykern.lm_eval_model), CPU.
+"""The lm-evaluation-harness model ``proxykern`` (proxykern.integrations.lm_eval_model), CPU.
 
 Through lm-eval's Python API on the local trio tasks (examples/trio/lm_eval): the proxy-tuned
 base beats the base alone and the expert alone in both forms. Measured when written (first
@@ -21,8 +21,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
 from proxykern import fused_proxy_generate, proxy_logprobs  # noqa: E402
-from proxykern.demo import DEFAULT_TRIO  # noqa: E402
-from proxykern.lm_eval_model import (MODEL_ARGS, TRIO_EXAMPLE, ProxyKernLM,  # noqa: E402
+from proxykern.apps.demo import DEFAULT_TRIO  # noqa: E402
+from proxykern.integrations.lm_eval_model import (MODEL_ARGS, TRIO_EXAMPLE, ProxyKernLM,  # noqa: E402
                                      _StopWatch, _StopWhenDone, cli_main)
 from proxykern.reference import row_seeds  # noqa: E402
 
@@ -84,7 +84,7 @@ def test_registered_by_name_and_entry_point():
 
     assert get_model("proxykern") is ProxyKernLM
     eps = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "proxykern"]
-    assert eps and eps[0].value == "proxykern.lm_eval_model:ProxyKernLM"
+    assert eps and eps[0].value == "proxykern.integrations.lm_eval_model:ProxyKernLM"
 
 
 def test_trio_tasks_show_the_proxy_tuning_effect(trio_results):
@@ -253,7 +253,7 @@ def test_bad_model_args_name_the_argument(args, name):
 
 
 def test_missing_folder_is_named_before_any_model_loads(monkeypatch):
-    import proxykern.lm_eval_model as lm_eval_model
+    import proxykern.integrations.lm_eval_model as lm_eval_model
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model loaded before the paths were checked")
@@ -441,7 +441,7 @@ def test_sampled_request_i_draws_with_row_seeds(proxy_lm):
 def test_bad_generation_kwargs_are_refused_naming_them_before_generating(proxy_lm, kwargs,
                                                                          name, monkeypatch):
     calls = []
-    monkeypatch.setattr("proxykern.lm_eval_model.fused_proxy_generate",
+    monkeypatch.setattr("proxykern.integrations.lm_eval_model.fused_proxy_generate",
                         lambda *a, **k: calls.append(1))
     kwargs = {"max_gen_toks": 5, **kwargs}  # room for the context: only `name` is wrong
     with pytest.raises(ValueError, match=f"generation kwarg {name}"):

@@ -10,11 +10,17 @@ from scipy import stats
 
 import proxykern
 from proxykern import ops, programs, reference
+from proxykern.params import row_tensor
 from op_cases import fused_backends
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b
             for b in fused_backends("cpu") + ["torch"]]
 NINF = float("-inf")
+
+
+def row_params(values: dict, B: int, device) -> dict:
+    """(B,) tensors of the given sampling values (the op's own rule, proxykern.params)."""
+    return {name: row_tensor(name, value, B, device) for name, value in values.items()}
 
 
 def logits_for(roles, B, V, *, seed, dtype=torch.float32, scale=3.0, widths=None):
@@ -83,7 +89,7 @@ def sampled_from(z, kept, temperature, seed, step):
     if kept is not None:
         z = z.masked_fill(~kept, NINF)
     B = z.shape[0]
-    params = ops.row_params(dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
+    params = row_params(dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
                                  seed=seed, step=step), B, z.device)
     return reference.sample_logits_reference(z, params["temperature"], params["top_k"],
                                              params["top_p"], params["min_p"], params["seed"],
@@ -138,7 +144,7 @@ def reference_of(prog, L, vocab_size=None, **kw):
     V = vocab_size or min(t.shape[1] for t in L.values())
     sampling = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, step=0)
     sampling.update(kw)
-    p = ops.row_params(sampling, B, torch.device("cpu"))
+    p = row_params(sampling, B, torch.device("cpu"))
     return reference.program_reference(prog, L, p["temperature"], p["top_k"], p["top_p"],
                                        p["min_p"], p["seed"], p["step"], V)
 
@@ -267,7 +273,7 @@ def test_combine_of_z_z_z_alpha_0_is_z_exactly():
     z[1, 3] = -0.0
     for backend in [b if isinstance(b, str) else b.values[0] for b in BACKENDS]:
         got = ops.proxy_sample(z, z, z, alpha=0.0, temperature=0.9, seed=4, backend=backend)
-        params = ops.row_params(dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=4,
+        params = row_params(dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=4,
                                      step=0), 4, z.device)
         want = reference.sample_logits_reference(z, params["temperature"], params["top_k"],
                                                  params["top_p"], params["min_p"],

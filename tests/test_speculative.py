@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from proxykern import fused_proxy_generate, naive_proxy_generate
-from proxykern.demo import DEFAULT_TRIO, load_trio
-from proxykern.runner import ModelRunner
+from proxykern.apps.demo import DEFAULT_TRIO, load_trio
+from proxykern.engine.runner import ModelRunner
 from proxykern.engine.speculative import SpeculativeStats
 
 from gen_fixtures import (FAMILIES, assert_same_generation, nan_row_after_prefill, pad_left,

@@ -16,7 +16,7 @@ import torch
 
 import proxykern.engine.speculative as speculative
 from proxykern import fused_proxy_generate
-from proxykern.demo import DEFAULT_TRIO, load_trio
+from proxykern.apps.demo import DEFAULT_TRIO, load_trio
 from proxykern.engine.speculative import SpeculativeStats
 from proxykern.engine.static_speculative import _Model, capacity_for, static_unsupported_reason
 from proxykern.engine.static_runner import StaticRunner

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import proxykern
-from proxykern.demo import DEFAULT_TRIO, answers, load_trio, right_answers
+from proxykern.apps.demo import DEFAULT_TRIO, answers, load_trio, right_answers
 
 ITEMS = 90
 MARGIN = 15

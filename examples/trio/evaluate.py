@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from proxykern.demo import answers, load_trio, right_answers
+from proxykern.apps.demo import answers, load_trio, right_answers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,12 +1,10 @@
-"""What the eager and the static speculative rounds share: the stats they report and the
-per-row parameters repeated for a round's positions. Its own module, so that
+"""What the eager and the static speculative rounds share: the stats they report (the
+per-row parameters repeat themselves: ``SamplingParams.repeat_rows``). Its own module, so that
 :mod:`proxykern.engine.speculative` (which picks the rounds) and
 :mod:`proxykern.engine.static_speculative` import it without importing each other."""
 from __future__ import annotations
 
 from typing import NamedTuple
-
-import torch
 
 
 class SpeculativeStats(NamedTuple):
@@ -32,9 +30,3 @@ class SpeculativeStats(NamedTuple):
     def base_forwards_per_token(self) -> float:
         """Base forwards per decode step of the batch (plain decoding: 1.0)."""
         return self.base_forwards / self.steps if self.steps else 0.0
-
-
-def expand_rows(sampling: dict, P: int) -> dict:
-    """Per-row sampling tensors repeated for the P positions of each row."""
-    return {k: v.repeat_interleave(P) if isinstance(v, torch.Tensor) else v
-            for k, v in sampling.items()}

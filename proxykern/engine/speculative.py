@@ -55,10 +55,10 @@ from __future__ import annotations
 import torch
 
 from ..generation_args import GenerationArgs
-from ..ops import proxy_sample_with_status
+from ..ops import sample_rows
 from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
-from ..runner import ModelRunner
-from .rounds import SpeculativeStats, expand_rows  # noqa: F401  (SpeculativeStats: re-exported)
+from .runner import ModelRunner
+from .rounds import SpeculativeStats  # noqa: F401  (re-exported)
 from .step import raise_bad_generation_rows
 
 #: How the expert guesses the proxy's token. "expert": the op on the expert's own
@@ -136,7 +136,7 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
                 if args.return_model_logprobs else None)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     n_done = torch.zeros(B, dtype=torch.long, device=dev)
-    draft_sampling = dict(args.sampling) if contrast else dict(args.sampling, alpha=0.0)
+    draft_params = args.sampling if contrast else args.sampling.replace(alpha=0.0)
     expanded = {}
     rounds = drafted = accepted = 0
     base_forwards = 1  # the prefill
@@ -167,10 +167,8 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
                 d = lg_e[:, :V_draft].argmax(-1)
             else:
                 lg_a = a_rows[j] if contrast else lg_e
-                out_d, _ = proxy_sample_with_status(lg_e, lg_e, lg_a, **draft_sampling,
-                                                    step=n_done + j, vocab_size=V_draft,
-                                                    backend=args.backend)
-                d = out_d.tokens.clamp(min=0)  # a bad row's -1 is simply rejected
+                d = sample_rows(lg_e, lg_e, lg_a, draft_params, n_done + j, V_draft,
+                                args.backend)[0].clamp(min=0)  # a bad row's -1 is rejected
             drafts.append(d)
             e_rows.append(e_run.extend(d[:, None], max_pos[id(e_run)])[:, 0])
             if contrast:
@@ -198,14 +196,14 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
 
         # 3. the proxy token at every position, with each position's plain-decoding step
         if P not in expanded:
-            expanded[P] = expand_rows(args.sampling, P)
+            expanded[P] = args.sampling.repeat_rows(P)
         steps = (n_done[:, None] + torch.arange(P, device=dev)).reshape(-1)
         flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
         flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))
         wide_e, wide_a = plan.widen(flat[1], flat[2])  # zero-delta tail where narrower
-        out, status = proxy_sample_with_status(flat[0], wide_e, wide_a, **expanded[P],
-                                               step=steps, vocab_size=V, backend=args.backend)
-        y = out.tokens.view(B, P)
+        y, lp, _, status = sample_rows(flat[0], wide_e, wide_a, expanded[P], steps, V,
+                                       args.backend)
+        y = y.view(B, P)
 
         # 4. accept per row: agreeing draft prefix + the correction, cut at EOS and budget
         matches = (y[:, :kr] == D).long().cumprod(1).sum(1)
@@ -226,7 +224,7 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         t_idx = n_done[r_idx] + j_idx
         tokens[r_idx, t_idx] = y[r_idx, j_idx]
         if logprobs is not None:
-            logprobs[r_idx, t_idx] = out.logprobs.view(B, P)[r_idx, j_idx]
+            logprobs[r_idx, t_idx] = lp.view(B, P)[r_idx, j_idx]
         if model_lp is not None:
             y_flat = y.reshape(-1).clamp(min=0)
             for name, lg in zip(("base", "expert", "anti_expert"), flat):

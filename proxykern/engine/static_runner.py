@@ -15,28 +15,10 @@ every row), and the padding slots of a row are masked out.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from ..runner import (SideStreamLaunch, _forward_params, accepts_logits_to_keep, cache_kwarg,
-                      positions_from_mask)
-
-
-def static_cache_unsupported_reason(model) -> str | None:
-    """Why ``model`` cannot decode with a static KV cache here (None when it can)."""
-    name = type(model).__name__
-    if not getattr(type(model), "_can_compile_fullgraph", False):
-        return (f"{name} does not support a static KV cache (transformers marks it "
-                f"_can_compile_fullgraph=False)")
-    params = _forward_params(type(model).forward)
-    if "cache_position" not in params and not any(
-            p.kind == inspect.Parameter.VAR_KEYWORD
-            for p in inspect.signature(type(model).forward).parameters.values()):
-        return f"{name}.forward takes no cache_position"
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return f"{name} is an encoder-decoder model"
-    return None
+from ..models import accepts_logits_to_keep, cache_kwarg
+from .runner import SideStreamLaunch, positions_from_mask
 
 
 class StaticRunner(SideStreamLaunch):

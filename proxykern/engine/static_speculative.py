@@ -61,9 +61,10 @@ import torch
 
 from .. import ops
 from ..generation_args import GenerationArgs
-from ..outputs import MODEL_NAMES, ProxyGenerateOutput, own_logprobs
-from .rounds import SpeculativeStats, expand_rows
-from .static_runner import StaticRunner, static_cache_unsupported_reason
+from ..outputs import ProxyGenerateOutput, own_logprobs
+from .rounds import SpeculativeStats
+from ..models import MODEL_NAMES, static_cache_unsupported_reason
+from .static_runner import StaticRunner
 from .step import raise_bad_generation_rows
 
 #: Rounds between host checks of (some row going, some row bad) on an accelerator.
@@ -162,11 +163,9 @@ def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
     backend = args.backend
     cols = torch.arange(P, device=dev)
 
-    params1 = ops.row_params(args.sampling, B, dev)
-    paramsP = ops.row_params(expand_rows(params1, P), B * P, dev)
-    draft_params = dict(params1, alpha=torch.zeros_like(params1["alpha"]))
-    may_filter = ops.may_filter(args.sampling, V)
-    may_filter_d = ops.may_filter(args.sampling, V_draft)
+    params1 = args.sampling
+    paramsP = params1.repeat_rows(P)
+    draft_params = params1.replace(alpha=0.0)
 
     pad = args.pad_token_id
     W = n_max + P  # room for a round's writes past a row's end (pad there, trimmed later)
@@ -182,8 +181,7 @@ def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
     head_a = a_m.prefill() if a_m is not None else head_e
     wide_e, wide_a = plan.widen(head_e, head_a)
     zero = torch.zeros(B, dtype=torch.long, device=dev)
-    tok0, lp0, _, status = ops.sample_rows(head_b, wide_e, wide_a, params1, zero, V, backend,
-                                           may_filter)
+    tok0, lp0, _, status = ops.sample_rows(head_b, wide_e, wide_a, params1, zero, V, backend)
     tokens[:, 0] = tok0
     if logprobs is not None:
         logprobs[:, 0] = lp0
@@ -214,7 +212,7 @@ def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
                 d = lg_e[:, :V_draft].argmax(-1)
             else:
                 d, _, _, _ = ops.sample_rows(lg_e, lg_e, lg_e, draft_params, n_done + j,
-                                             V_draft, backend, may_filter_d)
+                                             V_draft, backend)
                 d = d.clamp(min=0)  # a bad row's -1 is simply rejected
             drafts.append(d)
             fed_tok = d
@@ -228,7 +226,7 @@ def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
         flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))
         w_e, w_a = plan.widen(flat[1], flat[2])
         steps = (n_done[:, None] + cols).reshape(-1)
-        y, lp, _, st = ops.sample_rows(flat[0], w_e, w_a, paramsP, steps, V, backend, may_filter)
+        y, lp, _, st = ops.sample_rows(flat[0], w_e, w_a, paramsP, steps, V, backend)
         y = y.view(B, P)
         # 3. accept: agreeing draft prefix + the correction, cut at EOS and budget
         matches = (y[:, :k] == D).long().cumprod(1).sum(1)

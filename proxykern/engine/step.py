@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..outputs import MODEL_NAMES, ProxyGenerateOutput, own_logprobs
-from ..runner import ModelRunner
-from .static_runner import StaticRunner, static_cache_unsupported_reason
+from ..models import MODEL_NAMES, static_cache_unsupported_reason
+from ..outputs import ProxyGenerateOutput, own_logprobs
+from .runner import ModelRunner
+from .static_runner import StaticRunner
 
 
 def raise_bad_generation_rows(status: torch.Tensor, first_step: int, last_step: int) -> None:
@@ -38,15 +39,6 @@ def raise_bad_generation_rows(status: torch.Tensor, first_step: int, last_step: 
         raise ValueError(f"fused_proxy_generate: {exc} (generation {steps})") from None
 
 
-def graph_unsupported_reason(models, device: torch.device) -> str | None:
-    """Why the decode step of ``models`` cannot be captured in a CUDA graph (None if it can)."""
-    if device.type != "cuda":
-        return f"CUDA graphs need models on a CUDA device, they are on {device}"
-    for name, model in zip(MODEL_NAMES, models):
-        reason = static_cache_unsupported_reason(model)
-        if reason is not None:
-            return f"{name}: {reason}"
-    return None
 
 
 def make_runner(model, input_ids, attention_mask, capacity, stream, static: bool,
@@ -83,8 +75,7 @@ class ProxyStep:
         self.graph = None
         self._warm = False
 
-        self.params = ops.row_params(args.sampling, B, dev)
-        self.may_filter = ops.may_filter(args.sampling, self.vocab_size)  # launches only
+        self.params = args.sampling  # per-row tensors, built once by prepare_generation
         self.backend = args.backend
         self.step_rows = torch.zeros(B, dtype=torch.long, device=dev)   # RNG step of every row
         self.column = torch.zeros(1, dtype=torch.long, device=dev)      # the same, as an index
@@ -118,7 +109,7 @@ class ProxyStep:
     def _sample(self, logits) -> None:
         """Draw token t from the three logit rows and record it (device only)."""
         tok, lp, _, status = ops.sample_rows(*self._for_op(logits), self.params, self.step_rows,
-                                             self.vocab_size, self.backend, self.may_filter)
+                                             self.vocab_size, self.backend)
         finished = self.finished
         self.status.bitwise_or_(status.masked_fill(finished, 0))  # a finished row's garbage is ignored
         token = torch.where(finished, self.pad, tok)

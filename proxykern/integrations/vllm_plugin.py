@@ -44,8 +44,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..generation_args import (MODEL_NAMES, checked_widths, plan_vocabulary,
-                               resolve_pad_token_id)
+from ..generation_args import checked_widths, plan_vocabulary, resolve_pad_token_id
+from ..models import MODEL_NAMES
 
 ARCHITECTURE = "ProxyTuningForCausalLM"
 ALPHA_KEY = "proxy_alpha"          # SamplingParams.extra_args key of a request's alpha

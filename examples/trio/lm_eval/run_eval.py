@@ -37,7 +37,7 @@ def evaluate(models=MODELS, alpha=1.0, limit=None, batch_size=64, device="cpu"):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import proxykern.lm_eval_model  # noqa: F401  (registers "proxykern" on lm-eval < plugins)
+    import proxykern.integrations.lm_eval_model  # noqa: F401  (registers "proxykern" on lm-eval < plugins)
 
     manager = TaskManager(include_path=HERE)
     table = []

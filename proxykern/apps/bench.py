@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from .. import ops
 
 
 def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:

@@ -42,12 +42,12 @@ import numbers
 import torch
 from transformers import LogitsProcessor
 
-from .generation_args import (_check_id_range, _check_ids, _check_mask,
-                              input_width, output_width, plan_vocabulary,
-                              resolve_pad_token_id, same_vocabulary)
-from .ops import check_sampling_arg
-from .reference import combine_logits
-from .runner import ModelRunner, model_device
+from ..generation_args import (_check_id_range, _check_ids, _check_mask, plan_vocabulary,
+                               resolve_pad_token_id, same_vocabulary)
+from ..models import input_width, model_device, output_width
+from ..ops import check_sampling_arg
+from ..reference import combine_logits
+from ..engine.runner import ModelRunner
 
 
 class ProxyTuningLogitsProcessor(LogitsProcessor):

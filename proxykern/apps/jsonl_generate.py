@@ -48,10 +48,11 @@ import time
 
 import torch
 
-from .generation_args import MAX_ROWS, check_positions, input_width
-from .ops import INT64_MAX, PARAM_DTYPES, check_sampling_arg
-from .reference import as_int64, row_seeds
-from .runner import left_pad
+from ..generation_args import MAX_ROWS, check_positions
+from ..models import input_width
+from ..ops import INT64_MAX, PARAM_DTYPES, check_sampling_arg
+from ..reference import as_int64, row_seeds
+from ..engine.runner import left_pad
 
 #: Per-row sampling fields a line may carry: the op's parameters less the step.
 ROW_FIELDS = tuple(name for name in PARAM_DTYPES if name != "step")
@@ -410,7 +411,7 @@ def generate_file(args, load) -> int:
     """
     from tqdm.auto import tqdm
 
-    from .generate import fused_proxy_generate
+    from ..generate import fused_proxy_generate
 
     defaults = {name: getattr(args, name) for name in ROW_FIELDS}
     defaults["max_new_tokens"] = args.max_new_tokens

@@ -39,7 +39,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from .ops import INT64_MAX  # loaded with the package anyway (proxykern/__init__.py)
+from ..ops import INT64_MAX  # loaded with the package anyway (proxykern/__init__.py)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
@@ -97,7 +97,7 @@ def _version() -> str:
     try:
         return metadata.version("proxykern")
     except metadata.PackageNotFoundError:
-        from . import __version__
+        from .. import __version__
         return __version__
 
 
@@ -212,10 +212,10 @@ def check_flags(args):
     (:func:`proxykern.ops.check_sampling_arg`: numbers beyond float32 / int64 are
     refused), named as flags; file-mode flags are refused in prompt mode.
     """
-    from .generation_args import MAX_ROWS
+    from ..generation_args import MAX_ROWS
     from .jsonl_generate import ROW_FIELDS
-    from .loading import resolve_model_path
-    from .ops import check_sampling_arg
+    from ..loading import resolve_model_path
+    from ..ops import check_sampling_arg
 
     if (args.input is None) != (args.output is None):
         raise ValueError("--input and --output go together (file mode)")
@@ -267,8 +267,8 @@ def _load(args, device) -> Session:
     """Load the tokenizer(s) and the three models; equal paths share one model."""
     import torch
 
-    from .generation_args import shared_vocab_size
-    from .loading import load_causal_lm, load_tokenizer
+    from ..generation_args import shared_vocab_size
+    from ..loading import load_causal_lm, load_tokenizer
 
     dtype = (getattr(torch, args.dtype) if args.dtype != "auto"
              else torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -329,9 +329,9 @@ def _generate_prompt(args, session: Session) -> int:
     """Prompt mode: check the prompt against the models, then stream its text to stdout."""
     from transformers import TextStreamer
 
-    from .generate import fused_proxy_generate
+    from ..generate import fused_proxy_generate
     from .jsonl_generate import check_prompt
-    from .runner import left_pad
+    from ..engine.runner import left_pad
 
     tokenizer, device, pad, n = session.tokenizer, session.device, session.pad, \
         args.num_return_sequences

@@ -42,10 +42,11 @@ import time
 
 import torch
 
-from .baseline import naive_proxy_generate
+from ..baseline import naive_proxy_generate
+from . import SHIPPED_TRIO
 from .bench import graph_replay
-from .engine import ProxyStep, StaticRunner
-from .generation_args import prepare_generation
+from ..engine import ProxyStep, StaticRunner
+from ..generation_args import prepare_generation
 
 # (hidden, intermediate, layers, heads, kv heads, tied embeddings)
 SHAPES = {
@@ -74,8 +75,7 @@ TRIO_CONFIGS = {
     "trio-13b-small": ("13b", "135m"),  # speculative decoding's case: a costly base, cheap drafts
     "trio-tiny": ("tiny-trio-base", "tiny-trio-expert"),
 }
-TRIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "examples", "trio", "models")
+TRIO_DIR = SHIPPED_TRIO
 
 
 def build_model(shape: str, vocab: int, device, dtype, seed: int):
@@ -101,7 +101,7 @@ def build_model(shape: str, vocab: int, device, dtype, seed: int):
 def inflated_trio(config: str, device, dtype):
     """(base, expert, anti_expert): the shipped trio inflated to ``TRIO_CONFIGS[config]``."""
     from transformers import AutoModelForCausalLM
-    from .inflate import inflate_llama
+    from ..inflate import inflate_llama
     base_shape, expert_shape = TRIO_CONFIGS[config]
     models = []
     for name, shape in (("base", base_shape), ("expert", expert_shape),

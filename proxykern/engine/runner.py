@@ -14,30 +14,15 @@ row therefore sees exactly the positions it would see alone.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
-
-@functools.lru_cache(maxsize=None)
-def _forward_params(forward_fn) -> frozenset:
-    return frozenset(inspect.signature(forward_fn).parameters)
+from ..models import accepts_logits_to_keep, cache_kwarg
 
 
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of ``model.forward``.
-
-    transformers renamed ``past_key_values`` to ``cache`` (5.2x keeps the old
-    name as a deprecated alias); asking the signature supports both without
-    warnings.
-    """
-    params = _forward_params(type(model).forward)
-    return "cache" if "cache" in params else "past_key_values"
 
 
-def accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in _forward_params(type(model).forward)
+
+
 
 
 def new_dynamic_cache(model):
@@ -47,16 +32,6 @@ def new_dynamic_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:  # older signature without ``config``
         return DynamicCache()
-
-
-def model_device(model) -> torch.device:
-    """The device of a model's first parameter (``model.device`` for HF models)."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def left_pad(rows, pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:

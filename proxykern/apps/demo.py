@@ -29,11 +29,11 @@ from typing import Callable
 
 import torch
 
-from .baseline import naive_proxy_generate
-from .generate import fused_proxy_generate
+from . import SHIPPED_TRIO
+from ..baseline import naive_proxy_generate
+from ..generate import fused_proxy_generate
 
-DEFAULT_TRIO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "examples", "trio", "models")
+DEFAULT_TRIO = SHIPPED_TRIO
 
 
 def load_trio(folder: str, device: torch.device, dtype=torch.float32):
@@ -150,7 +150,7 @@ def base_alone_generate(base, input_ids, attention_mask, max_new_tokens: int) ->
     """Greedy tokens (B, max_new_tokens) of ``base`` alone, no EOS stop, through the same
     static-cache runner as fused decoding: what proxy tuning adds is then the two experts
     and the combination, not a different decode loop."""
-    from .engine import StaticRunner
+    from ..engine import StaticRunner
 
     runner = StaticRunner(base, input_ids, attention_mask, max_new_tokens)
     tokens = [runner.prefill().argmax(-1)]
@@ -230,7 +230,7 @@ def kernel_speed(device: torch.device, *, batch: int, vocabs, rounds: int, min_t
     logits at ``vocabs`` x ``batch``, and the trio's own greedy step on fp32 logits
     (``trio_vocab`` x ``trio_batch``) set against its decode step (``trio_step_seconds``)."""
     from .bench import kernel_rows
-    from .ops import resolve_backend
+    from ..ops import resolve_backend
 
     backend = resolve_backend("auto", device)
     sampling, greedy = dict(temperature=1.0), dict(temperature=0.0)
