@@ -367,14 +367,14 @@ def _check_bool(name, value):
 _warned_eager: set = set()
 
 
-def check_cuda_graphs(cuda_graphs, device, models) -> bool:
+def check_cuda_graphs(cuda_graphs, device, models, names=MODEL_NAMES) -> bool:
     """Whether to capture the decode step in a CUDA graph (rules in generate.py's docstring)."""
     if cuda_graphs not in ("auto", True, False) or (isinstance(cuda_graphs, int)
                                                      and not isinstance(cuda_graphs, bool)):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     if cuda_graphs is False or (cuda_graphs == "auto" and device.type != "cuda"):
         return False
-    reason = graph_unsupported_reason(models, device)
+    reason = graph_unsupported_reason(models, device, names)
     if reason is None:
         return True
     if cuda_graphs is True:

@@ -5,6 +5,8 @@ from typing import NamedTuple
 
 import torch
 
+from .models import MODEL_NAMES
+
 
 class ProxyGenerateOutput(NamedTuple):
     """Result of :func:`fused_proxy_generate` / :func:`naive_proxy_generate`.
@@ -42,5 +44,5 @@ def empty_output(args) -> ProxyGenerateOutput:
         sequences=args.input_ids.clone(), tokens=torch.empty((B, 0), dtype=torch.long, device=dev),
         lengths=torch.zeros(B, dtype=torch.long, device=dev),
         logprobs=empty.clone() if args.return_logprobs else None,
-        model_logprobs={n: empty.clone() for n in ("base", "expert", "anti_expert")}
+        model_logprobs={n: empty.clone() for n in getattr(args, "roles", MODEL_NAMES)}
         if args.return_model_logprobs else None)

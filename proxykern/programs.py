@@ -379,3 +379,114 @@ def program_sample(program: LogitProgram, logits: dict, *, temperature=0.0, top_
         _raise_on_bad_values(bad)
         ops.raise_on_bad_rows(status, tensor_params)
     return out
+
+
+# --------------------------------------------------------------------------- generation
+
+@dataclass(frozen=True)
+class BoundProgram:
+    """A program bound to the B rows of one generation call, its per-row values checked
+    once (:func:`bind_program`): what the decode step reads, with no checks and no sync.
+
+    ``program``: the program with every per-row value replaced by a ``(B,)`` fp32 tensor.
+    ``indices``: the role indices ``(b, e, a)`` of a difference program, else None.
+    ``scale``: its ``(B,)`` fp32 scale ``s``, else None.
+    """
+
+    program: LogitProgram
+    indices: tuple | None
+    scale: torch.Tensor | None
+
+    @property
+    def roles(self) -> tuple:
+        return self.program.roles
+
+
+def _row_values(name, value, rows: int, n_samples: int, device, valid, rule, unit: bool):
+    """``value`` as a (rows,) fp32 tensor: a number, a 0-d tensor, one value per prompt
+    (``rows // n_samples``, repeated for each sample) or one per row; checked on the host
+    (``ValueError`` naming the argument and the row)."""
+    if isinstance(value, torch.Tensor):
+        prompts = rows // n_samples
+        if value.dim() == 1 and value.shape[0] == prompts and n_samples > 1:
+            value = value.repeat_interleave(n_samples)
+        if value.dim() == 1 and value.shape[0] != rows:
+            per = (f"{prompts} (one per prompt) or {rows} (one per returned sequence)"
+                   if n_samples > 1 else f"{rows} (the batch size)")
+            raise ValueError(f"{name} must be a number or a 1-D tensor of length {per}, "
+                             f"got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the models are on {device}")
+        v = value.float().reshape(-1).expand(rows).contiguous()
+        bad = torch.nonzero(~valid(v)).flatten().tolist()
+        if bad:
+            raise ValueError(f"row {bad[0]}: {name} {rule} ({name}[{bad[0]}] = "
+                             f"{v[bad[0]].item()!r})")
+        return v
+    return torch.full((rows,), float(value), device=device)
+
+
+def bind_program(program: LogitProgram, rows: int, device, n_samples: int = 1) -> BoundProgram:
+    """Check ``program``'s per-row values against ``rows`` rows on ``device`` (a tensor gives
+    one value per row, or one per prompt when ``n_samples > 1``) and hold each as a
+    ``(rows,)`` fp32 tensor. Raises naming the argument and the first bad row."""
+    if not isinstance(program, LogitProgram):
+        raise TypeError(f"program must be a LogitProgram, got {type(program).__name__}")
+
+    def coeff(name, value):
+        return _row_values(name, value, rows, n_samples, device, _finite, _FINITE_RULE, False)
+
+    mask = program.mask
+    if mask is not None:
+        mask = ProgramMask(mask.kind, mask.role, _row_values(
+            mask.name, mask.value, rows, n_samples, device, _unit_interval, _UNIT_RULE, True),
+            mask.name)
+    if program.difference is not None:
+        b, e, a, s = program.difference
+        scale = coeff(program.coefficient_names[0], s)
+        bound = LogitProgram(program.roles, difference=(b, e, a, scale), mask=mask,
+                             name=program.name, coefficient_names=program.coefficient_names)
+        return BoundProgram(bound, tuple(program.roles.index(r) for r in (b, e, a)), scale)
+    coeffs = tuple(coeff(n, c) for n, c in zip(program.coefficient_names, program.coefficients))
+    bound = LogitProgram(program.roles, coefficients=coeffs, mask=mask, name=program.name,
+                         coefficient_names=program.coefficient_names)
+    return BoundProgram(bound, None, None)
+
+
+def masked_columns(bound: BoundProgram, logits: list, vocab_size: int) -> torch.Tensor | None:
+    """The (B, vocab_size) tokens the program's mask drops (True), or None without a mask;
+    a masked role narrower than ``vocab_size`` gives the columns it lacks no mass (dropped)."""
+    mask = bound.program.mask
+    if mask is None:
+        return None
+    own = logits[bound.roles.index(mask.role)]
+    width = min(own.shape[-1], vocab_size)
+    drop = reference.program_mask(mask.kind, mask.value, own[:, :width].float())
+    if width < vocab_size:
+        drop = torch.cat([drop, drop.new_ones((drop.shape[0], vocab_size - width))], 1)
+    return drop
+
+
+def program_rows(bound: BoundProgram, logits: list, params, step: torch.Tensor,
+                 vocab_size: int, backend: str, delta=None):
+    """The decode step's entry for programs: no checks, no host sync.
+
+    ``logits`` in role order, each ``(B, >= vocab_size)`` (narrower only for a difference
+    program's ``e`` / ``a``, which ``delta`` then replaces: the two widened with a
+    zero-delta tail), unit stride along the vocabulary. ``params``: a
+    :class:`proxykern.params.SamplingParams` whose ``alpha`` is the bound scale of a
+    difference program (0 otherwise). Returns (tokens, logprobs, lse, status) as
+    :func:`proxykern.ops.sample_rows`.
+    """
+    if bound.indices is not None:  # the op's own combine, on the masked b
+        b, e, a = (logits[i] for i in bound.indices)
+        if delta is not None:
+            e, a = delta
+        drop = masked_columns(bound, logits, vocab_size)
+        if drop is not None:
+            b = b[:, :vocab_size].masked_fill(drop, float("-inf"))
+        return ops.sample_rows(b, e, a, params, step, vocab_size, backend)
+    # z in one fp32 pre-pass (mask included), then the op on (z, z, z): z + alpha (z - z) is
+    # z for finite z, and -inf stays -inf by the op's exclusion rule.
+    z = reference.program_logits(bound.program, dict(zip(bound.roles, logits)), vocab_size)
+    return ops.sample_rows(z, z, z, params, step, vocab_size, backend)

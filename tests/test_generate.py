@@ -11,7 +11,7 @@ from transformers import TextIteratorStreamer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 import proxykern
-from proxykern import generate as gen_module
+from proxykern.engine import decode as decode_module
 from proxykern import fused_proxy_generate, naive_proxy_generate
 
 from gen_fixtures import (FAMILIES, PAD_ID, VOCAB, pad_left, ragged_batch, recompute_greedy,
@@ -155,7 +155,7 @@ def test_deferred_finished_check_trims_to_true_length(monkeypatch, interval):
     eos = sorted({int(free[0, 1]), int(free[1, 1]), int(free[2, 4])})
     every_step = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=12,
                                       eos_token_id=eos, return_logprobs=True)
-    monkeypatch.setattr(gen_module, "_check_interval", lambda device: interval)
+    monkeypatch.setattr(decode_module, "_check_interval", lambda device: interval)
     deferred = fused_proxy_generate(base, expert, anti, ids, mask, max_new_tokens=12,
                                     eos_token_id=eos, return_logprobs=True)
     for a, b in zip(every_step, deferred):

@@ -25,6 +25,7 @@ import torch
 from .. import ops
 from ..models import MODEL_NAMES, static_cache_unsupported_reason
 from ..outputs import ProxyGenerateOutput, own_logprobs
+from ..programs import program_rows
 from .runner import ModelRunner
 from .static_runner import StaticRunner
 
@@ -49,33 +50,27 @@ def make_runner(model, input_ids, attention_mask, capacity, stream, static: bool
     return ModelRunner(model, input_ids, attention_mask, capacity, stream, stand_in)
 
 
-class ProxyStep:
-    """Decode state of one generation call (``args``: validated :class:`GenerationArgs`).
+class DecodeStep:
+    """What every decode step shares: the runners (role order), the output buffers, the
+    device-side bookkeeping, the capture of :meth:`advance` and the host flags.
 
-    ``static``: use static KV caches where supported (required for ``graphs``).
-    ``graphs``: capture :meth:`advance` once and replay it (CUDA, static runners).
+    A subclass builds its runners, calls :meth:`_setup`, and defines :meth:`_draw`
+    (logits in role order -> tokens, logprobs, status, on the device, no checks).
+    ``args`` holds the validated call (batch, device, budget, pad, eos, outputs asked for).
     """
 
-    def __init__(self, base, expert, anti_expert, args, *, static: bool = True,
-                 graphs: bool = False):
+    def _setup(self, args, roles: tuple, role_runners: list, own_widths: dict, graphs: bool):
         B, n_max, dev = args.batch_size, args.max_new_tokens, args.device
-        self.args, self.batch_size, self.vocab_size = args, B, args.vocab_size
-        self.vocab, self.wide = args.vocab, None  # wide: the widened logits buffers, if any
-        stand_in = args.vocab.stand_ins
-        side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
-        self.base = make_runner(base, args.input_ids, args.attention_mask, n_max, None, static,
-                                stand_in["base"])
-        self.expert = make_runner(expert, args.expert_input_ids, args.expert_attention_mask,
-                                  n_max, side(), static, stand_in["expert"])
-        self.anti = None if args.share_anti else make_runner(
-            anti_expert, args.input_ids, args.attention_mask, n_max, side(), static,
-            stand_in["anti_expert"])
-        self.runners = [r for r in (self.expert, self.anti, self.base) if r is not None]
+        self.args, self.batch_size, self.roles = args, B, roles
+        self.role_runners = role_runners          # per role; a shared one appears twice
+        # Launch order: side streams first, the main-stream runner last; each once.
+        unique = list({id(r): r for r in role_runners}.values())
+        self.runners = [r for r in unique if r.stream is not None] + \
+            [r for r in unique if r.stream is None]
+        self.own_widths = own_widths
         self.use_graphs = graphs
         self.graph = None
         self._warm = False
-
-        self.params = args.sampling  # per-row tensors, built once by prepare_generation
         self.backend = args.backend
         self.step_rows = torch.zeros(B, dtype=torch.long, device=dev)   # RNG step of every row
         self.column = torch.zeros(1, dtype=torch.long, device=dev)      # the same, as an index
@@ -83,7 +78,7 @@ class ProxyStep:
         self.eos = args.eos_tensor
         self.tokens = torch.full((B, n_max), args.pad_token_id, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros((B, n_max), device=dev) if args.return_logprobs else None
-        self.model_logprobs = ({n: torch.zeros((B, n_max), device=dev) for n in MODEL_NAMES}
+        self.model_logprobs = ({n: torch.zeros((B, n_max), device=dev) for n in roles}
                                if args.return_model_logprobs else None)
         self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -91,25 +86,19 @@ class ProxyStep:
         self.last_token = torch.zeros(B, dtype=torch.long, device=dev)  # token t (pad after EOS)
         self.next_input = torch.zeros(B, dtype=torch.long, device=dev)  # what the models read next
 
+    def _draw(self, logits: list):
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ the step
 
-    def _join(self):
-        b, e = self.base.join(), self.expert.join()
-        return b, e, (self.anti.join() if self.anti is not None else e)
-
-    def _for_op(self, logits):
-        """The three logit rows as the op reads them: where the expert or anti-expert is
-        narrower than the base, theirs widened with a zero-delta tail (VocabPlan.widen) into
-        buffers allocated at the prefill and rewritten in place by every step."""
-        if not self.vocab.widens:
-            return logits
-        self.wide = self.vocab.widen(logits[1], logits[2], self.wide)
-        return (logits[0], *self.wide)
+    def _join(self) -> list:
+        """The logits of every role (role order), safe to read on the current stream."""
+        joined = {id(r): r.join() for r in self.runners}
+        return [joined[id(r)] for r in self.role_runners]
 
     def _sample(self, logits) -> None:
         """Draw token t from the three logit rows and record it (device only)."""
-        tok, lp, _, status = ops.sample_rows(*self._for_op(logits), self.params, self.step_rows,
-                                             self.vocab_size, self.backend)
+        tok, lp, status = self._draw(logits)
         finished = self.finished
         self.status.bitwise_or_(status.masked_fill(finished, 0))  # a finished row's garbage is ignored
         token = torch.where(finished, self.pad, tok)
@@ -118,8 +107,8 @@ class ProxyStep:
         if self.logprobs is not None:
             self.logprobs.scatter_(1, column, lp.masked_fill(finished, 0.0)[:, None])
         if self.model_logprobs is not None:
-            for name, lg in zip(MODEL_NAMES, logits):
-                own = own_logprobs(lg, token, self.vocab.own_widths[name])
+            for name, lg in zip(self.roles, logits):
+                own = own_logprobs(lg, token, self.own_widths[name])
                 own = own.masked_fill(finished, 0.0)
                 self.model_logprobs[name].scatter_(1, column, own[:, None])
         self.lengths.add_(~finished)
@@ -134,7 +123,7 @@ class ProxyStep:
         self.column.add_(1)
 
     def prefill(self) -> None:
-        """Run the three prompts (side streams first) and draw token 0."""
+        """Run the prompts (side streams first) and draw token 0."""
         for r in self.runners:
             r.launch_prefill()
         self._sample(self._join())
@@ -145,7 +134,7 @@ class ProxyStep:
         self._sample(self._join())
 
     def advance(self) -> None:
-        """Feed the last token to the three models and draw the next one."""
+        """Feed the last token to every model and draw the next one."""
         if self.graph is not None:
             self.graph.replay()
         elif not self.use_graphs:
@@ -181,3 +170,75 @@ class ProxyStep:
             logprobs=self.logprobs[:, :n] if self.logprobs is not None else None,
             model_logprobs={k: v[:, :n] for k, v in self.model_logprobs.items()}
             if self.model_logprobs is not None else None)
+
+
+class ProxyStep(DecodeStep):
+    """Decode state of one proxy-tuning call (``args``: validated :class:`GenerationArgs`).
+
+    ``static``: use static KV caches where supported (required for ``graphs``).
+    ``graphs``: capture :meth:`advance` once and replay it (CUDA, static runners).
+    """
+
+    def __init__(self, base, expert, anti_expert, args, *, static: bool = True,
+                 graphs: bool = False):
+        n_max, dev = args.max_new_tokens, args.device
+        self.vocab_size, self.vocab, self.wide = args.vocab_size, args.vocab, None
+        stand_in = args.vocab.stand_ins
+        side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
+        self.base = make_runner(base, args.input_ids, args.attention_mask, n_max, None, static,
+                                stand_in["base"])
+        self.expert = make_runner(expert, args.expert_input_ids, args.expert_attention_mask,
+                                  n_max, side(), static, stand_in["expert"])
+        self.anti = self.expert if args.share_anti else make_runner(
+            anti_expert, args.input_ids, args.attention_mask, n_max, side(), static,
+            stand_in["anti_expert"])
+        self._setup(args, MODEL_NAMES, [self.base, self.expert, self.anti],
+                    args.vocab.own_widths, graphs)
+        self.params = args.sampling  # per-row tensors, built once by prepare_generation
+
+    def _draw(self, logits: list):
+        """The fused op on (base, expert, anti), the narrower ones widened with a zero-delta
+        tail (VocabPlan.widen) into buffers made at the prefill and rewritten in place."""
+        base, expert, anti = logits
+        if self.vocab.widens:
+            self.wide = self.vocab.widen(expert, anti, self.wide)
+            expert, anti = self.wide
+        tok, lp, _, status = ops.sample_rows(base, expert, anti, self.params, self.step_rows,
+                                             self.vocab_size, self.backend)
+        return tok, lp, status
+
+
+class ProgramStep(DecodeStep):
+    """Decode state of one logit-program call (``args``: validated
+    :class:`proxykern.program_generate.ProgramArgs`): a runner per role, each on its own
+    prompt and KV cache (one runner when two roles are the same model on the same prompt),
+    the first role's on the current stream and the others on side streams on CUDA; the draw
+    is :func:`proxykern.programs.program_rows` on the roles' logits."""
+
+    def __init__(self, models: dict, args, *, static: bool = True, graphs: bool = False):
+        n_max, dev = args.max_new_tokens, args.device
+        self.vocab_size, self.vocab, self.wide = args.vocab_size, args.vocab, None
+        self.bound = args.bound
+        made, runners = {}, []
+        for i, role in enumerate(args.roles):
+            ids, mask = args.role_input_ids[role], args.role_attention_mask[role]
+            key = (id(models[role]), id(ids), id(mask))
+            if key not in made:
+                stream = torch.cuda.Stream(dev) if dev.type == "cuda" and i > 0 else None
+                made[key] = make_runner(models[role], ids, mask, n_max, stream, static,
+                                        args.vocab.stand_ins[role])
+            runners.append(made[key])
+        self._setup(args, args.roles, runners, args.vocab.own_widths, graphs)
+        self.params = args.sampling
+        self.widened = args.bound.indices[1:] if args.bound.indices is not None else ()
+
+    def _draw(self, logits: list):
+        """A difference program's e and a widened with a zero-delta tail where narrower (the
+        proxy rule), then the program's entry to the op."""
+        delta = None
+        if self.vocab.widens and self.widened:
+            e, a = self.widened
+            self.wide = delta = self.vocab.widen(logits[e], logits[a], self.wide)
+        tok, lp, _, status = program_rows(self.bound, logits, self.params, self.step_rows,
+                                          self.vocab_size, self.backend, delta)
+        return tok, lp, status

@@ -1,0 +1,287 @@
+"""``program_generate``: generation under a logit program (N models by role, one fused
+draw per step). The program contract is :mod:`proxykern.programs` (docs/api.md, 1b).
+
+Per call: check every argument once (:func:`prepare_program_generation`: the models by
+role, each role's prompt, the program's per-row values, the vocabulary, the sampling
+tensors and seeds), build :class:`proxykern.engine.step.ProgramStep` (a runner and KV
+cache per role, side streams on CUDA, capturable as one CUDA graph) and run the shared
+decode loop (:func:`proxykern.engine.decode.decode`).
+
+Choices where the contract is silent:
+
+* Prompts: every role reads ``input_ids`` unless ``role_input_ids[role]`` gives its own
+  (with ``role_attention_mask[role]``, default all ones); ``sequences`` starts with
+  ``input_ids``.
+* Vocabulary (the widths rule of generation: models differ by padding only): a
+  *difference* program ``z = L_b + s (L_e - L_a)`` samples over role b's width with a zero
+  delta where e or a is narrower (proxy tuning's rule); any other program over the
+  narrowest width (the columns every role has). A role that cannot read a sampled token
+  reads ``pad_token_id`` instead. ``eos_token_id`` / ``pad_token_id`` default to the
+  generation config of role b (difference programs) or of the first role.
+* ``model_logprobs`` is keyed by role: each model's own log-softmax (T = 1).
+* A proxy-tuning program (roles base / expert / anti_expert, no mask) with the anti-expert
+  on the base's prompt runs as :func:`proxykern.fused_proxy_generate` itself (the same
+  tokens, speculative decoding included). ``num_draft_tokens > 0`` is supported for those
+  programs only, with the expert drafting (``draft_role`` None or "expert").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine.decode import TokenFeed, decode
+from .engine.step import ProgramStep
+from .generation_args import (MAX_VOCAB_PADDING, StandIn, VocabPlan, _check_bool, _check_count,
+                              _check_id_range, _check_ids, _check_mask, _check_model,
+                              _check_sampling, _token_id_list, check_cuda_graphs, check_positions,
+                              check_rows, generation_seeds, resolve_pad_token_id, same_vocabulary)
+from .models import input_width, model_device, output_width
+from .ops import resolve_backend
+from .outputs import ProxyGenerateOutput, empty_output
+from .params import SamplingParams
+from .programs import BoundProgram, LogitProgram, bind_program
+
+_PROXY_ROLES = ("base", "expert", "anti_expert")
+
+
+@dataclass
+class ProgramArgs:
+    """Validated, normalised inputs of one ``program_generate`` call (tensors on ``device``)."""
+
+    device: torch.device
+    roles: tuple
+    input_ids: torch.Tensor              # the default prompt (the output's prefix)
+    role_input_ids: dict                 # role -> (B, T_r) prompt, rows expanded
+    role_attention_mask: dict
+    max_new_tokens: int
+    bound: BoundProgram
+    sampling: SamplingParams             # alpha = the bound scale (difference) or 0
+    eos_token_ids: list
+    pad_token_id: int
+    vocab_size: int
+    vocab: VocabPlan                     # keyed by role
+    backend: str
+    num_return_sequences: int = 1
+    cuda_graphs: bool = False
+    streamer: object = None
+    return_logprobs: bool = False
+    return_model_logprobs: bool = False
+    eos_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _check_models(program: LogitProgram, models) -> torch.device:
+    if not isinstance(program, LogitProgram):
+        raise TypeError(f"program must be a LogitProgram, got {type(program).__name__}")
+    if not isinstance(models, dict):
+        raise TypeError(f"models must be a dict of role -> model, got {type(models).__name__}")
+    missing = [r for r in program.roles if r not in models]
+    extra = [r for r in models if r not in program.roles]
+    if missing or extra:
+        raise ValueError(f"models: {'missing role(s) ' + str(missing) if missing else ''}"
+                         f"{'; ' if missing and extra else ''}"
+                         f"{'unknown role(s) ' + str(extra) if extra else ''}; the program's "
+                         f"roles are {program.roles}")
+    for role in program.roles:
+        _check_model(f"models[{role!r}]", models[role])
+    first = program.roles[0]
+    device = model_device(models[first])
+    for role in program.roles[1:]:
+        if model_device(models[role]) != device:
+            raise ValueError(f"models[{role!r}] is on {model_device(models[role])} but "
+                             f"models[{first!r}] is on {device}: the models must share one device")
+    return device
+
+
+def _role_prompts(program, ids, mask, role_input_ids, role_attention_mask, device):
+    """role -> (ids, mask): each role's own prompt where given, else the shared one."""
+    for name, given in (("role_input_ids", role_input_ids),
+                        ("role_attention_mask", role_attention_mask)):
+        unknown = [r for r in (given or {}) if r not in program.roles]
+        if unknown:
+            raise ValueError(f"{name} names unknown role(s) {unknown}; the program's roles "
+                             f"are {program.roles}")
+    role_input_ids, role_attention_mask = role_input_ids or {}, role_attention_mask or {}
+    for r in role_attention_mask:
+        if r not in role_input_ids:
+            raise ValueError(f"role_attention_mask[{r!r}] is given without role_input_ids[{r!r}]")
+    prompts = {}
+    for r in program.roles:
+        if r not in role_input_ids:
+            prompts[r] = (ids, mask)
+            continue
+        r_ids = _check_ids(f"role_input_ids[{r!r}]", role_input_ids[r], device)
+        if r_ids.shape[0] != ids.shape[0]:
+            raise ValueError(f"role_input_ids[{r!r}] has batch size {r_ids.shape[0]} but "
+                             f"input_ids has {ids.shape[0]}")
+        prompts[r] = (r_ids, _check_mask(f"role_attention_mask[{r!r}]",
+                                         role_attention_mask.get(r), r_ids,
+                                         f"role_input_ids[{r!r}]", device))
+    return prompts
+
+
+def program_vocabulary(program: LogitProgram, models: dict, pad_token_id: int) -> VocabPlan:
+    """The sampling vocabulary of ``program`` over ``models`` (module doc), as a
+    :class:`VocabPlan` keyed by role; widths more than padding apart raise naming the roles."""
+    widths = {r: output_width(models[r]) for r in program.roles}
+    roles = program.roles
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            if not same_vocabulary(widths[a], widths[b]):
+                raise ValueError(
+                    f"models[{b!r}] has a vocabulary of {widths[b]} tokens but models[{a!r}] has "
+                    f"{widths[a]}: more than padding apart (a program needs one shared "
+                    f"vocabulary; widths may differ by less than {MAX_VOCAB_PADDING} and by at "
+                    f"most 1/8)")
+    if program.difference is not None:
+        b, e, a, _s = program.difference
+        V = widths[b]
+        delta_width = min(widths[e], widths[a], V)
+    else:
+        V = delta_width = min(widths.values())
+    reads = {r: input_width(models[r]) or widths[r] for r in roles}
+    stand_ins = {r: StandIn(reads[r], pad_token_id) if reads[r] < V else None for r in roles}
+    needers = [r for r, s in stand_ins.items() if s is not None]
+    for r in roles:
+        if needers and pad_token_id >= reads[r]:
+            raise ValueError(
+                f"pad_token_id {pad_token_id} is fed to models[{needers[0]!r}] in place of the "
+                f"tokens it cannot read (ids >= {reads[needers[0]]}), but models[{r!r}] reads "
+                f"only ids below {reads[r]}: pass a pad_token_id every model can read")
+    return VocabPlan(vocab_size=V, delta_width=delta_width,
+                     own_widths={r: min(w, V) for r, w in widths.items()}, stand_ins=stand_ins)
+
+
+def _delegates_to_proxy(program: LogitProgram, role_input_ids, role_attention_mask) -> bool:
+    """Whether the call is plain proxy tuning that fused_proxy_generate runs as it is."""
+    own_prompts = set(role_input_ids or {}) | set(role_attention_mask or {})
+    return (program.mask is None and program.difference is not None
+            and tuple(program.difference[:3]) == _PROXY_ROLES and own_prompts <= {"expert"})
+
+
+def prepare_program_generation(program, models, input_ids, attention_mask, *, max_new_tokens,
+                               role_input_ids, role_attention_mask, temperature, top_k, top_p,
+                               min_p, seed, eos_token_id, pad_token_id, return_logprobs,
+                               return_model_logprobs, streamer, backend, cuda_graphs,
+                               num_return_sequences=1) -> ProgramArgs:
+    """Check every argument of a ``program_generate`` call; raise naming the first bad one."""
+    device = _check_models(program, models)
+    roles = program.roles
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
+    ids = _check_ids("input_ids", input_ids, device)
+    mask = _check_mask("attention_mask", attention_mask, ids, "input_ids", device)
+    prompts = _role_prompts(program, ids, mask, role_input_ids, role_attention_mask, device)
+    for r in roles:
+        name = f"role_input_ids[{r!r}]" if prompts[r][0] is not ids else "input_ids"
+        _check_id_range(name, prompts[r][0], (models[r],))
+    check_positions([(f"models[{r!r}]", models[r], int(prompts[r][1].sum(1).max()))
+                     for r in roles], max_new_tokens)
+
+    vocab_role = program.difference[0] if program.difference is not None else roles[0]
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(models[vocab_role], "generation_config", None),
+                               "eos_token_id", None)
+    eos = _token_id_list("eos_token_id", eos_token_id)
+    pad = resolve_pad_token_id(models[vocab_role], pad_token_id, eos)
+    plan = program_vocabulary(program, models, pad)
+    B = ids.shape[0]
+    n = _check_count("num_return_sequences", num_return_sequences, 1)
+    rows = check_rows(B, n)
+    bound = bind_program(program, rows, device, n)
+    values = {name: _check_sampling(name, value, B, n, device) for name, value in (
+        ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))}
+    values["seed"] = generation_seeds(seed, B, n, device)
+    values["alpha"] = bound.scale if bound.scale is not None else 0.0
+    if n > 1:
+        ids = ids.repeat_interleave(n, dim=0)
+        prompts = {r: tuple(t.repeat_interleave(n, dim=0) for t in p) for r, p in prompts.items()}
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put() and end() (an HF BaseStreamer), "
+                        f"got {type(streamer).__name__}")
+    _check_bool("return_logprobs", return_logprobs)
+    _check_bool("return_model_logprobs", return_model_logprobs)
+    use_graphs = check_cuda_graphs(cuda_graphs, device, [models[r] for r in roles],
+                                   [f"models[{r!r}]" for r in roles])
+    return ProgramArgs(
+        device=device, roles=roles, input_ids=ids,
+        role_input_ids={r: p[0] for r, p in prompts.items()},
+        role_attention_mask={r: p[1] for r, p in prompts.items()},
+        max_new_tokens=max_new_tokens, bound=bound,
+        sampling=SamplingParams.build(values, rows, device, plan.vocab_size),
+        eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size, vocab=plan,
+        backend=resolve_backend(backend, device), num_return_sequences=n,
+        cuda_graphs=use_graphs, streamer=streamer, return_logprobs=return_logprobs,
+        return_model_logprobs=return_model_logprobs,
+        eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)
+
+
+def program_generate(program, models, input_ids, attention_mask=None, *, max_new_tokens,
+                     role_input_ids=None, role_attention_mask=None, temperature=0.0, top_k=0,
+                     top_p=1.0, min_p=0.0, seed=0, eos_token_id=None, pad_token_id=None,
+                     return_logprobs=False, return_model_logprobs=False, streamer=None,
+                     num_return_sequences=1, num_draft_tokens=0, draft_role=None,
+                     backend="auto", cuda_graphs="auto") -> ProxyGenerateOutput:
+    """Generate under ``program`` (a :class:`proxykern.programs.LogitProgram`) with
+    ``models`` (role -> HF causal LM): each step every role's model reads the last token on
+    its own prompt and KV cache, and one fused draw samples the program's ``z``.
+
+    ``input_ids`` / ``attention_mask`` (B, T): the left-padded prompt every role reads
+    unless ``role_input_ids`` / ``role_attention_mask`` (dicts by role) give its own. The
+    sampling and output arguments, seeds, ``num_return_sequences``, ``streamer``,
+    ``backend`` and ``cuda_graphs`` are those of :func:`proxykern.fused_proxy_generate`;
+    the program's coefficients and mask values may be per-row tensors (one per prompt or
+    per returned row). ``num_draft_tokens`` / ``draft_role``: speculative decoding, for
+    proxy-tuning programs (the expert drafts). Returns :class:`ProxyGenerateOutput`
+    (``model_logprobs`` keyed by role). See the module docstring for the choices made.
+    """
+    for name, given in (("role_input_ids", role_input_ids),
+                        ("role_attention_mask", role_attention_mask)):
+        if given is not None and not isinstance(given, dict):
+            raise TypeError(f"{name} must be a dict of role -> tensor or None, "
+                            f"got {type(given).__name__}")
+    if draft_role is not None and draft_role not in getattr(program, "roles", ()):
+        raise ValueError(f"draft_role {draft_role!r} is not a role of the program "
+                         f"({getattr(program, 'roles', ())})")
+    if isinstance(program, LogitProgram) and draft_role in (None, "expert") \
+            and _delegates_to_proxy(program, role_input_ids, role_attention_mask):
+        from .generate import fused_proxy_generate
+        _check_models(program, models)
+        given = role_input_ids or {}
+        return fused_proxy_generate(
+            models["base"], models["expert"], models["anti_expert"], input_ids, attention_mask,
+            max_new_tokens=max_new_tokens, alpha=program.difference[3], temperature=temperature,
+            top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, expert_input_ids=given.get("expert"),
+            expert_attention_mask=(role_attention_mask or {}).get("expert"),
+            return_logprobs=return_logprobs, return_model_logprobs=return_model_logprobs,
+            streamer=streamer, num_return_sequences=num_return_sequences,
+            num_draft_tokens=num_draft_tokens, backend=backend, cuda_graphs=cuda_graphs)
+    if num_draft_tokens != 0:
+        raise ValueError("num_draft_tokens > 0: speculative decoding runs proxy-tuning programs "
+                         "(roles base, expert, anti_expert; no mask; the anti-expert on the "
+                         "base's prompt; the expert drafting) only, so far")
+    args = prepare_program_generation(
+        program, models, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+        role_input_ids=role_input_ids, role_attention_mask=role_attention_mask,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
+        return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
+        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
+    feed = TokenFeed(args.streamer, args) if args.streamer is not None else None
+    try:
+        with torch.no_grad():
+            if args.max_new_tokens == 0:
+                if feed is not None:
+                    feed.close()
+                return empty_output(args)
+            step = ProgramStep(models, args, graphs=args.cuda_graphs)
+            return decode(step, args, feed)
+    except BaseException:
+        if feed is not None:
+            args.streamer.end()
+        raise
