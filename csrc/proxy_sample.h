@@ -37,8 +37,22 @@ struct SampleResult {
 constexpr int32_t kStatusNonfinite = 1;  // z holds NaN or +inf
 constexpr int32_t kStatusEmpty = 2;      // every z is -inf
 
+// Another producer of the combined logits z for the CPU kernel (the logit programs,
+// program_sample_cpu.cpp): the sampling after the combination is the same code.
+class LogitsSource {
+ public:
+  virtual ~LogitsSource() = default;
+  // z (fp32, before the temperature; -inf = excluded) of columns [col, col + n) of `row`,
+  // 1 <= n <= 512. Called concurrently from several threads.
+  virtual void combine(int64_t row, int64_t col, int n, float* z) const = 0;
+};
+
 // CPU kernel: OpenMP across rows, and across vocabulary chunks when the batch is small.
 void proxy_sample_cpu(LogitsView base, LogitsView expert, LogitsView anti, RowParams params,
                       SampleResult out, int64_t batch, int64_t vocab);
+
+// The same kernel on z from `source` (params.alpha unused, may be null).
+void sample_cpu(const LogitsSource& source, RowParams params, SampleResult out, int64_t batch,
+                int64_t vocab);
 
 }  // namespace proxykern

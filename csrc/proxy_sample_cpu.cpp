@@ -79,6 +79,8 @@ struct Problem {
   RowParams params;
   SampleResult out;
   int64_t batch, vocab, n_chunks;
+  // Another producer of z (program_sample_cpu.cpp); null: z = base + alpha (expert - anti).
+  const LogitsSource* source = nullptr;
 };
 
 struct RowSpec {
@@ -98,7 +100,7 @@ struct RowSpec {
 RowSpec make_spec(const Problem& p, int64_t row, bool force_greedy = false) {
   const RowParams& q = p.params;
   RowSpec s;
-  s.alpha = q.alpha[row];
+  s.alpha = q.alpha != nullptr ? q.alpha[row] : 0.0f;  // (a LogitsSource has its own)
   s.temperature = q.temperature[row];
   s.greedy = force_greedy || std::fabs(s.temperature) < std::numeric_limits<float>::min();
   s.divide = !s.greedy && s.temperature != 1.0f;
@@ -157,6 +159,11 @@ float combine_one(float b, float e, float a, float alpha) {
 }
 
 float scaled_logit_at(const Problem& p, const RowSpec& spec, int64_t row, int64_t col) {
+  if (p.source != nullptr) {
+    float z;
+    p.source->combine(row, col, 1, &z);
+    return spec.divide ? z / spec.temperature : z;
+  }
   const float z = combine_one(load_one(p.base, row, col), load_one(p.expert, row, col),
                               load_one(p.anti, row, col), spec.alpha);
   return spec.divide ? z / spec.temperature : z;
@@ -188,6 +195,25 @@ PK_INLINE void combine_block(const float* b, const float* e, const float* a, int
   if (spec.divide) {
     const float t = spec.temperature;
     for (int i = 0; i < n; ++i) z[i] = z[i] / t;  // a true division, as the spec
+  }
+  flags.nan |= nan;
+  flags.posinf |= posinf;
+  flags.live |= live;
+}
+
+// The flags and z' = z / T of a block of z from a LogitsSource (what combine_block does
+// after its combination, on the same values: the same bits).
+PK_INLINE void finish_block(float* z, int n, const RowSpec& spec, Flags& flags) {
+  int32_t nan = 0, posinf = 0, live = 0;
+  for (int i = 0; i < n; ++i) {
+    const float zi = z[i];
+    nan |= zi != zi;
+    posinf |= zi == kInf;
+    live |= zi > -kInf;
+  }
+  if (spec.divide) {
+    const float t = spec.temperature;
+    for (int i = 0; i < n; ++i) z[i] = z[i] / t;
   }
   flags.nan |= nan;
   flags.posinf |= posinf;
@@ -376,10 +402,15 @@ ScanSummary scan_chunk(const Problem& p, const RowSpec& spec, int64_t row, int64
   s.argmax = begin;
   for (int64_t col = begin; col < end; col += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, end - col));
-    load_block(p.base, row, col, n, b);
-    load_block(p.expert, row, col, n, e);
-    load_block(p.anti, row, col, n, a);
-    combine_block(b, e, a, n, spec, z, s.flags);
+    if (p.source != nullptr) {
+      p.source->combine(row, col, n, z);
+      finish_block(z, n, spec, s.flags);
+    } else {
+      load_block(p.base, row, col, n, b);
+      load_block(p.expert, row, col, n, e);
+      load_block(p.anti, row, col, n, a);
+      combine_block(b, e, a, n, spec, z, s.flags);
+    }
     for (int i = n; i < kBlock; ++i) z[i] = -kInf;  // pad: contributes nothing below
     if (store != nullptr) std::memcpy(store + (col - begin), z, sizeof(float) * n);
 
@@ -842,10 +873,11 @@ void sample_rows_split(const Problem& p) {
 
 }  // namespace
 
-void proxy_sample_cpu(LogitsView base, LogitsView expert, LogitsView anti, RowParams params,
-                      SampleResult out, int64_t batch, int64_t vocab) {
-  if (batch <= 0 || vocab <= 0) return;
-  const Problem p{base, expert, anti, params, out, batch, vocab, (vocab + kChunk - 1) / kChunk};
+namespace {
+
+void run_problem(const Problem& p) {
+  const int64_t batch = p.batch, vocab = p.vocab;
+  const SampleResult& out = p.out;
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
   const bool parallel = threads > 1 && batch * vocab >= kMinParallelWork;
   if (parallel && batch < threads && p.n_chunks > 1) {
@@ -861,6 +893,23 @@ void proxy_sample_cpu(LogitsView base, LogitsView expert, LogitsView anti, RowPa
       sample_row(p, row, /*force_greedy=*/true);
     }
   }
+}
+
+}  // namespace
+
+void proxy_sample_cpu(LogitsView base, LogitsView expert, LogitsView anti, RowParams params,
+                      SampleResult out, int64_t batch, int64_t vocab) {
+  if (batch <= 0 || vocab <= 0) return;
+  run_problem(Problem{base, expert, anti, params, out, batch, vocab, (vocab + kChunk - 1) / kChunk});
+}
+
+void sample_cpu(const LogitsSource& source, RowParams params, SampleResult out, int64_t batch,
+                int64_t vocab) {
+  if (batch <= 0 || vocab <= 0) return;
+  Problem p{LogitsView{}, LogitsView{}, LogitsView{}, params, out, batch, vocab,
+            (vocab + kChunk - 1) / kChunk};
+  p.source = &source;
+  run_problem(p);
 }
 
 }  // namespace proxykern

@@ -10,11 +10,12 @@ from .outputs import ProxyGenerateOutput
 from . import programs
 from .programs import LogitProgram, program_sample
 from .program_generate import program_generate
-from .scoring import ProxyLogprobs, proxy_logprobs
+from .scoring import ProxyLogprobs, program_logprobs, proxy_logprobs
 
 __all__ = ["SampleOutput", "proxy_sample", "ProxyGenerateOutput", "fused_proxy_generate",
            "naive_proxy_generate", "ProxyTuningLogitsProcessor", "ProxyLogprobs",
-           "proxy_logprobs", "programs", "LogitProgram", "program_sample", "program_generate"]
+           "proxy_logprobs", "programs", "LogitProgram", "program_sample", "program_generate",
+           "program_logprobs"]
 __version__ = "0.1.0"
 
 

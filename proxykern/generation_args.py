@@ -201,6 +201,63 @@ def plan_vocabulary(output_widths: dict, read_widths: dict, pad_token_id: int) -
                      stand_ins=stand_ins)
 
 
+def program_vocab_plan(program, models: dict, pad_token_id: int) -> VocabPlan:
+    """The :class:`VocabPlan` (keyed by role) of a logit program over ``models``: a
+    difference program's vocabulary is role b's width with a zero delta where e / a are
+    narrower (the proxy rule); any other program's is the narrowest width of its roles.
+    Widths must differ by padding only (``ValueError`` naming the models)."""
+    roles = program.roles
+    widths = {r: output_width(models[r]) for r in roles}
+    for i, r1 in enumerate(roles):
+        for r2 in roles[i + 1:]:
+            if not same_vocabulary(widths[r1], widths[r2]):
+                raise ValueError(
+                    f"models[{r2!r}] has a vocabulary of {widths[r2]} tokens but "
+                    f"models[{r1!r}] has {widths[r1]}: more than padding apart (a program "
+                    f"combines one shared vocabulary)")
+    if program.difference is not None:
+        b, e, a, _s = program.difference
+        V = widths[b]
+        delta = min(widths[e], widths[a], V)
+    else:
+        V = delta = min(widths.values())
+    reads = {r: input_width(models[r]) or widths[r] for r in roles}
+    stand_ins = {r: StandIn(reads[r], pad_token_id) if reads[r] < V else None for r in roles}
+    needers = [r for r in roles if stand_ins[r] is not None]
+    for r in roles:
+        if needers and pad_token_id >= reads[r]:
+            raise ValueError(
+                f"pad_token_id {pad_token_id} is fed to models[{needers[0]!r}] in place of "
+                f"tokens it cannot read (ids >= {reads[needers[0]]}), but models[{r!r}] "
+                f"reads only ids below {reads[r]}: pass a pad_token_id every model can read")
+    return VocabPlan(vocab_size=V, delta_width=delta,
+                     own_widths={r: min(w, V) for r, w in widths.items()}, stand_ins=stand_ins)
+
+
+def check_role_models(models, roles) -> tuple[dict, torch.device]:
+    """``models``: role -> causal LM, exactly a program's ``roles``, on one device; returns
+    (the models in role order, their device)."""
+    if not isinstance(models, dict):
+        raise TypeError(f"models must be a dict of role -> Hugging Face causal LM, "
+                        f"got {type(models).__name__}")
+    missing = [r for r in roles if r not in models]
+    extra = [r for r in models if r not in roles]
+    if missing or extra:
+        raise ValueError(f"models: the program's roles are {roles}; "
+                         + (f"missing {missing}" if missing else f"unknown {extra}"))
+    for r in roles:
+        if not isinstance(models[r], torch.nn.Module):
+            raise TypeError(f"models[{r!r}] must be a Hugging Face causal LM "
+                            f"(a torch.nn.Module), got {type(models[r]).__name__}")
+    device = model_device(models[roles[0]])
+    for r in roles[1:]:
+        if model_device(models[r]) != device:
+            raise ValueError(f"models[{r!r}] is on {model_device(models[r])} but "
+                             f"models[{roles[0]!r}] is on {device}: the models must share "
+                             f"one device")
+    return {r: models[r] for r in roles}, device
+
+
 def vocab_plan(base, expert, anti_expert, pad_token_id: int) -> VocabPlan:
     """The :class:`VocabPlan` of three models (widths checked: :func:`checked_widths`)."""
     widths = checked_widths(base, expert, anti_expert)

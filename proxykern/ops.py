@@ -383,6 +383,30 @@ def proxy_sample_with_status(base_logits, expert_logits, anti_logits, **kwargs):
     return out, status
 
 
+def checked_params(B: int, device, vocab_size: int, *, alpha, temperature, top_k, top_p, min_p,
+                   seed, step):
+    """The op's entry checks of the sampling arguments: (SamplingParams, steps (B,) int64,
+    {name: (B,) tensor} of the values given as tensors, checked later on the device by
+    :func:`_bad_param_flags`)."""
+    given = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 seed=seed)
+    rows = {name: _row_param(name, value, B, device) for name, value in given.items()}
+    greedy = not isinstance(temperature, torch.Tensor) and temperature == 0
+    params = SamplingParams(**rows, greedy=greedy, may_filter=may_filter(given, vocab_size))
+    steps = _row_param("step", step, B, device)
+    tensor_params = {n: rows[n] for n in ("alpha", "temperature", "top_k", "top_p", "min_p")
+                     if isinstance(given[n], torch.Tensor)}
+    return params, steps, tensor_params
+
+
+def bad_param_rows(status: torch.Tensor, tokens: torch.Tensor, tensor_params: dict):
+    """``status`` and ``tokens`` with the rows of bad per-row parameters flagged (token -1)."""
+    flags = _bad_param_flags(tensor_params)
+    if flags is None:
+        return status, tokens
+    return status | flags, torch.where(flags != 0, torch.full_like(tokens, -1), tokens)
+
+
 def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0.0, top_k=0,
             top_p=1.0, min_p=0.0, seed=0, step=0, vocab_size=None, backend="auto"):
     """Validate, run the registered op: (SampleOutput, status, the params given as tensors)."""
@@ -405,15 +429,9 @@ def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0
         raise ValueError(f"vocab_size must be in [1, {widest_common}] (the narrowest logits width), "
                          f"got {vocab_size}")
     resolved = resolve_backend(backend, device)
-
-    given = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                 seed=seed)
-    rows = {name: _row_param(name, value, B, device) for name, value in given.items()}
-    params = SamplingParams(**rows, greedy=not isinstance(temperature, torch.Tensor) and temperature == 0,
-                            may_filter=may_filter(given, int(vocab_size)))
-    steps = _row_param("step", step, B, device)
-    tensor_params = {n: rows[n] for n in ("alpha", "temperature", "top_k", "top_p", "min_p")
-                     if isinstance(given[n], torch.Tensor)}
+    params, steps, tensor_params = checked_params(
+        B, device, int(vocab_size), alpha=alpha, temperature=temperature, top_k=top_k,
+        top_p=top_p, min_p=min_p, seed=seed, step=step)
 
     def unit_stride(t):
         return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
@@ -421,10 +439,7 @@ def _sample(base_logits, expert_logits, anti_logits, *, alpha=1.0, temperature=0
     tokens, logprobs, lse, status = sample_rows(
         unit_stride(base_logits), unit_stride(expert_logits), unit_stride(anti_logits),
         params, steps, int(vocab_size), resolved)
-    flags = _bad_param_flags(tensor_params)
-    if flags is not None:
-        status = status | flags
-        tokens = torch.where(flags != 0, torch.full_like(tokens, -1), tokens)
+    status, tokens = bad_param_rows(status, tokens, tensor_params)
     return SampleOutput(tokens, logprobs, lse), status, tensor_params
 
 

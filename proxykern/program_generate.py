@@ -21,8 +21,14 @@ Choices where the contract is silent:
 * ``model_logprobs`` is keyed by role: each model's own log-softmax (T = 1).
 * A proxy-tuning program (roles base / expert / anti_expert, no mask) with the anti-expert
   on the base's prompt runs as :func:`proxykern.fused_proxy_generate` itself (the same
-  tokens, speculative decoding included). ``num_draft_tokens > 0`` is supported for those
-  programs only, with the expert drafting (``draft_role`` None or "expert").
+  tokens, speculative decoding included, when the expert drafts).
+* ``num_draft_tokens=k > 0``: speculative decoding (:mod:`proxykern.engine.speculative`):
+  ``draft_role``'s model drafts up to k tokens a round from its own logits, the other roles
+  score them in one forward each, and the output is plain decoding's (tokens exactly;
+  logprobs up to the rounding of multi-token forwards). ``draft_role`` defaults to
+  "expert" when the program has that role (the small tuned model of proxy tuning and
+  DExperts; contrastive decoding's expert), else to the role with the fewest parameters.
+  Programs' rounds run eagerly on dynamic caches.
 """
 from __future__ import annotations
 
@@ -31,12 +37,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine.decode import TokenFeed, decode
+from .engine.speculative import program_speculative_decode
 from .engine.step import ProgramStep
-from .generation_args import (MAX_VOCAB_PADDING, StandIn, VocabPlan, _check_bool, _check_count,
-                              _check_id_range, _check_ids, _check_mask, _check_model,
-                              _check_sampling, _token_id_list, check_cuda_graphs, check_positions,
-                              check_rows, generation_seeds, resolve_pad_token_id, same_vocabulary)
-from .models import input_width, model_device, output_width
+from .generation_args import (VocabPlan, _check_bool, _check_count, _check_id_range, _check_ids,
+                              _check_mask, _check_sampling, _token_id_list, check_cuda_graphs,
+                              check_positions, check_role_models, check_rows, generation_seeds,
+                              program_vocab_plan, resolve_pad_token_id)
 from .ops import resolve_backend
 from .outputs import ProxyGenerateOutput, empty_output
 from .params import SamplingParams
@@ -64,6 +70,8 @@ class ProgramArgs:
     backend: str
     num_return_sequences: int = 1
     cuda_graphs: bool = False
+    num_draft_tokens: int = 0
+    draft_role: str | None = None
     streamer: object = None
     return_logprobs: bool = False
     return_model_logprobs: bool = False
@@ -74,27 +82,10 @@ class ProgramArgs:
         return self.input_ids.shape[0]
 
 
-def _check_models(program: LogitProgram, models) -> torch.device:
+def _check_models(program, models) -> torch.device:
     if not isinstance(program, LogitProgram):
         raise TypeError(f"program must be a LogitProgram, got {type(program).__name__}")
-    if not isinstance(models, dict):
-        raise TypeError(f"models must be a dict of role -> model, got {type(models).__name__}")
-    missing = [r for r in program.roles if r not in models]
-    extra = [r for r in models if r not in program.roles]
-    if missing or extra:
-        raise ValueError(f"models: {'missing role(s) ' + str(missing) if missing else ''}"
-                         f"{'; ' if missing and extra else ''}"
-                         f"{'unknown role(s) ' + str(extra) if extra else ''}; the program's "
-                         f"roles are {program.roles}")
-    for role in program.roles:
-        _check_model(f"models[{role!r}]", models[role])
-    first = program.roles[0]
-    device = model_device(models[first])
-    for role in program.roles[1:]:
-        if model_device(models[role]) != device:
-            raise ValueError(f"models[{role!r}] is on {model_device(models[role])} but "
-                             f"models[{first!r}] is on {device}: the models must share one device")
-    return device
+    return check_role_models(models, program.roles)[1]
 
 
 def _role_prompts(program, ids, mask, role_input_ids, role_attention_mask, device):
@@ -124,38 +115,6 @@ def _role_prompts(program, ids, mask, role_input_ids, role_attention_mask, devic
     return prompts
 
 
-def program_vocabulary(program: LogitProgram, models: dict, pad_token_id: int) -> VocabPlan:
-    """The sampling vocabulary of ``program`` over ``models`` (module doc), as a
-    :class:`VocabPlan` keyed by role; widths more than padding apart raise naming the roles."""
-    widths = {r: output_width(models[r]) for r in program.roles}
-    roles = program.roles
-    for i, a in enumerate(roles):
-        for b in roles[i + 1:]:
-            if not same_vocabulary(widths[a], widths[b]):
-                raise ValueError(
-                    f"models[{b!r}] has a vocabulary of {widths[b]} tokens but models[{a!r}] has "
-                    f"{widths[a]}: more than padding apart (a program needs one shared "
-                    f"vocabulary; widths may differ by less than {MAX_VOCAB_PADDING} and by at "
-                    f"most 1/8)")
-    if program.difference is not None:
-        b, e, a, _s = program.difference
-        V = widths[b]
-        delta_width = min(widths[e], widths[a], V)
-    else:
-        V = delta_width = min(widths.values())
-    reads = {r: input_width(models[r]) or widths[r] for r in roles}
-    stand_ins = {r: StandIn(reads[r], pad_token_id) if reads[r] < V else None for r in roles}
-    needers = [r for r, s in stand_ins.items() if s is not None]
-    for r in roles:
-        if needers and pad_token_id >= reads[r]:
-            raise ValueError(
-                f"pad_token_id {pad_token_id} is fed to models[{needers[0]!r}] in place of the "
-                f"tokens it cannot read (ids >= {reads[needers[0]]}), but models[{r!r}] reads "
-                f"only ids below {reads[r]}: pass a pad_token_id every model can read")
-    return VocabPlan(vocab_size=V, delta_width=delta_width,
-                     own_widths={r: min(w, V) for r, w in widths.items()}, stand_ins=stand_ins)
-
-
 def _delegates_to_proxy(program: LogitProgram, role_input_ids, role_attention_mask) -> bool:
     """Whether the call is plain proxy tuning that fused_proxy_generate runs as it is."""
     own_prompts = set(role_input_ids or {}) | set(role_attention_mask or {})
@@ -167,7 +126,8 @@ def prepare_program_generation(program, models, input_ids, attention_mask, *, ma
                                role_input_ids, role_attention_mask, temperature, top_k, top_p,
                                min_p, seed, eos_token_id, pad_token_id, return_logprobs,
                                return_model_logprobs, streamer, backend, cuda_graphs,
-                               num_return_sequences=1) -> ProgramArgs:
+                               num_return_sequences=1, num_draft_tokens=0,
+                               draft_role=None) -> ProgramArgs:
     """Check every argument of a ``program_generate`` call; raise naming the first bad one."""
     device = _check_models(program, models)
     roles = program.roles
@@ -187,7 +147,7 @@ def prepare_program_generation(program, models, input_ids, attention_mask, *, ma
                                "eos_token_id", None)
     eos = _token_id_list("eos_token_id", eos_token_id)
     pad = resolve_pad_token_id(models[vocab_role], pad_token_id, eos)
-    plan = program_vocabulary(program, models, pad)
+    plan = program_vocab_plan(program, models, pad)
     B = ids.shape[0]
     n = _check_count("num_return_sequences", num_return_sequences, 1)
     rows = check_rows(B, n)
@@ -205,8 +165,16 @@ def prepare_program_generation(program, models, input_ids, attention_mask, *, ma
                         f"got {type(streamer).__name__}")
     _check_bool("return_logprobs", return_logprobs)
     _check_bool("return_model_logprobs", return_model_logprobs)
-    use_graphs = check_cuda_graphs(cuda_graphs, device, [models[r] for r in roles],
-                                   [f"models[{r!r}]" for r in roles])
+    num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
+    if num_draft_tokens > 0 and cuda_graphs is True:
+        raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
+                         "speculative rounds are not captured as CUDA graphs yet (use "
+                         "cuda_graphs='auto' or False)")
+    use_graphs = num_draft_tokens == 0 and check_cuda_graphs(
+        cuda_graphs, device, [models[r] for r in roles], [f"models[{r!r}]" for r in roles])
+    if draft_role is None:
+        draft_role = "expert" if "expert" in roles else min(
+            roles, key=lambda r: sum(p.numel() for p in models[r].parameters()))
     return ProgramArgs(
         device=device, roles=roles, input_ids=ids,
         role_input_ids={r: p[0] for r, p in prompts.items()},
@@ -215,7 +183,8 @@ def prepare_program_generation(program, models, input_ids, attention_mask, *, ma
         sampling=SamplingParams.build(values, rows, device, plan.vocab_size),
         eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size, vocab=plan,
         backend=resolve_backend(backend, device), num_return_sequences=n,
-        cuda_graphs=use_graphs, streamer=streamer, return_logprobs=return_logprobs,
+        cuda_graphs=use_graphs, num_draft_tokens=num_draft_tokens, draft_role=draft_role,
+        streamer=streamer, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs,
         eos_tensor=torch.tensor(eos, dtype=torch.long, device=device) if eos else None)
 
@@ -235,8 +204,8 @@ def program_generate(program, models, input_ids, attention_mask=None, *, max_new
     sampling and output arguments, seeds, ``num_return_sequences``, ``streamer``,
     ``backend`` and ``cuda_graphs`` are those of :func:`proxykern.fused_proxy_generate`;
     the program's coefficients and mask values may be per-row tensors (one per prompt or
-    per returned row). ``num_draft_tokens`` / ``draft_role``: speculative decoding, for
-    proxy-tuning programs (the expert drafts). Returns :class:`ProxyGenerateOutput`
+    per returned row). ``num_draft_tokens`` / ``draft_role``: speculative decoding with that
+    role drafting (module doc). Returns :class:`ProxyGenerateOutput`
     (``model_logprobs`` keyed by role). See the module docstring for the choices made.
     """
     for name, given in (("role_input_ids", role_input_ids),
@@ -261,17 +230,14 @@ def program_generate(program, models, input_ids, attention_mask=None, *, max_new
             return_logprobs=return_logprobs, return_model_logprobs=return_model_logprobs,
             streamer=streamer, num_return_sequences=num_return_sequences,
             num_draft_tokens=num_draft_tokens, backend=backend, cuda_graphs=cuda_graphs)
-    if num_draft_tokens != 0:
-        raise ValueError("num_draft_tokens > 0: speculative decoding runs proxy-tuning programs "
-                         "(roles base, expert, anti_expert; no mask; the anti-expert on the "
-                         "base's prompt; the expert drafting) only, so far")
     args = prepare_program_generation(
         program, models, input_ids, attention_mask, max_new_tokens=max_new_tokens,
         role_input_ids=role_input_ids, role_attention_mask=role_attention_mask,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, return_logprobs=return_logprobs,
         return_model_logprobs=return_model_logprobs, streamer=streamer, backend=backend,
-        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences)
+        cuda_graphs=cuda_graphs, num_return_sequences=num_return_sequences,
+        num_draft_tokens=num_draft_tokens, draft_role=draft_role)
     feed = TokenFeed(args.streamer, args) if args.streamer is not None else None
     try:
         with torch.no_grad():
@@ -279,8 +245,9 @@ def program_generate(program, models, input_ids, attention_mask=None, *, max_new
                 if feed is not None:
                     feed.close()
                 return empty_output(args)
-            step = ProgramStep(models, args, graphs=args.cuda_graphs)
-            return decode(step, args, feed)
+            if args.num_draft_tokens:
+                return program_speculative_decode(models, args, feed, args.draft_role)
+            return decode(ProgramStep(models, args, graphs=args.cuda_graphs), args, feed)
     except BaseException:
         if feed is not None:
             args.streamer.end()

@@ -25,22 +25,17 @@ Presets (the papers' defaults): :func:`proxy_tuning`, :func:`dexperts`,
 (0-d or ``(B,)``, real, on the logits' device); tensor values are checked on the device
 and a bad row raises naming the argument and the row, as the op's own per-row parameters.
 
-Implementation, today (stated plainly: it is two passes):
+Implementation: :func:`program_rows` is the one entry (no checks, no sync), used by
+:func:`program_sample`, the decode step and speculative rounds, on a :class:`BoundProgram`
+(the program's values checked once and held as per-row tensors):
 
-* proxy tuning goes straight to :func:`proxykern.proxy_sample` (one fused pass, bitwise
-  the op's result);
-* a *difference* program, ``z = L_b + s (L_e - L_a)`` with a mask (DExperts; O'Brien &
-  Lewis's ``(1 + beta) L_e - beta L_a``, evaluated as ``L_e + beta (L_e - L_a)``), masks
-  a copy of ``L_b`` (its dtype, ``B x V``) and runs the fused op on it, so the
-  combination is the op's own;
-* any other program (the Li variant, ensembles) computes ``z`` in one fp32 pre-pass
-  (reads the N inputs, writes ``B x V`` fp32) and runs the fused op on ``(z, z, z)`` with
-  ``alpha = 0``: the op's combine ``z + 0 * (z - z)`` is exactly ``z`` for finite ``z``,
-  and a ``-inf`` in any input is ``-inf`` by the op's exclusion rule, so nothing else is
-  needed (no zeros tensor; the three reads hit the same memory).
-
-So a non-proxy program costs one extra read + write of ``B x V`` (plus the mask's sort for
-top-p); the N-input fused kernel that removes it is the next step.
+* a mask-free difference (proxy tuning) is the fused op itself (bitwise);
+* a linear program, or a difference with a plausibility mask, is the fused N-input op
+  (:mod:`proxykern.program_ops`): the inputs read once, the mask's row max one extra pass
+  over its role;
+* a top-p mask (DExperts) is a pre-pass on its role (a sort, the op's own top-p rule) that
+  masks a copy of b (difference) or of the first input (linear), then the op as above
+  (the mask is also the pre-pass when a difference's e / a were widened).
 """
 from __future__ import annotations
 
@@ -49,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import ops, program_ops, reference
 
 MIN_ROLES, MAX_ROLES = 2, 8
 MASK_KINDS = ("plausibility", "top_p")
@@ -332,6 +327,23 @@ def _safe(value, B: int, unit: bool):
     return v.nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp(-ops.FLOAT32_MAX, ops.FLOAT32_MAX)
 
 
+def _bound_safe(program: LogitProgram, B: int, device) -> "BoundProgram":
+    """``program`` bound to B rows with its bad per-row values replaced by harmless ones."""
+    def row(value, unit):
+        v = _safe(value, B, unit)
+        return v.contiguous() if isinstance(v, torch.Tensor) else torch.full((B,), v, device=device)
+
+    mask = program.mask and ProgramMask(program.mask.kind, program.mask.role,
+                                        row(program.mask.value, True), program.mask.name)
+    if program.difference is not None:
+        b, e, a, s = program.difference
+        return BoundProgram.of(LogitProgram(program.roles, difference=(b, e, a, row(s, False)),
+                                            mask=mask, coefficient_names=program.coefficient_names))
+    return BoundProgram.of(LogitProgram(
+        program.roles, coefficients=tuple(row(c, False) for c in program.coefficients), mask=mask,
+        coefficient_names=program.coefficient_names))
+
+
 def program_sample(program: LogitProgram, logits: dict, *, temperature=0.0, top_k=0, top_p=1.0,
                    min_p=0.0, seed=0, step=0, vocab_size=None, backend="auto") -> ops.SampleOutput:
     """Sample one token per row from ``program`` applied to ``logits`` (role -> (B, V_r)).
@@ -353,24 +365,17 @@ def program_sample(program: LogitProgram, logits: dict, *, temperature=0.0, top_
         # Proxy tuning (or any mask-free difference of distinct roles): the op itself.
         return ops.proxy_sample(logits[b], logits[e], logits[a], alpha=s, **kwargs)
 
+    resolved = ops.resolve_backend(backend, device)
     bad = _bind_per_row(program, B, device)
-    mask = program.mask
-    if mask is not None:
-        mask = ProgramMask(mask.kind, mask.role, _safe(mask.value, B, True), mask.name)
-    if program.difference is not None:
-        cols = {r: logits[r][:, :V] for r in program.roles}
-        base = cols[b]
-        if mask is not None:
-            drop = reference.program_mask(mask.kind, mask.value, cols[mask.role].float())
-            base = base.masked_fill(drop, float("-inf"))
-        out, status, tensor_params = ops._sample(base, cols[e], cols[a], alpha=_safe(s, B, False),
-                                                 **kwargs)
-    else:
-        safe = LogitProgram(program.roles, mask=mask,
-                            coefficients=tuple(_safe(c, B, False) for c in program.coefficients),
-                            coefficient_names=program.coefficient_names)
-        z = reference.program_logits(safe, logits, V)
-        out, status, tensor_params = ops._sample(z, z, z, alpha=0.0, **kwargs)
+    bound = _bound_safe(program, B, device)
+    params, steps, tensor_params = ops.checked_params(
+        B, device, V, alpha=bound.scale if bound.scale is not None else 0.0,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=step)
+    cols = [logits[r] if logits[r].stride(1) == 1 or logits[r].shape[1] <= 1
+            else logits[r].contiguous() for r in program.roles]
+    tokens, logprobs, lse, status = program_rows(bound, cols, params, steps, V, resolved)
+    status, tokens = ops.bad_param_rows(status, tokens, tensor_params)
+    out = ops.SampleOutput(tokens, logprobs, lse)
     if bad:
         any_bad = torch.stack([rows for _n, rows, _v, _r in bad]).any(0)
         out = ops.SampleOutput(torch.where(any_bad, torch.full_like(out.tokens, -1), out.tokens),
@@ -385,21 +390,61 @@ def program_sample(program: LogitProgram, logits: dict, *, temperature=0.0, top_
 
 @dataclass(frozen=True)
 class BoundProgram:
-    """A program bound to the B rows of one generation call, its per-row values checked
-    once (:func:`bind_program`): what the decode step reads, with no checks and no sync.
+    """A program bound to the B rows of one call, its per-row values checked once
+    (:func:`bind_program`): what the decode step reads, with no checks and no sync.
 
-    ``program``: the program with every per-row value replaced by a ``(B,)`` fp32 tensor.
-    ``indices``: the role indices ``(b, e, a)`` of a difference program, else None.
-    ``scale``: its ``(B,)`` fp32 scale ``s``, else None.
+    ``program``: the program with every per-row value a ``(B,)`` fp32 tensor. Derived once
+    (:meth:`of`): ``indices`` the role indices ``(b, e, a)`` of a difference program (else
+    None) and ``scale`` its ``(B,)`` scale; ``coefficients`` the fused op's ``(B, N)`` (linear)
+    or ``(B, 1)`` (difference) fp32 matrix; ``mask_input`` the fused op's input index of a
+    plausibility mask (-1: none, or a top-p mask, which is a pre-pass) and ``log_a`` its
+    ``(B,)`` ``log(a)``.
     """
 
     program: LogitProgram
     indices: tuple | None
     scale: torch.Tensor | None
+    coefficients: torch.Tensor
+    mask_input: int
+    log_a: torch.Tensor | None
+
+    @classmethod
+    def of(cls, program: LogitProgram) -> "BoundProgram":
+        """The bound form of ``program`` (every value already a checked (B,) fp32 tensor)."""
+        mask, roles = program.mask, program.roles
+        if program.difference is not None:
+            b, e, a, scale = program.difference
+            indices = tuple(roles.index(r) for r in (b, e, a))
+            inputs, coefficients = (b, e, a), scale[:, None]
+        else:
+            indices = scale = None
+            inputs, coefficients = roles, torch.stack(program.coefficients, 1)
+        plausible = mask is not None and mask.kind == "plausibility"
+        return cls(program, indices, scale, coefficients.contiguous(),
+                   inputs.index(mask.role) if plausible else -1,
+                   torch.log(mask.value) if plausible else None)
 
     @property
     def roles(self) -> tuple:
         return self.program.roles
+
+    def repeat_rows(self, repeats: int) -> "BoundProgram":
+        """Each row's values repeated ``repeats`` times (row r -> rows r*P .. r*P+P-1)."""
+        prog = self.program
+
+        def rep(value):
+            return value.repeat_interleave(repeats)
+
+        mask = prog.mask and ProgramMask(prog.mask.kind, prog.mask.role, rep(prog.mask.value),
+                                         prog.mask.name)
+        if prog.difference is not None:
+            b, e, a, s = prog.difference
+            return BoundProgram.of(LogitProgram(
+                prog.roles, difference=(b, e, a, rep(s)), mask=mask, name=prog.name,
+                coefficient_names=prog.coefficient_names))
+        return BoundProgram.of(LogitProgram(
+            prog.roles, coefficients=tuple(rep(c) for c in prog.coefficients), mask=mask,
+            name=prog.name, coefficient_names=prog.coefficient_names))
 
 
 def _row_values(name, value, rows: int, n_samples: int, device, valid, rule, unit: bool):
@@ -444,13 +489,13 @@ def bind_program(program: LogitProgram, rows: int, device, n_samples: int = 1) -
     if program.difference is not None:
         b, e, a, s = program.difference
         scale = coeff(program.coefficient_names[0], s)
-        bound = LogitProgram(program.roles, difference=(b, e, a, scale), mask=mask,
-                             name=program.name, coefficient_names=program.coefficient_names)
-        return BoundProgram(bound, tuple(program.roles.index(r) for r in (b, e, a)), scale)
+        return BoundProgram.of(LogitProgram(
+            program.roles, difference=(b, e, a, scale), mask=mask, name=program.name,
+            coefficient_names=program.coefficient_names))
     coeffs = tuple(coeff(n, c) for n, c in zip(program.coefficient_names, program.coefficients))
-    bound = LogitProgram(program.roles, coefficients=coeffs, mask=mask, name=program.name,
-                         coefficient_names=program.coefficient_names)
-    return BoundProgram(bound, None, None)
+    return BoundProgram.of(LogitProgram(program.roles, coefficients=coeffs, mask=mask,
+                                        name=program.name,
+                                        coefficient_names=program.coefficient_names))
 
 
 def masked_columns(bound: BoundProgram, logits: list, vocab_size: int) -> torch.Tensor | None:
@@ -478,15 +523,22 @@ def program_rows(bound: BoundProgram, logits: list, params, step: torch.Tensor,
     difference program (0 otherwise). Returns (tokens, logprobs, lse, status) as
     :func:`proxykern.ops.sample_rows`.
     """
-    if bound.indices is not None:  # the op's own combine, on the masked b
+    top_p_mask = bound.program.mask is not None and bound.mask_input < 0
+    if bound.indices is not None:
         b, e, a = (logits[i] for i in bound.indices)
         if delta is not None:
             e, a = delta
-        drop = masked_columns(bound, logits, vocab_size)
-        if drop is not None:
-            b = b[:, :vocab_size].masked_fill(drop, float("-inf"))
-        return ops.sample_rows(b, e, a, params, step, vocab_size, backend)
-    # z in one fp32 pre-pass (mask included), then the op on (z, z, z): z + alpha (z - z) is
-    # z for finite z, and -inf stays -inf by the op's exclusion rule.
-    z = reference.program_logits(bound.program, dict(zip(bound.roles, logits)), vocab_size)
-    return ops.sample_rows(z, z, z, params, step, vocab_size, backend)
+        if bound.program.mask is None:  # proxy tuning's own op
+            return ops.sample_rows(b, e, a, params, step, vocab_size, backend)
+        if top_p_mask or delta is not None:  # a pre-pass mask on b, then the op's combine
+            b = b[:, :vocab_size].masked_fill(masked_columns(bound, logits, vocab_size),
+                                              float("-inf"))
+            return ops.sample_rows(b, e, a, params, step, vocab_size, backend)
+        inputs, mode = [b, e, a], "difference"
+    else:
+        inputs, mode = list(logits), "linear"
+        if top_p_mask:  # the mask's own pass (a sort), then the fused N-input op on the rest
+            drop = masked_columns(bound, logits, vocab_size)
+            inputs[0] = inputs[0][:, :vocab_size].masked_fill(drop, float("-inf"))
+    return program_ops.program_rows(inputs, bound.coefficients, mode, bound.mask_input,
+                                    bound.log_a, params, step, vocab_size, backend)

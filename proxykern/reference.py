@@ -251,6 +251,16 @@ def _row_column(value, B: int, device) -> torch.Tensor:
     return t.reshape(-1, 1).expand(B, 1) if t.dim() == 0 else t.float().reshape(B, 1)
 
 
+def plausibility_drop(logits: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+    """The plausibility mask on fp32 logits L (B, V) given ``log_a`` = ``torch.log(a)``
+    ((B,) or (B, 1) fp32): drop v iff ``L[v] - max_u L[u] < log_a`` (fp32), except in a
+    row whose L holds NaN or +inf (left unmasked, so it fails as the op's bad rows do)."""
+    m = logits.max(dim=1, keepdim=True).values
+    drop = (logits - m) < log_a.float().reshape(-1, 1)
+    bad_row = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1, keepdim=True)
+    return drop & ~bad_row
+
+
 def program_mask(kind: str, value, logits: torch.Tensor) -> torch.Tensor:
     """The tokens a program's mask drops (True = set to -inf), from one role's fp32 logits
     L (B, V) over the program's columns:
@@ -267,16 +277,11 @@ def program_mask(kind: str, value, logits: torch.Tensor) -> torch.Tensor:
     B = logits.shape[0]
     col = _row_column(value, B, logits.device)
     if kind == "plausibility":
-        # (L - m) < log a is False for NaN, so a NaN/+inf max leaves its row unmasked
-        # except for finite tokens below +inf, which the +inf poisons anyway.
-        m = logits.max(dim=1, keepdim=True).values
-        drop = (logits - m) < torch.log(col)
-    elif kind == "top_p":
-        kept = kept_mask(logits, torch.zeros(B, dtype=torch.int64, device=logits.device),
-                         col.reshape(B), torch.zeros(B, device=logits.device))
-        drop = ~kept
-    else:
+        return plausibility_drop(logits, torch.log(col))
+    if kind != "top_p":
         raise ValueError(f"unknown mask kind {kind!r}")
+    drop = ~kept_mask(logits, torch.zeros(B, dtype=torch.int64, device=logits.device),
+                      col.reshape(B), torch.zeros(B, device=logits.device))
     bad_row = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1, keepdim=True)
     return drop & ~bad_row
 

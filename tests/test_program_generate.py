@@ -158,7 +158,7 @@ def test_program_generate_refuses_bad_input():
     ids, mask = ragged_batch()
     prog = programs.contrastive()
     ok = {"expert": expert, "amateur": anti}
-    with pytest.raises(ValueError, match="missing role"):
+    with pytest.raises(ValueError, match=r"missing \['amateur'\]"):
         program_generate(prog, {"expert": expert}, ids, mask, max_new_tokens=2)
     with pytest.raises(TypeError, match="models must be a dict"):
         program_generate(prog, [expert, anti], ids, mask, max_new_tokens=2)
@@ -172,8 +172,11 @@ def test_program_generate_refuses_bad_input():
     with pytest.raises(ValueError, match="plausibility must be a number or a 1-D tensor of length 3"):
         program_generate(programs.contrastive(plausibility=torch.tensor([0.1, 0.2])), ok, ids,
                          mask, max_new_tokens=2)
-    with pytest.raises(ValueError, match="num_draft_tokens"):
-        program_generate(prog, ok, ids, mask, max_new_tokens=2, num_draft_tokens=2)
+    with pytest.raises(ValueError, match="num_draft_tokens must be >= 0"):
+        program_generate(prog, ok, ids, mask, max_new_tokens=2, num_draft_tokens=-1)
+    with pytest.raises(ValueError, match="cuda_graphs=True cannot be honoured with num_draft"):
+        program_generate(prog, ok, ids, mask, max_new_tokens=2, num_draft_tokens=2,
+                         cuda_graphs=True)
     with pytest.raises(ValueError, match="draft_role"):
         program_generate(prog, ok, ids, mask, max_new_tokens=2, draft_role="base")
     wide = tiny_model("llama", 3, vocab=4000)
@@ -189,6 +192,58 @@ def test_proxy_program_speculative_goes_through_the_proxy_engine():
     spec = program_generate(programs.proxy_tuning(1.0), roles, ids, mask, max_new_tokens=6,
                             num_draft_tokens=2, draft_role="expert")
     assert torch.equal(spec.tokens, plain.tokens) and spec.stats is not None
+
+
+@pytest.mark.parametrize("name,make,kw,roles", PRESETS, ids=[p[0] for p in PRESETS])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_programs_give_the_plain_tokens(name, make, kw, roles, temperature):
+    """Every preset, each role drafting in turn, k = 3: the plain-decoding output, EOS and
+    budget inside drafts, ragged rows."""
+    models = _models(roles)
+    ids, mask = ragged_batch()
+    common = dict(max_new_tokens=9, temperature=temperature, seed=2, return_logprobs=True,
+                  return_model_logprobs=True)
+    free = program_generate(make(), models, ids, mask, eos_token_id=[], **common)
+    eos = int(free.tokens[1, 3])
+    plain = program_generate(make(), models, ids, mask, eos_token_id=eos, **common)
+    for drafter in roles:
+        spec = program_generate(make(), models, ids, mask, eos_token_id=eos, num_draft_tokens=3,
+                                draft_role=drafter, **common)
+        assert torch.equal(spec.tokens, plain.tokens), (drafter, spec.tokens, plain.tokens)
+        assert torch.equal(spec.lengths, plain.lengths)
+        torch.testing.assert_close(spec.logprobs, plain.logprobs, atol=1e-4, rtol=1e-4)
+        for r in roles:
+            torch.testing.assert_close(spec.model_logprobs[r], plain.model_logprobs[r],
+                                       atol=1e-4, rtol=1e-4)
+        assert spec.stats is not None and spec.stats.num_draft_tokens == 3
+
+
+def test_speculative_program_default_drafter_and_per_row_values():
+    base, expert, anti = trio("llama")
+    ids, mask = ragged_batch()
+    models = {"x": base, "y": tiny_model("llama", 7)}
+    models["y"].model.layers = models["y"].model.layers[:1]  # fewer parameters: the default drafter
+    weights = {"x": torch.tensor([0.2, 0.5, 0.9]), "y": 0.6}
+    prog = programs.ensemble(weights)
+    plain = program_generate(prog, models, ids, mask, max_new_tokens=7, eos_token_id=[],
+                             temperature=0.7, seed=9, num_return_sequences=2)
+    spec = program_generate(prog, models, ids, mask, max_new_tokens=7, eos_token_id=[],
+                            temperature=0.7, seed=9, num_return_sequences=2, num_draft_tokens=2)
+    assert torch.equal(spec.tokens, plain.tokens)
+    drafted = []
+    real = models["y"].forward
+
+    def spy(*a, **k):
+        drafted.append(k["input_ids"].shape[1])
+        return real(*a, **k)
+
+    models["y"].forward = spy
+    try:
+        program_generate(prog, models, ids, mask, max_new_tokens=5, eos_token_id=[],
+                         num_draft_tokens=2)
+    finally:
+        del models["y"].forward
+    assert drafted and max(drafted[1:]) == 1  # y runs one token at a time: it drafts
 
 
 def test_zero_new_tokens_and_exports():

@@ -10,7 +10,7 @@ from scipy import stats
 
 import proxykern
 from proxykern import ops, programs, reference
-from proxykern.params import row_tensor
+from proxykern.params import SamplingParams, row_tensor
 from op_cases import fused_backends
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b
@@ -378,3 +378,41 @@ def test_chi_square_of_contrastive_draws():
     assert counts[~support].sum() == 0
     result = stats.chisquare(counts[support].numpy(), (probs[support] * n).numpy())
     assert result.pvalue > 1e-3, result
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("preset", ["contrastive", "dexperts", "ensemble"])
+def test_program_sample_traces_whole_under_torch_compile(compiler, backend, preset):
+    """fullgraph=True through program_sample (the binding, the masks, the N-input op, the
+    status handling) and the engine's no-check entry, giving the eager tokens."""
+    torch._dynamo.reset()
+    B, V = 3, 200
+    per_row = torch.tensor([0.5, 1.0, 2.0])
+    prog = {"contrastive": programs.contrastive(beta=per_row, plausibility=0.05),
+            "dexperts": programs.dexperts(alpha=per_row, base_top_p=0.8),
+            "ensemble": programs.ensemble({"a": per_row, "b": 0.5, "c": -0.25})}[preset]
+    L = logits_for(prog.roles, B, V, seed=21)
+
+    def sample(*tensors):
+        out = programs.program_sample(prog, dict(zip(prog.roles, tensors)), temperature=0.8,
+                                      top_k=50, seed=3, step=2, backend=backend)
+        return out.tokens, out.logprobs
+
+    tensors = [L[r] for r in prog.roles]
+    tokens, logprobs = torch.compile(sample, backend=compiler, fullgraph=True)(*tensors)
+    want_tokens, want_logprobs = sample(*tensors)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs)
+
+    bound = programs.bind_program(prog, B, torch.device("cpu"))
+    params = SamplingParams.build(dict(temperature=0.8, top_k=50, seed=3,
+                                       alpha=bound.scale if bound.scale is not None else 0.0),
+                                  B, torch.device("cpu"), V)
+    step = torch.full((B,), 2, dtype=torch.long)
+
+    def engine_entry(*tensors):
+        return programs.program_rows(bound, list(tensors), params, step, V, backend)[0]
+
+    traced = torch.compile(engine_entry, backend=compiler, fullgraph=True)(*tensors)
+    assert torch.equal(traced, want_tokens)

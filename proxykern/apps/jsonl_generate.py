@@ -8,6 +8,12 @@ Input: one JSON object per line (UTF-8; blank lines are ignored) with a
 * per-row sampling fields ``"alpha"``, ``"temperature"``, ``"top_k"``,
   ``"top_p"``, ``"min_p"``, ``"seed"``, ``"max_new_tokens"`` (else the flags').
 
+With ``--program`` (:mod:`proxykern.apps.cli`) other than proxy tuning the lines go
+through :func:`proxykern.program_generate`: ``"expert_prompt"`` is the role expert's
+prompt (a bad line where the program has no role expert), ``"alpha"`` is the per-row
+alpha of dexperts (a bad line for contrastive, contrastive_li and ensemble, which take
+no alpha), the other sampling fields work as for proxy tuning.
+
 Output: one line per input line, in input order, each input object with all its
 fields plus ``"completion"`` (the new text, special tokens skipped),
 ``"num_tokens"`` (new tokens, EOS included) and ``"finish_reason"`` (``"stop"``
@@ -208,8 +214,12 @@ class _InOrder:
 
 # --------------------------------------------------------------------------- input
 
-def parse_line(text: str, number: int, defaults: dict) -> dict | None:
-    """The record of one input line (None for a blank line); raises :class:`BadLine`."""
+def parse_line(text: str, number: int, defaults: dict,
+               refused: dict | None = None) -> dict | None:
+    """The record of one input line (None for a blank line); raises :class:`BadLine`.
+
+    ``refused``: field -> why this run cannot use it (e.g. ``"alpha"`` under a program
+    without alpha): a line holding it is bad."""
     if not text.strip():
         return None
     try:
@@ -229,6 +239,9 @@ def parse_line(text: str, number: int, defaults: dict) -> dict | None:
     if taken:
         raise BadLine(f"line {number}: has a field {taken[0]!r}, which the output line "
                       f"writes (its value would be lost): rename it")
+    for key, why in (refused or {}).items():
+        if key in obj:
+            raise BadLine(f"line {number}: field {key!r}: {why}")
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
         raise BadLine(f"line {number}: needs a non-empty string field \"prompt\"")
     if "expert_prompt" in obj and (not isinstance(obj["expert_prompt"], str)
@@ -287,14 +300,16 @@ def _lines(path: str):
                                       f"0x{raw[exc.start]:02x} at byte {exc.start + 1})")
 
 
-def read_records(path: str, defaults: dict, skip_bad_lines: bool) -> list[dict]:
-    """Every usable record of ``path`` in order; a bad line raises (or is reported and skipped)."""
+def read_records(path: str, defaults: dict, skip_bad_lines: bool,
+                 refused: dict | None = None) -> list[dict]:
+    """Every usable record of ``path`` in order; a bad line raises (or is reported and
+    skipped); ``refused`` as :func:`parse_line`'s."""
     records = []
     for number, text in _lines(path):
         try:
             if isinstance(text, BadLine):
                 raise text
-            record = parse_line(text, number, defaults)
+            record = parse_line(text, number, defaults, refused)
         except BadLine as exc:
             _report(exc, path, skip_bad_lines)
             continue
@@ -305,20 +320,29 @@ def read_records(path: str, defaults: dict, skip_bad_lines: bool) -> list[dict]:
 
 # --------------------------------------------------------------------------- checks
 
+def _lengths(models, base_len: int, expert_len: int | None, expert_index: int | None):
+    """(name index, model, prompt length) of each model: the expert reads its own prompt
+    where it has one."""
+    return [(k, m, expert_len if k == expert_index and expert_len is not None else base_len)
+            for k, m in enumerate(models)]
+
+
 def check_prompt(models, names, base_ids: list, expert_ids: list | None, max_new_tokens: int,
-                 fields=("prompt", "expert prompt")) -> None:
+                 fields=("prompt", "expert prompt"), expert_index: int | None = 1) -> None:
     """Refuse a prompt that cannot be generated from, before any work (``ValueError``).
 
-    ``models``: (base, expert, anti_expert); ``names``: how the messages name them
-    (e.g. ``--base PATH``); ``expert_ids``: the expert's own tokens, or None when it
-    reads ``base_ids``; ``fields``: how the messages name the two prompts. The rules:
-    some tokens; ids within each reader's embedding; positions within each model's
-    limit (:func:`proxykern.generation_args.check_positions`).
+    ``models``: the models in role order ((base, expert, anti_expert) for proxy
+    tuning); ``names``: how the messages name them (e.g. ``--base PATH``);
+    ``expert_ids``: the own tokens of the model at ``expert_index`` (the role expert),
+    or None when it reads ``base_ids``; ``fields``: how the messages name the two
+    prompts. The rules: some tokens; ids within each reader's embedding; positions
+    within each model's limit (:func:`proxykern.generation_args.check_positions`).
     """
-    base, expert, anti = models
-    own = expert_ids is not None
-    for ids, field, readers in ((base_ids, fields[0], (0, 2) if own else (0, 1, 2)),
-                                (expert_ids, fields[1], (1,))):
+    own = expert_ids is not None and expert_index is not None
+    everyone = tuple(range(len(models)))
+    for ids, field, readers in (
+            (base_ids, fields[0], tuple(k for k in everyone if not own or k != expert_index)),
+            (expert_ids if own else None, fields[1], (expert_index,))):
         if ids is None:
             continue
         if not ids:
@@ -328,9 +352,8 @@ def check_prompt(models, names, base_ids: list, expert_ids: list | None, max_new
             if width is not None and not 0 <= min(ids) <= max(ids) < width:
                 raise ValueError(f"{field} holds token ids in [{min(ids)}, {max(ids)}] but "
                                  f"{names[k]} has {width} embedding rows")
-    e_len = len(expert_ids) if own else len(base_ids)
-    check_positions(((names[0], base, len(base_ids)), (names[1], expert, e_len),
-                     (names[2], anti, len(base_ids))), max_new_tokens)
+    check_positions([(names[k], m, n) for k, m, n in _lengths(
+        models, len(base_ids), len(expert_ids) if own else None, expert_index)], max_new_tokens)
 
 
 def _tokenize(records, session, skip_bad_lines: bool, path: str):
@@ -345,7 +368,8 @@ def _tokenize(records, session, skip_bad_lines: bool, path: str):
             fields = ('"prompt"', '"expert_prompt"' if "expert_prompt" in record["obj"]
                       else "the expert's chat prompt")
             check_prompt(session.models, session.names, base_ids, expert_ids,
-                         record["max_new_tokens"], fields)
+                         record["max_new_tokens"], fields,
+                         expert_index=getattr(session, "expert_index", 1))
         except ValueError as exc:
             _report(BadLine(f"line {number}: {exc}"), path, skip_bad_lines)
             continue
@@ -360,9 +384,8 @@ def _fits(session, rows, limits) -> bool:
     base_len = max(len(b) for b, _ in rows)
     e_len = max(len(e if e is not None else b) for b, e in rows)
     try:
-        check_positions(((session.names[0], session.models[0], base_len),
-                         (session.names[1], session.models[1], e_len),
-                         (session.names[2], session.models[2], base_len)), max(limits))
+        check_positions([(session.names[k], m, n) for k, m, n in _lengths(
+            session.models, base_len, e_len, getattr(session, "expert_index", 1))], max(limits))
     except ValueError:
         return False
     return True
@@ -405,19 +428,29 @@ def generate_file(args, load) -> int:
     """Run the file mode of ``proxykern generate``; returns the number of lines written.
 
     ``load()`` loads the models and returns a session with ``models`` (base, expert,
-    anti_expert), ``names`` (how messages name them), ``tokenizer``, ``encode_expert``
-    (record -> the expert's ids or None), ``eos``, ``pad`` and ``device``. It runs after
+    anti_expert; or a program's models in role order, with ``roles``, ``spec``,
+    ``expert_index`` and ``program`` true), ``names`` (how messages name them),
+    ``tokenizer``, ``encode_expert`` (record -> the expert's ids or None), ``eos``,
+    ``pad`` and ``device``. It runs after
     ``--output`` and ``--input`` are checked, so neither costs a model load to refuse.
     """
     from tqdm.auto import tqdm
 
     from ..generate import fused_proxy_generate
+    from ..program_generate import program_generate
 
     defaults = {name: getattr(args, name) for name in ROW_FIELDS}
     defaults["max_new_tokens"] = args.max_new_tokens
     n = args.num_return_sequences
+    spec = getattr(args, "spec", None)
+    refused = {}
+    if spec is not None and not spec.takes_alpha:
+        refused["alpha"] = f"--program {spec.name} takes no alpha"
+    if spec is not None and "expert" not in spec.roles:
+        refused["expert_prompt"] = (f"--program {spec.name} has no role 'expert' (its roles: "
+                                    f"{', '.join(spec.roles)})")
     with Output(args.output) as output:
-        records = read_records(args.input, defaults, args.skip_bad_lines)
+        records = read_records(args.input, defaults, args.skip_bad_lines, refused)
         session = load()
         records, rows = _tokenize(records, session, args.skip_bad_lines, args.input)
         writer = _InOrder(records, output)
@@ -439,12 +472,24 @@ def generate_file(args, load) -> int:
                                              dtype=PARAM_DTYPES[name], device=device)
                           for name in ROW_FIELDS}
                 limits = [records[i]["max_new_tokens"] for i in index]
-                out = fused_proxy_generate(
-                    *session.models, ids.to(device), mask.to(device), max_new_tokens=max(limits),
-                    **params, eos_token_id=session.eos or None, pad_token_id=pad,
-                    expert_input_ids=e_ids, expert_attention_mask=e_mask,
-                    return_logprobs=args.logprobs, num_return_sequences=n, backend=args.backend,
-                    num_draft_tokens=args.num_draft_tokens)
+                if getattr(session, "program", False):  # program_generate, per-row alpha
+                    alpha = params.pop("alpha")
+                    out = program_generate(
+                        session.spec.build(alpha if session.spec.takes_alpha else None),
+                        dict(zip(session.roles, session.models)), ids.to(device),
+                        mask.to(device), max_new_tokens=max(limits), **params,
+                        eos_token_id=session.eos or None, pad_token_id=pad,
+                        role_input_ids={"expert": e_ids} if e_ids is not None else None,
+                        role_attention_mask={"expert": e_mask} if e_ids is not None else None,
+                        return_logprobs=args.logprobs, num_return_sequences=n,
+                        backend=args.backend, num_draft_tokens=args.num_draft_tokens)
+                else:
+                    out = fused_proxy_generate(
+                        *session.models, ids.to(device), mask.to(device),
+                        max_new_tokens=max(limits), **params, eos_token_id=session.eos or None,
+                        pad_token_id=pad, expert_input_ids=e_ids, expert_attention_mask=e_mask,
+                        return_logprobs=args.logprobs, num_return_sequences=n,
+                        backend=args.backend, num_draft_tokens=args.num_draft_tokens)
                 tokens, lengths = out.tokens.cpu(), out.lengths.cpu()
                 logprobs = out.logprobs.cpu() if out.logprobs is not None else None
                 for k, i in enumerate(index):

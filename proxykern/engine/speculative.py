@@ -55,6 +55,7 @@ from __future__ import annotations
 import torch
 
 from ..generation_args import GenerationArgs
+from ..models import MODEL_NAMES
 from ..ops import sample_rows
 from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
 from .runner import ModelRunner
@@ -104,39 +105,70 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
             return static_speculative_decode(base, expert, anti_expert, args, feed)
         if STATIC_ROUNDS is True:
             raise ValueError(f"static speculative rounds unavailable: {reason}")
-    B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
-    k = args.num_draft_tokens
-    plan = args.vocab
+    V, plan = args.vocab_size, args.vocab
     stand_in = plan.stand_ins
+    n_max = args.max_new_tokens
     b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max,
                         stand_in=stand_in["base"])
     e_run = ModelRunner(expert, args.expert_input_ids, args.expert_attention_mask, n_max,
                         stand_in=stand_in["expert"])
-    a_run = None if args.share_anti else ModelRunner(anti_expert, args.input_ids,
-                                                     args.attention_mask, n_max,
-                                                     stand_in=stand_in["anti_expert"])
+    a_run = e_run if args.share_anti else ModelRunner(anti_expert, args.input_ids,
+                                                      args.attention_mask, n_max,
+                                                      stand_in=stand_in["anti_expert"])
+    contrast = draft == "contrast" and a_run is not e_run
     # Drafts are guesses from the expert's own logits: the columns it (and the anti-expert)
     # has. A base token beyond them is never drafted, only taken as the op's correction.
     V_draft = plan.delta_width
-    runners = [r for r in (b_run, e_run, a_run) if r is not None]
-    head_b, head_e = b_run.prefill(), e_run.prefill()
-    head_a = a_run.prefill() if a_run is not None else head_e
-    for r, name in zip((b_run, e_run, a_run), ("base", "expert", "anti_expert")):
-        if r is not None:
-            _check_full_attention(r, name)
+    draft_params = args.sampling if contrast else args.sampling.replace(alpha=0.0)
+
+    def draft_token(rows, step):
+        lg_e = rows[0]
+        if args.greedy and not contrast:  # the op's greedy token, without its call overhead
+            return lg_e[:, :V_draft].argmax(-1)
+        lg_a = rows[1] if contrast else lg_e
+        return sample_rows(lg_e, lg_e, lg_a, draft_params, step, V_draft,
+                           args.backend)[0].clamp(min=0)  # a bad row's -1 is rejected
+
+    def draw(flat, params, steps):
+        wide_e, wide_a = plan.widen(flat[1], flat[2])  # zero-delta tail where narrower
+        y, lp, _, status = sample_rows(flat[0], wide_e, wide_a, params, steps, V, args.backend)
+        return y, lp, status
+
+    return speculative_rounds([b_run, e_run, a_run], MODEL_NAMES, [1, 2] if contrast else [1],
+                              draft_token, draw, plan.own_widths, args, feed)
+
+
+def speculative_rounds(role_runners, names, drafting, draft_token, draw, own_widths, args,
+                       feed) -> ProxyGenerateOutput:
+    """The eager rounds of the module doc, for any set of roles.
+
+    ``role_runners``: a :class:`ModelRunner` per role (role order; one runner may serve two
+    roles). ``drafting``: the indices of the roles that run one token at a time while
+    drafting, the drafter first; every other runner scores a round's tokens in one forward.
+    ``draft_token(rows, step)``: the draft token from the drafting roles' logits (B, V) at
+    one position. ``draw(flat, params, steps)``: (tokens, logprobs, status) of B * P
+    positions from every role's logits (role order, (B * P, V_r)), ``params`` the sampling
+    parameters repeated P times (``args.sampling.repeat_rows(P)``).
+    """
+    B, n_max, dev = args.batch_size, args.max_new_tokens, args.device
+    k = args.num_draft_tokens
+    unique = list({id(r): r for r in role_runners}.values())
+    heads = {id(r): r.prefill() for r in unique}
+    for r in unique:
+        _check_full_attention(r, names[role_runners.index(r)])
+    drafters = list({id(role_runners[i]): role_runners[i] for i in drafting}.values())
+    scorers = [r for r in unique if all(r is not d for d in drafters)]
     # The last position plain decoding ever feeds: prompt + n_max - 2 (drafts past it are
     # never kept; clamping keeps learned position tables in range).
-    max_pos = {id(r): r.next_pos + max(n_max - 2, 0) for r in runners}
-    contrast = draft == "contrast" and a_run is not None
+    max_pos = {id(r): r.next_pos + max(n_max - 2, 0) for r in unique}
 
     pad = args.pad_token_id
     tokens = torch.full((B, n_max), pad, dtype=torch.long, device=dev)
     logprobs = torch.zeros((B, n_max), device=dev) if args.return_logprobs else None
-    model_lp = ({n: torch.zeros((B, n_max), device=dev) for n in ("base", "expert", "anti_expert")}
+    model_lp = ({n: torch.zeros((B, n_max), device=dev) for n in names}
                 if args.return_model_logprobs else None)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     n_done = torch.zeros(B, dtype=torch.long, device=dev)
-    draft_params = args.sampling if contrast else args.sampling.replace(alpha=0.0)
     expanded = {}
     rounds = drafted = accepted = 0
     base_forwards = 1  # the prefill
@@ -151,58 +183,38 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         kr = min(k, most_left - 1)
         P = kr + 1
 
-        # 1. the expert drafts (one token at a time), keeping its logits at the P positions
-        e_rows, a_rows = [], []
-        if pending is None:
-            e_rows.append(head_e)
-            a_rows.append(head_a)
-        else:
-            e_rows.append(e_run.extend(pending[:, None], max_pos[id(e_run)])[:, 0])
-            if contrast:
-                a_rows.append(a_run.extend(pending[:, None], max_pos[id(a_run)])[:, 0])
+        # 1. the drafter drafts (one token at a time), keeping the drafting roles' logits
+        rows = {id(r): [] for r in drafters}
+        for r in drafters:
+            rows[id(r)].append(heads[id(r)] if pending is None else
+                               r.extend(pending[:, None], max_pos[id(r)])[:, 0])
         drafts = []
         for j in range(kr):
-            lg_e = e_rows[j]
-            if args.greedy and not contrast:  # the op's greedy token, without its call overhead
-                d = lg_e[:, :V_draft].argmax(-1)
-            else:
-                lg_a = a_rows[j] if contrast else lg_e
-                d = sample_rows(lg_e, lg_e, lg_a, draft_params, n_done + j, V_draft,
-                                args.backend)[0].clamp(min=0)  # a bad row's -1 is rejected
+            d = draft_token([rows[id(r)][j] for r in drafters], n_done + j)
             drafts.append(d)
-            e_rows.append(e_run.extend(d[:, None], max_pos[id(e_run)])[:, 0])
-            if contrast:
-                a_rows.append(a_run.extend(d[:, None], max_pos[id(a_run)])[:, 0])
+            for r in drafters:
+                rows[id(r)].append(r.extend(d[:, None], max_pos[id(r)])[:, 0])
         D = torch.stack(drafts, 1) if drafts else n_done.new_empty((B, 0))
 
-        # 2. the base (and anti-expert) score every position in one forward
+        # 2. every other model scores every position in one forward
         fed = D if pending is None else torch.cat([pending[:, None], D], 1)
-
-        def score(run, head):
-            rows = run.extend(fed, max_pos[id(run)]) if fed.shape[1] else None
+        scored = {id(r): torch.stack(rows[id(r)], 1) for r in drafters}
+        for r in scorers:
+            new = r.extend(fed, max_pos[id(r)]) if fed.shape[1] else None
             if pending is None:
-                return head[:, None] if rows is None else torch.cat([head[:, None], rows], 1)
-            return rows
-
-        lg_b = score(b_run, head_b)
+                head = heads[id(r)][:, None]
+                scored[id(r)] = head if new is None else torch.cat([head, new], 1)
+            else:
+                scored[id(r)] = new
         base_forwards += fed.shape[1] > 0
-        lg_e = torch.stack(e_rows, 1)
-        if a_run is None:
-            lg_a = lg_e
-        elif contrast:
-            lg_a = torch.stack(a_rows, 1)
-        else:
-            lg_a = score(a_run, head_a)
 
-        # 3. the proxy token at every position, with each position's plain-decoding step
+        # 3. the token at every position, with each position's plain-decoding step
         if P not in expanded:
             expanded[P] = args.sampling.repeat_rows(P)
         steps = (n_done[:, None] + torch.arange(P, device=dev)).reshape(-1)
-        flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
-        flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))
-        wide_e, wide_a = plan.widen(flat[1], flat[2])  # zero-delta tail where narrower
-        y, lp, _, status = sample_rows(flat[0], wide_e, wide_a, expanded[P], steps, V,
-                                       args.backend)
+        flat_by_runner = {i: lg.reshape(B * P, lg.shape[-1]) for i, lg in scored.items()}
+        flat = [flat_by_runner[id(r)] for r in role_runners]
+        y, lp, status = draw(flat, expanded[P], steps)
         y = y.view(B, P)
 
         # 4. accept per row: agreeing draft prefix + the correction, cut at EOS and budget
@@ -227,8 +239,8 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
             logprobs[r_idx, t_idx] = lp.view(B, P)[r_idx, j_idx]
         if model_lp is not None:
             y_flat = y.reshape(-1).clamp(min=0)
-            for name, lg in zip(("base", "expert", "anti_expert"), flat):
-                own = own_logprobs(lg, y_flat, plan.own_widths[name]).view(B, P)
+            for name, lg in zip(names, flat):
+                own = own_logprobs(lg, y_flat, own_widths[name]).view(B, P)
                 model_lp[name][r_idx, t_idx] = own[r_idx, j_idx]
         if args.eos_tensor is not None:
             finished |= first_eos < c
@@ -241,7 +253,7 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         # 5. rollback: each model keeps the columns of its committed tokens (module doc)
         valid = (c - (1 if pending is None else 0)).clamp(min=0)
         max_valid = int(valid.max())
-        for r in runners:
+        for r in unique:
             r.keep(valid, max_valid)
         pending = y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0)
 
@@ -264,3 +276,46 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         logprobs=logprobs[:, :n] if logprobs is not None else None,
         model_logprobs={k_: v[:, :n] for k_, v in model_lp.items()} if model_lp is not None
         else None, stats=stats)
+
+
+def program_speculative_decode(models: dict, args, feed, draft_role: str) -> ProxyGenerateOutput:
+    """Speculative decoding of a logit program (``args``: a validated
+    :class:`proxykern.program_generate.ProgramArgs`, ``max_new_tokens >= 1``): ``draft_role``'s
+    model drafts from its own logits (the op on them alone: the same temperature, filters
+    and noise, over the columns every role's delta covers), every other role scores a
+    round's tokens in one forward, and the program's draw at every position keeps the
+    plain-decoding tokens (module doc). Eager rounds on dynamic caches."""
+    from ..programs import program_rows
+    n_max, plan, V = args.max_new_tokens, args.vocab, args.vocab_size
+    made, runners = {}, []
+    for role in args.roles:
+        ids, mask = args.role_input_ids[role], args.role_attention_mask[role]
+        key = (id(models[role]), id(ids), id(mask))
+        if key not in made:
+            made[key] = ModelRunner(models[role], ids, mask, n_max,
+                                    stand_in=plan.stand_ins[role])
+        runners.append(made[key])
+    drafter = args.roles.index(draft_role)
+    V_draft = plan.delta_width
+    draft_params = args.sampling.replace(alpha=0.0)
+    widened = args.bound.indices[1:] if args.bound.indices is not None and plan.widens else ()
+    bound_rows = {}
+
+    def draft_token(rows, step):
+        if args.sampling.greedy:
+            return rows[0][:, :V_draft].argmax(-1)
+        lg = rows[0]
+        return sample_rows(lg, lg, lg, draft_params, step, V_draft,
+                           args.backend)[0].clamp(min=0)
+
+    def draw(flat, params, steps):
+        P = params.batch_size // args.batch_size
+        if P not in bound_rows:
+            bound_rows[P] = args.bound.repeat_rows(P)
+        delta = plan.widen(flat[widened[0]], flat[widened[1]]) if widened else None
+        y, lp, _, status = program_rows(bound_rows[P], flat, params, steps, V, args.backend,
+                                        delta)
+        return y, lp, status
+
+    return speculative_rounds(runners, args.roles, [drafter], draft_token, draw,
+                              plan.own_widths, args, feed)
