@@ -19,6 +19,7 @@ import types
 import torch
 
 from proxykern import ops, program_ops, reference
+from proxykern.params import SamplingParams
 
 GREEDY = dict(temperature=0.0)
 SAMPLED = dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.0, seed=1)
@@ -26,19 +27,11 @@ SAMPLED = dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.0, seed=1)
 
 def build_params(sampling, B, V, alpha=None):
     values = dict(sampling, **({} if alpha is None else {"alpha": alpha}))
-    try:
-        from proxykern.params import SamplingParams
-        return SamplingParams.build(values, B, torch.device("cpu"), V)
-    except ImportError:
-        return ops.row_params(dict(dict(alpha=1.0, temperature=0.0, top_k=0, top_p=1.0,
-                                        min_p=0.0, seed=0), **values), B, torch.device("cpu"))
+    return SamplingParams.build(values, B, torch.device("cpu"), V)
 
 
 def sample_rows(b, e, a, params, step, V):
-    try:
-        return ops.sample_rows(b, e, a, params, step, V, "cpu")
-    except TypeError:
-        return ops.sample_rows(b, e, a, params, step, V, "cpu", True)
+    return ops.sample_rows(b, e, a, params, step, V, "cpu")
 
 
 def median_ms(fn, warmup, rounds):

@@ -73,8 +73,9 @@ from .engine.runner import left_pad
 from .generation_args import (check_role_models, program_vocab_plan, resolve_pad_token_id,
                               vocab_plan)
 from .models import MODEL_NAMES, input_width, model_device, position_limit
-from .ops import SAMPLING_RULES, check_sampling_arg, proxy_sample_with_status, resolve_backend
+from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend, sample_rows
 from .outputs import own_logprobs
+from .params import SamplingParams
 from .reference import STATUS_EMPTY, STATUS_NONFINITE, program_logits, program_mask
 
 #: Scored positions combined per fused-op call (rows of V in fp32 held at once).
@@ -628,13 +629,15 @@ def _chunk_scores(combo, by_role, t, r, T, plan, backend, widened):
     else:
         z = _linear_z(combo, by_role, r, plan)
         inputs, alpha = (z, z, z), 0.0  # the op's combine is then exactly z
-    out, st = proxy_sample_with_status(*inputs, alpha=alpha, temperature=0.0, vocab_size=V,
-                                       backend=backend)
-    lse = out.lse
+    # The op's hot entry on values checked at the edge: greedy (argmax z and logsumexp z),
+    # and at temperature T for logsumexp(z / T).
+    n = t.shape[0]
+    params = SamplingParams.build({"alpha": alpha, "temperature": 0.0}, n, t.device, V)
+    steps = torch.zeros(n, dtype=torch.long, device=t.device)
+    tokens, _, lse, st = sample_rows(*inputs, params, steps, V, backend)
     if T is not None:
-        out_t, st_t = proxy_sample_with_status(*inputs, alpha=alpha, temperature=T,
-                                               vocab_size=V, backend=backend)
-        lse, st = out_t.lse, st | st_t
+        _, _, lse, st_t = sample_rows(*inputs, params.replace(temperature=T), steps, V, backend)
+        st = st | st_t
     # z at the continuation token, exactly as the op combines (fp32; -inf anywhere -> -inf).
     tb, te, ta = (x.gather(1, t[:, None]).squeeze(1).float() for x in inputs)
     a_t = alpha if not isinstance(alpha, torch.Tensor) else alpha.float()
@@ -642,7 +645,7 @@ def _chunk_scores(combo, by_role, t, r, T, plan, backend, widened):
         torch.isneginf(tb) | torch.isneginf(te) | torch.isneginf(ta), float("-inf"))
     if T is not None:
         z_t = z_t / (T if not isinstance(T, torch.Tensor) else T.float())
-    return z_t - lse, out.tokens == t, st
+    return z_t - lse, tokens == t, st
 
 
 def _mask_drop(mask, by_role, r, plan) -> torch.Tensor:

@@ -41,6 +41,43 @@ the first one and generation ends once every row of the batch has produced one),
 ``temperature``, ``top_k``, ``top_p``, ``min_p`` and ``seed``; other keys raise
 ``ValueError``. Requests are grouped by their generation kwargs, sorted by length and
 batched ``batch_size`` at a time. Greedy unless ``do_sample`` / ``temperature > 0``.
+
+Programs (:mod:`proxykern.programs`), ``program=``:
+
+* ``proxy_tuning`` (default): ``base``, ``expert``, ``anti_expert``, ``alpha`` -- today's
+  path exactly (:func:`proxykern.proxy_logprobs`, :func:`proxykern.fused_proxy_generate`).
+* ``dexperts``: ``base``, ``expert``, ``anti_expert``, ``alpha`` (default 2.0, the preset's,
+  when ``alpha`` is not given), ``base_top_p`` (0.9).
+* ``contrastive`` (O'Brien & Lewis): ``expert``, ``amateur``, ``beta`` (0.5),
+  ``plausibility`` (0.1); ``contrastive_li`` (Li et al.): ``expert``, ``amateur``,
+  ``plausibility`` (0.1).
+* ``ensemble``: ``roles=ROLE:PATH;ROLE:PATH;...`` (2 to 8) and ``weights=ROLE:W;ROLE:W;...``
+  (default 1/N each); ``z = sum_r w_r L_r``.
+
+Lists inside model_args use ``;`` (lm-eval splits model_args at commas; in a shell,
+quote the whole ``--model_args`` value, as ``;`` ends a command there); from Python
+(``simple_evaluate(model_args={...})``) a list / dict is taken as well. Non-proxy
+programs score through :func:`proxykern.program_logprobs` and generate through
+:func:`proxykern.program_generate`; ``chat_expert`` applies to the role named ``expert``
+(an ensemble without one refuses it). The tokenizer is the vocabulary role's: the base
+(proxy tuning, DExperts), the expert (contrastive) or the first ensemble role. A model_arg
+the chosen program does not take (``beta`` with ``dexperts``, ``base`` with
+``contrastive``, ...) raises ``ValueError`` naming it; so does ``mode=base|expert`` with a
+program other than proxy_tuning.
+
+Sweeps (tuning a coefficient): one of ``alpha``, ``beta``, ``plausibility``,
+``base_top_p`` may be a list, ``alpha=0.5;1.0;2.0``. Log-likelihood requests then score
+every value from the same forwards (one per model per batch: ``proxy_logprobs(alpha=[...])``
+or ``program_logprobs([programs])``). lm-eval gets the *first* value's result (its
+metrics are those of the first value); :meth:`ProxyKernLM.loglikelihood_sweep` returns
+all K (``[k][i]`` = request ``i`` at value ``k``, what ``loglikelihood`` returns for a
+model built with that one value), and ``sweep_output=PATH`` writes, after every
+``loglikelihood`` / ``loglikelihood_rolling`` call, a JSON file with each request's K
+summed log-likelihoods and greedy flags (task, doc_id, choice index) and per-task sums
+(:func:`sweep_summary`; :func:`sweep_accuracy` turns it into multiple-choice accuracy
+per value given the gold choices). A continuation a program's mask drops scores
+``-inf`` (written as ``-Infinity``, which Python's ``json`` reads). ``generate_until``
+refuses a sweep (generation needs one value).
 """
 from __future__ import annotations
 
@@ -48,6 +85,8 @@ import json
 import logging
 import math
 import numbers
+import os
+import re
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -57,12 +96,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from .. import programs as presets
 from ..generate import fused_proxy_generate
+from ..program_generate import program_generate
 from ..loading import load_causal_lm, load_tokenizer, resolve_model_path
 from ..ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend
 from ..reference import row_seeds
 from ..engine.runner import left_pad
-from ..scoring import proxy_logprobs
+from ..scoring import program_logprobs, proxy_logprobs
 
 MODES = ("proxy", "base", "expert")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -89,10 +130,21 @@ class ModelArg:
 # The one list of model_args: the constructor accepts exactly these names (with these
 # defaults) and ``proxykern-lm-eval --help`` prints this table, so the two cannot drift.
 MODEL_ARGS = (
+    ModelArg("program", "proxy_tuning",
+             "proxy_tuning, dexperts, contrastive, contrastive_li or ensemble"),
     ModelArg("base", None, "base model, folder or hub name (required unless mode=expert)"),
     ModelArg("expert", None, "tuned expert, folder or hub name (required unless mode=base)"),
     ModelArg("anti_expert", None, "untuned anti-expert, folder or hub name (mode=proxy)"),
-    ModelArg("alpha", 1.0, "z = base + alpha * (expert - anti_expert)"),
+    ModelArg("amateur", None, "contrastive(_li): the amateur, folder or hub name"),
+    ModelArg("roles", None, "ensemble: its models, ROLE:PATH;ROLE:PATH;... (2 to 8)"),
+    ModelArg("alpha", 1.0, "z = base + alpha * (expert - anti_expert); A;B;C = a sweep",
+             "1.0; dexperts: 2.0"),
+    ModelArg("beta", None, "contrastive: z = (1 + beta) expert - beta amateur", "0.5"),
+    ModelArg("plausibility", None, "contrastive(_li): keep p_expert >= this * max p_expert",
+             "0.1"),
+    ModelArg("base_top_p", None, "dexperts: the base's own top-p set masks z", "0.9"),
+    ModelArg("weights", None, "ensemble: ROLE:W;ROLE:W;... (z = sum w L)", "1/N each"),
+    ModelArg("sweep_output", None, "JSON file: every value of a sweep, per request and task"),
     ModelArg("mode", "proxy", "proxy, base (the base alone) or expert (the expert alone)"),
     ModelArg("chat_expert", False, "the expert reads each context as one chat user turn"),
     ModelArg("dtype", "auto", "float32, bfloat16, float16; auto: bfloat16 on CUDA, else fp32"),
@@ -102,12 +154,16 @@ MODEL_ARGS = (
              "max_position_embeddings or 2048"),
     ModelArg("max_gen_toks", 256, "new tokens when a request does not say"),
     ModelArg("tokenizer", None, "tokenizer folder or hub name",
-             "the base's; mode=expert: the expert's"),
+             "the vocabulary role's: base; expert (mode=expert, contrastive); ensemble: "
+             "the first role"),
     ModelArg("add_bos_token", False, "contexts get the tokenizer's special tokens"),
     ModelArg("trust_remote_code", False, "let Hugging Face run the models' own code"),
     ModelArg("backend", "auto", "the fused op's backend: auto, cuda, triton, cpu, torch"),
     ModelArg("seed", 0, "sampled request i draws with row_seeds(seed, i)"),
 )
+
+
+MODEL_ARGS_DEFAULTS = {a.name: a.default for a in MODEL_ARGS}
 
 
 def _model_args(given: dict) -> SimpleNamespace:
@@ -227,6 +283,187 @@ def _as_dtype(value, device: torch.device) -> torch.dtype:
     return DTYPES[value]
 
 
+# --------------------------------------------------------------------------- programs
+
+# program -> (the model_args naming its models, the model_args setting its parameters)
+PROGRAMS = {
+    "proxy_tuning": (("base", "expert", "anti_expert"), ("alpha",)),
+    "dexperts": (("base", "expert", "anti_expert"), ("alpha", "base_top_p")),
+    "contrastive": (("expert", "amateur"), ("beta", "plausibility")),
+    "contrastive_li": (("expert", "amateur"), ("plausibility",)),
+    "ensemble": (("roles",), ("weights",)),
+}
+PROGRAM_ARGS = ("base", "expert", "anti_expert", "amateur", "roles", "alpha", "beta",
+                "plausibility", "base_top_p", "weights")
+SWEEPABLE = ("alpha", "beta", "plausibility", "base_top_p")
+_ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """The program a ``model_args`` dict asks for (:func:`program_spec`), nothing loaded.
+
+    ``paths``: role -> model path as given, in the program's role order; ``programs``: the
+    K :class:`proxykern.programs.LogitProgram` scored (K = 1 without a sweep); ``sweep``:
+    ``(model_arg, [K values])`` or None; ``params``: each parameter's value (the swept one:
+    its list) -- the preset's default where not given."""
+    name: str
+    paths: dict
+    programs: tuple
+    sweep: tuple | None
+    params: dict
+
+
+def _number_or_list(name, value):
+    """A model_arg that is a number or a sweep (``A;B;C``, or a list from Python): a
+    float, or a list of floats (each checked by :func:`_as_float`'s rule for ``name``)."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, str) and ";" in value):
+        items = [v.strip() for v in value.split(";")] if isinstance(value, str) else list(value)
+        if not items:
+            raise ValueError(f"model_args {name}: an empty list (a sweep needs >= 1 value)")
+        out = []
+        for k, item in enumerate(items):
+            try:
+                out.append(_as_float(name, item))
+            except ValueError as exc:
+                raise ValueError(f"{exc} (item {k} of {name}={value!r}; a list is "
+                                 f"values separated by ';')") from None
+        return out
+    return _as_float(name, value)
+
+
+def _unit(name, value):
+    for v in value if isinstance(value, list) else [value]:
+        if not 0 < v <= 1:
+            raise ValueError(f"model_args {name} must be in (0, 1], got {v!r}")
+    return value
+
+
+def _role_items(name, value, what) -> list[tuple[str, object]]:
+    """``ROLE:X;ROLE:X;...`` (or a dict from Python) as [(role, X)], roles checked."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, str):
+        items = []
+        for part in (p.strip() for p in value.split(";")):
+            if not part:
+                continue
+            if ":" not in part:
+                raise ValueError(f"model_args {name}: expected ROLE:{what} items separated by "
+                                 f"';' (e.g. {name}=a:{what};b:{what}), got {part!r}")
+            role, x = part.split(":", 1)
+            items.append((role.strip(), x.strip()))
+    else:
+        raise ValueError(f"model_args {name}: expected ROLE:{what};ROLE:{what};..., "
+                         f"got {value!r}")
+    roles = [r for r, _x in items]
+    for r in roles:
+        if not isinstance(r, str) or not _ROLE_NAME.fullmatch(r):
+            raise ValueError(f"model_args {name}: bad role name {r!r} (letters, digits, _ . -)")
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"model_args {name}: a role is named twice in {roles}")
+    return items
+
+
+def _ensemble(given: dict):
+    """(role -> path, role -> weight) of ``program=ensemble``."""
+    if given.get("roles") is None:
+        raise ValueError("model_args roles is required (program=ensemble): "
+                         "roles=ROLE:PATH;ROLE:PATH;...")
+    paths = dict(_role_items("roles", given["roles"], "PATH"))
+    if not presets.MIN_ROLES <= len(paths) <= presets.MAX_ROLES:
+        raise ValueError(f"model_args roles: an ensemble reads {presets.MIN_ROLES} to "
+                         f"{presets.MAX_ROLES} models, got {len(paths)}")
+    if given.get("weights") is None:
+        return paths, {r: 1.0 / len(paths) for r in paths}
+    weights = {}
+    for role, w in _role_items("weights", given["weights"], "W"):
+        if role not in paths:
+            raise ValueError(f"model_args weights: role {role!r} is not one of roles "
+                             f"({', '.join(paths)})")
+        weights[role] = _as_float(f"weights {role}", w)
+    missing = [r for r in paths if r not in weights]
+    if missing:
+        raise ValueError(f"model_args weights: no weight for role(s) {', '.join(missing)}")
+    return paths, {r: weights[r] for r in paths}
+
+
+def program_spec(given: dict, mode: str = "proxy") -> ProgramSpec:
+    """The program of a ``model_args`` dict (names from :data:`MODEL_ARGS`; a value of None
+    counts as not given): its roles' paths, its K programs, its sweep. Raises ``ValueError``
+    naming the model_arg for an unknown program, a model_arg the program does not take, a
+    missing model, a bad value or two sweeps. Loads nothing and checks no path."""
+    given = {k: v for k, v in given.items() if v is not None}
+    name = given.get("program", "proxy_tuning")
+    if name not in PROGRAMS:
+        raise ValueError(f"model_args program must be one of {', '.join(PROGRAMS)}, "
+                         f"got {name!r}")
+    role_args, param_args = PROGRAMS[name]
+    if name != "proxy_tuning" and mode != "proxy":
+        raise ValueError(f"model_args mode={mode} applies to program=proxy_tuning only "
+                         f"(program={name})")
+    for arg in PROGRAM_ARGS:
+        if arg in given and arg not in role_args + param_args:
+            raise ValueError(f"model_args {arg} does not apply to program={name} (it takes "
+                             f"{', '.join(role_args + param_args)})")
+    params = {}
+    for arg in param_args:
+        if arg in given and arg in SWEEPABLE:
+            value = given[arg]
+            if mode != "proxy":  # alpha is unused alone (as before); a sweep is refused
+                if isinstance(value, (list, tuple)) or (isinstance(value, str) and ";" in value):
+                    raise ValueError(f"model_args {arg}: a sweep needs mode=proxy (mode={mode} "
+                                     f"scores one model alone)")
+                continue
+            params[arg] = _number_or_list(arg, value)
+    if name == "proxy_tuning" and "alpha" not in params:
+        params["alpha"] = 0.0 if mode != "proxy" else _as_float("alpha",
+                                                                 MODEL_ARGS_DEFAULTS["alpha"])
+    for arg in ("plausibility", "base_top_p"):
+        if arg in params:
+            _unit(arg, params[arg])
+    swept = [a for a in SWEEPABLE if isinstance(params.get(a), list)]
+    if len(swept) > 1:
+        raise ValueError(f"model_args {swept[1]}: only one model_arg may be a list (a sweep); "
+                         f"{swept[0]} is one already")
+    sweep = (swept[0], params[swept[0]]) if swept else None
+
+    if name == "ensemble":
+        paths, weights = _ensemble(given)
+        params["weights"] = weights
+
+        def make(**_):
+            return presets.ensemble(dict(weights))
+    else:
+        roles = {"proxy_tuning": ("base", "expert", "anti_expert"),
+                 "dexperts": ("base", "expert", "anti_expert"),
+                 "contrastive": ("expert", "amateur"),
+                 "contrastive_li": ("expert", "amateur")}[name]
+        paths = {r: given.get(r) for r in roles}
+        make = {"proxy_tuning": presets.proxy_tuning, "dexperts": presets.dexperts,
+                "contrastive": presets.contrastive,
+                "contrastive_li": lambda **kw: presets.contrastive(variant="li", **kw)}[name]
+
+    def build(**override):
+        values = {a: v for a, v in params.items() if a in SWEEPABLE and not isinstance(v, list)}
+        values.update(override)
+        try:
+            return make(**values)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"model_args {exc}") from None
+
+    programs = tuple(build(**{sweep[0]: v}) for v in sweep[1]) if sweep else (build(),)
+    first = programs[0]
+    if first.difference is not None:  # the preset defaults actually used, for reporting
+        params.setdefault({"contrastive": "beta"}.get(name, "alpha"),
+                          sweep[1] if sweep and sweep[0] in ("alpha", "beta")
+                          else first.difference[3])
+    if first.mask is not None:
+        params.setdefault(first.mask.name, sweep[1] if sweep and sweep[0] == first.mask.name
+                          else first.mask.value)
+    return ProgramSpec(name, paths, programs, sweep, params)
+
+
 class _StopWhenDone(Exception):
     """Raised by :class:`_StopWatch` to end a generation whose every row has stopped."""
 
@@ -274,7 +511,8 @@ def cut_at_stops(text: str, stops) -> str:
 
 
 class ProxyKernLM(TemplateLM):
-    """lm-eval model: ``base`` steered by ``expert`` - ``anti_expert`` (module docstring)."""
+    """lm-eval model: ``base`` steered by ``expert`` - ``anti_expert``, or another logit
+    program (``program=``), with alpha / coefficient sweeps (module docstring)."""
 
     def __init__(self, **model_args):
         """Load the models named by ``model_args`` (:data:`MODEL_ARGS`); a bad or unknown
@@ -285,16 +523,46 @@ class ProxyKernLM(TemplateLM):
             raise ValueError(f"model_args mode must be one of {', '.join(MODES)}, "
                              f"got {args.mode!r}")
         self.mode = args.mode
-        needed = {"proxy": ("base", "expert", "anti_expert"), "base": ("base",),
-                  "expert": ("expert",)}[args.mode]
-        paths = dict(base=args.base, expert=args.expert, anti_expert=args.anti_expert)
+        spec = program_spec({k: getattr(args, k) for k in ("program", *PROGRAM_ARGS)
+                             if k in model_args}, args.mode)
+        self.spec = spec
+        self.program_name = spec.name
+        self.programs = spec.programs
+        self.sweep = spec.sweep
+        self.sweep_output = args.sweep_output
+        if self.sweep_output is not None:
+            if self.sweep is None:
+                raise ValueError(f"model_args sweep_output: there is no sweep to write (give "
+                                 f"one of {', '.join(SWEEPABLE)} as a list, e.g. alpha=0.5;1;2)")
+            if not isinstance(self.sweep_output, str) or not self.sweep_output.strip():
+                raise ValueError(f"model_args sweep_output must be a file path, "
+                                 f"got {self.sweep_output!r}")
+            folder = os.path.dirname(os.path.abspath(os.path.expanduser(self.sweep_output)))
+            if not os.path.isdir(folder):
+                raise ValueError(f"model_args sweep_output: no such folder: {folder}")
+        self._sweep_records = []
+        self._last_settings = None
+        if spec.name == "proxy_tuning":
+            needed = {"proxy": ("base", "expert", "anti_expert"), "base": ("base",),
+                      "expert": ("expert",)}[args.mode]
+            paths = dict(base=args.base, expert=args.expert, anti_expert=args.anti_expert)
+            where = f"mode={args.mode}"
+        else:
+            needed = tuple(spec.paths)
+            paths = dict(spec.paths)
+            where = f"program={spec.name}"
         for name in needed:  # every path checked before the first (slow) load
+            arg = name if spec.name != "ensemble" else f"roles ({name})"
             if paths[name] is None:
-                raise ValueError(f"model_args {name} is required (mode={args.mode})")
-            paths[name], _ = resolve_model_path(f"model_args {name}", paths[name])
+                raise ValueError(f"model_args {arg} is required ({where})")
+            paths[name], _ = resolve_model_path(f"model_args {arg}", paths[name])
         if args.tokenizer is not None:
             resolve_model_path("model_args tokenizer", args.tokenizer)
-        self.alpha = 0.0 if args.mode != "proxy" else _as_float("alpha", args.alpha)
+        if spec.name == "proxy_tuning":
+            alphas = spec.params["alpha"]
+            self.alpha = alphas[0] if isinstance(alphas, list) else alphas
+        else:
+            self.alpha = None
         self.chat_expert = _as_bool("chat_expert", args.chat_expert)
         self.add_bos_token = _as_bool("add_bos_token", args.add_bos_token)
         trust = _as_bool("trust_remote_code", args.trust_remote_code)
@@ -316,18 +584,35 @@ class ProxyKernLM(TemplateLM):
 
         def load(name):
             if paths[name] not in loaded:
-                loaded[paths[name]] = load_causal_lm(f"model_args {name}", paths[name], dtype,
+                label = name if spec.name != "ensemble" else f"roles ({name})"
+                loaded[paths[name]] = load_causal_lm(f"model_args {label}", paths[name], dtype,
                                                      self._device, trust_remote_code=trust)
             return loaded[paths[name]]
 
-        if args.mode == "proxy":
+        if self.chat_expert and spec.name != "proxy_tuning" and "expert" not in needed:
+            raise ValueError(f"model_args chat_expert: {where} has no role named expert "
+                             f"(its roles: {', '.join(needed)})")
+        if spec.name != "proxy_tuning":
+            self.role_models = {r: load(r) for r in needed}
+            self.models = tuple(self.role_models.values())
+            first = spec.programs[0]
+            vocab_role = first.difference[0] if first.difference is not None else first.roles[0]
+            self._eos_model = self.role_models[vocab_role]
+            self._expert_model = self.role_models.get("expert")
+        elif args.mode == "proxy":
             self.models = (load("base"), load("expert"), load("anti_expert"))
+            self.role_models = dict(zip(("base", "expert", "anti_expert"), self.models))
+            vocab_role = "base"
         else:
             m = load(needed[0])
             self.models = (m, m, m)
+            self.role_models = {needed[0]: m}
+            vocab_role = needed[0]
+        if spec.name == "proxy_tuning":
+            self._eos_model, self._expert_model = self.models[0], self.models[1]
         tok_name = ("model_args tokenizer" if args.tokenizer is not None
-                    else f"model_args {needed[0]} (its tokenizer)")
-        self.tokenizer = load_tokenizer(tok_name, args.tokenizer or paths[needed[0]],
+                    else f"model_args {vocab_role} (its tokenizer)")
+        self.tokenizer = load_tokenizer(tok_name, args.tokenizer or paths[vocab_role],
                                         trust_remote_code=trust)
         self.expert_tokenizer = (
             load_tokenizer("model_args expert (its tokenizer, for chat_expert)",
@@ -396,9 +681,9 @@ class ProxyKernLM(TemplateLM):
         def config_eos(model):
             return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
 
-        sources = [config_eos(self.models[0]), self.tokenizer.eos_token_id]
+        sources = [config_eos(self._eos_model), self.tokenizer.eos_token_id]
         if self.expert_tokenizer is not None:  # a chat expert ends its turn with its own EOS
-            sources += [config_eos(self.models[1]), self.expert_tokenizer.eos_token_id]
+            sources += [config_eos(self._expert_model), self.expert_tokenizer.eos_token_id]
         for e in sources:
             for x in ([e] if isinstance(e, int) else list(e or [])):
                 if x not in ids:
@@ -423,34 +708,51 @@ class ProxyKernLM(TemplateLM):
             return full[-n:-(n - 1)], cont[-(n - 1):]
         return ctx[-(n - len(cont)):], cont
 
-    def _score(self, items, desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """items: (base ctx, expert ctx, continuation) token lists -> (sum logprob, greedy).
+    def _score(self, items, desc: str, disable_tqdm: bool) -> list[list[tuple[float, bool]]]:
+        """items: (base ctx, expert ctx, continuation) token lists -> per setting (K: the
+        sweep's values, else 1) a list of (sum logprob, greedy), one per item.
 
-        Longest first (less padding; a batch too big for memory fails at once)."""
+        Longest first (less padding; a batch too big for memory fails at once). One
+        forward per model per batch, whatever K."""
         order = sorted(range(len(items)), key=lambda i: -(len(items[i][0]) + len(items[i][2])))
-        results = [None] * len(items)
-        base, expert, anti = self.models
+        K = len(self.sweep[1]) if self.sweep is not None else 1
+        results = [[None] * len(items) for _ in range(K)]
         for s in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc=desc):
             idx = order[s:s + self.batch_size]
             ctx = [items[i][0] for i in idx]
             e_ctx = [items[i][1] for i in idx]
             cont = [items[i][2] for i in idx]
-            if self.mode == "expert":  # the expert alone, on its own context
-                out = proxy_logprobs(expert, expert, expert, e_ctx, cont, alpha=0.0,
-                                     backend=self.op_backend)
-            else:
-                out = proxy_logprobs(base, expert, anti, ctx, cont,
-                                     expert_context=e_ctx if self.chat_expert else None,
-                                     alpha=self.alpha, backend=self.op_backend)
-            totals = out.logprobs.sum(1).tolist()
-            greedy = out.greedy.all(1).tolist()
-            for i, t, g in zip(idx, totals, greedy):
-                results[i] = (float(t), bool(g))
+            out = self._logprobs(ctx, e_ctx, cont)
+            logprobs, greedy = out.logprobs, out.greedy
+            if logprobs.dim() == 2:  # one setting
+                logprobs, greedy = logprobs[None], greedy[None]
+            totals = logprobs.sum(-1).tolist()
+            greedy = greedy.all(-1).tolist()
+            for k in range(K):
+                for i, t, g in zip(idx, totals[k], greedy[k]):
+                    results[k][i] = (float(t), bool(g))
         return results
+
+    def _logprobs(self, ctx, e_ctx, cont):
+        """One batch's :class:`proxykern.ProxyLogprobs` (``(K, B, L)`` for a sweep)."""
+        if self.program_name != "proxy_tuning":
+            role_context = {"expert": e_ctx} if self.chat_expert else None
+            program = list(self.programs) if self.sweep is not None else self.programs[0]
+            return program_logprobs(program, self.role_models, ctx, cont,
+                                    role_context=role_context, backend=self.op_backend)
+        base, expert, anti = self.models
+        if self.mode == "expert":  # the expert alone, on its own context
+            return proxy_logprobs(expert, expert, expert, e_ctx, cont, alpha=0.0,
+                                  backend=self.op_backend)
+        alpha = list(self.sweep[1]) if self.sweep is not None else self.alpha
+        return proxy_logprobs(base, expert, anti, ctx, cont,
+                              expert_context=e_ctx if self.chat_expert else None,
+                              alpha=alpha, backend=self.op_backend)
 
     # ------------------------------------------------------------------ requests
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """lm-eval's hook: the first setting's results (all K kept in ``_last_settings``)."""
         items = []
         for (context, _continuation), ctx_enc, cont_enc in requests:
             ctx, cont = self._fit(list(ctx_enc), list(cont_enc))
@@ -458,10 +760,34 @@ class ProxyKernLM(TemplateLM):
             if self.chat_expert and context:
                 e_ctx, _ = self._fit(e_ctx, cont)
             items.append((ctx, e_ctx, cont))
-        results = self._score(items, "proxykern loglikelihood", disable_tqdm)
+        settings = self._score(items, "proxykern loglikelihood", disable_tqdm)
+        self._last_settings = settings
+        results = settings[0]
         for (key, _c, _x), res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, res)
         return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's log-likelihood requests: ``(sum logprob, greedy)`` each -- for a sweep,
+        the first value's (all K written to ``sweep_output`` when given)."""
+        self._last_settings = None
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        if self.sweep is not None and self._last_settings is not None:
+            self._record("loglikelihood", requests, self._last_settings)
+        return results
+
+    def loglikelihood_sweep(self, requests, disable_tqdm: bool = False) \
+            -> list[list[tuple[float, bool]]]:
+        """Every setting of the sweep for lm-eval log-likelihood requests (``Instance``s, or
+        ``(context, continuation)`` pairs), from one set of forwards: ``[k][i]`` is request
+        ``i``'s ``(sum logprob, greedy)`` at the sweep's value ``k`` (``self.sweep[1][k]``),
+        which is what :meth:`loglikelihood` returns for a model given that one value.
+        Without a sweep: ``[loglikelihood(requests)]``. Writes nothing."""
+        requests = [r if hasattr(r, "args") else SimpleNamespace(args=tuple(r))
+                    for r in requests]
+        self._last_settings = None
+        TemplateLM.loglikelihood(self, requests, disable_tqdm=disable_tqdm)
+        return self._last_settings if self._last_settings is not None else [[]]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -476,13 +802,48 @@ class ProxyKernLM(TemplateLM):
                     max_seq_len=self.max_length - 1, context_len=1)):
                 windows.append((ctx, ctx, cont))
                 owner.append(r)
-        totals = [0.0] * len(requests)
-        for r, (ll, _g) in zip(owner, self._score(windows, "proxykern loglikelihood_rolling",
-                                                  disable_tqdm)):
-            totals[r] += ll
+        settings = self._score(windows, "proxykern loglikelihood_rolling", disable_tqdm)
+        per_setting = []
+        for scored in settings:
+            totals = [0.0] * len(requests)
+            for r, (ll, _g) in zip(owner, scored):
+                totals[r] += ll
+            per_setting.append(totals)
+        if self.sweep is not None:
+            self._record("loglikelihood_rolling", requests,
+                         [[(t, None) for t in totals] for totals in per_setting])
+        totals = per_setting[0]
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
+
+    # ------------------------------------------------------------------ sweeps
+
+    def _record(self, kind: str, requests, settings) -> None:
+        """Keep one sweep record per request and rewrite ``sweep_output`` (all so far)."""
+        for i, req in enumerate(requests):
+            self._sweep_records.append(dict(
+                type=kind, task=getattr(req, "task_name", None),
+                doc_id=getattr(req, "doc_id", None), idx=getattr(req, "idx", None),
+                loglikelihood=[settings[k][i][0] for k in range(len(settings))],
+                greedy=[settings[k][i][1] for k in range(len(settings))]))
+        if self.sweep_output is not None:
+            path = os.path.expanduser(self.sweep_output)
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.sweep_report(), f, indent=1)
+            os.replace(path + ".tmp", path)
+
+    def sweep_report(self) -> dict:
+        """What ``sweep_output`` holds: the program, the swept model_arg and its values
+        (``reported``: the one lm-eval got), every request scored so far (``requests``:
+        type, task, doc_id, idx -- the choice index of a multiple-choice doc -- and its K
+        summed log-likelihoods and greedy flags) and per task :func:`sweep_summary`."""
+        name, values = self.sweep
+        return dict(program=self.program_name, sweep=name, values=list(values),
+                    reported=values[0], params={k: v for k, v in self.spec.params.items()
+                                                if k != name},
+                    tasks=sweep_summary(self._sweep_records, len(values)),
+                    requests=self._sweep_records)
 
     def _gen_settings(self, gen_kwargs) -> dict:
         if not isinstance(gen_kwargs, dict):
@@ -527,6 +888,12 @@ class ProxyKernLM(TemplateLM):
                     min_p=get("min_p", 0.0, float), seed=get("seed", self.seed, int))
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.sweep is not None:
+            name, values = self.sweep
+            raise ValueError(f"generate_until: model_args {name} is a sweep "
+                             f"({';'.join(f'{v:g}' for v in values)}) but generation needs one "
+                             f"value: give {name} one number for generation tasks (sweeps "
+                             f"score log-likelihood requests)")
         groups = {}
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -555,10 +922,12 @@ class ProxyKernLM(TemplateLM):
         if room < 1:
             raise ValueError(f"generate_until: max_gen_toks {n} leaves no room for the context "
                              f"within max_length {self.max_length}")
-        base, expert, anti = self.models
         plain = [(e or [self.prefix_token_id])[-room:] for e in encoded]
         expert_rows = ([self._expert_context(c, p)[-room:] for c, p in zip(contexts, plain)]
                        if self.chat_expert else None)
+        if self.program_name != "proxy_tuning":
+            return self._generate_program(plain, expert_rows, request_ids, settings)
+        base, expert, anti = self.models
         if self.mode == "expert":
             rows, models, alpha = expert_rows or plain, (expert, expert, expert), 0.0
             expert_rows = None
@@ -586,6 +955,83 @@ class ProxyKernLM(TemplateLM):
         return [cut_at_stops(self.tok_decode(r), settings["until"]) for r in watch.rows]
 
 
+    def _generate_program(self, plain, expert_rows, request_ids, settings) -> list[str]:
+        """``_generate`` for a non-proxy program: :func:`proxykern.program_generate` with
+        every role on the plain context (the expert on its chat-formatted one with
+        chat_expert); same seeds, stops and EOS as proxy tuning."""
+        ids, mask = left_pad(plain, 0, self.device)
+        role_ids = role_mask = None
+        if expert_rows is not None:
+            e_ids, e_mask = left_pad(expert_rows, 0, self.device)
+            role_ids, role_mask = {"expert": e_ids}, {"expert": e_mask}
+        pad = self.tokenizer.pad_token_id
+        pad = self.eos_ids[0] if pad is None else pad
+        seeds = row_seeds(settings["seed"], torch.tensor(request_ids)).to(self.device)
+        watch = _StopWatch(self.tokenizer, settings["until"], self.eos_ids, len(plain))
+        try:
+            program_generate(
+                self.programs[0], self.role_models, ids, mask,
+                max_new_tokens=settings["max_new_tokens"], role_input_ids=role_ids,
+                role_attention_mask=role_mask, temperature=settings["temperature"],
+                top_k=settings["top_k"], top_p=settings["top_p"], min_p=settings["min_p"],
+                seed=seeds, eos_token_id=self.eos_ids, pad_token_id=pad, streamer=watch,
+                backend=self.op_backend)
+        except _StopWhenDone:
+            pass
+        return [cut_at_stops(self.tok_decode(r), settings["until"]) for r in watch.rows]
+
+
+def sweep_summary(records, k: int) -> dict:
+    """Per task (``None``: requests without one), per request type, over a sweep's
+    ``records`` (``sweep_output``'s ``requests``): ``requests`` (how many), ``loglikelihood``
+    (K sums) and, for log-likelihood requests, ``greedy`` (K counts of greedy
+    continuations) and ``docs`` (how many docs)."""
+    out = {}
+    for r in records:
+        entry = out.setdefault(str(r["task"]), {}).setdefault(r["type"], dict(
+            requests=0, loglikelihood=[0.0] * k, docs=set(),
+            **({"greedy": [0] * k} if r["type"] == "loglikelihood" else {})))
+        entry["requests"] += 1
+        entry["docs"].add(r["doc_id"])
+        for j in range(k):
+            entry["loglikelihood"][j] += r["loglikelihood"][j]
+            if "greedy" in entry:
+                entry["greedy"][j] += int(bool(r["greedy"][j]))
+    for task in out.values():
+        for entry in task.values():
+            entry["docs"] = len(entry["docs"])
+    return out
+
+
+def sweep_accuracy(report, gold: dict, task: str | None = None) -> list[float]:
+    """Multiple-choice accuracy at each of a sweep's K values (lm-eval's ``acc``: a doc is
+    right when its gold choice has the highest summed log-likelihood, first on ties).
+
+    ``report``: :meth:`ProxyKernLM.sweep_report` or the ``sweep_output`` file's JSON (a
+    dict, or the file's path); ``gold``: doc_id -> the gold choice index (e.g. from
+    lm-eval's logged samples: ``{s["doc_id"]: s["target"] for s in samples[task]}``);
+    ``task``: which task's requests (default: all). Docs missing from ``gold`` are skipped."""
+    if isinstance(report, str):
+        with open(report) as f:
+            report = json.load(f)
+    k = len(report["values"])
+    docs = {}
+    for r in report["requests"]:
+        if r["type"] == "loglikelihood" and (task is None or r["task"] == task) \
+                and r["doc_id"] in gold:
+            docs.setdefault(r["doc_id"], []).append(r)
+    if not docs:
+        raise ValueError("sweep_accuracy: no log-likelihood request of the report has a doc "
+                         "in gold" + (f" (task {task!r})" if task else ""))
+    right = [0] * k
+    for doc_id, choices in docs.items():
+        choices.sort(key=lambda r: r["idx"])
+        for j in range(k):
+            best = max(range(len(choices)), key=lambda c: (choices[c]["loglikelihood"][j], -c))
+            right[j] += int(choices[best]["idx"] == gold[doc_id])
+    return [n / len(docs) for n in right]
+
+
 def _register() -> None:
     """Register the class as ``proxykern`` (a no-op where lm-eval's entry-point discovery
     already holds the name for this same class)."""
@@ -606,6 +1052,22 @@ TRIO_EXAMPLE = """\
       --include_path examples/trio/lm_eval --tasks trio_qa_mc,trio_qa_gen --limit 50"""
 
 
+# Printed after the table; no line starts with two spaces (those are the table's rows).
+PROGRAMS_HELP = """\
+Programs (program=; each takes only its own model_args, others raise naming them):
+* proxy_tuning: base, expert, anti_expert, alpha (mode=base|expert: one model alone)
+* dexperts: base, expert, anti_expert, alpha (2.0), base_top_p (0.9)
+* contrastive: expert, amateur, beta (0.5), plausibility (0.1); contrastive_li: expert,
+amateur, plausibility (0.1)
+* ensemble: roles=a:PATH1;b:PATH2 weights=a:0.5;b:0.5 (';' between items: lm-eval
+splits model_args at commas; quote model_args in a shell, where ';' ends a command)
+chat_expert formats the context of the role named expert.
+Sweeps: one of alpha, beta, plausibility, base_top_p as a list, e.g. alpha=0.5;1.0;2.0:
+log-likelihood requests score every value from one forward per model; lm-eval reports
+the first value; sweep_output=PATH writes every value's per-request log-likelihoods and
+greedy flags and per-task sums (JSON). Generation tasks need one value."""
+
+
 def model_args_help() -> str:
     """The help section on proxykern's model_args (from :data:`MODEL_ARGS`, one line each:
     ``name=default``, meaning) and the local-task example, printed after lm-eval's help
@@ -621,7 +1083,8 @@ def model_args_help() -> str:
     for a in MODEL_ARGS:
         shown = f" (default: {a.shown})" if a.shown else ""
         lines.append(f"  {first_column(a):<{width}}  {a.help}{shown}")
-    lines += ["", "The local lm-eval tasks on the shipped trio (repository root, CPU):",
+    lines += ["", PROGRAMS_HELP, "",
+              "The local lm-eval tasks on the shipped trio (repository root, CPU):",
               TRIO_EXAMPLE, ""]
     return "\n".join(lines)
 
