@@ -82,3 +82,54 @@ def load_tokenizer(name: str, path, trust_remote_code: bool = False):
 
     return _load(name, path, lambda p: AutoTokenizer.from_pretrained(
         p, trust_remote_code=trust_remote_code))
+
+
+# --------------------------------------------------------------------------- device, dtype
+
+#: Model dtypes by name (the CLI's ``--dtype`` choices and lm-eval's ``dtype``), as torch
+#: attribute names so that this module stays importable without torch; "auto" is bfloat16
+#: on CUDA and float32 elsewhere.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_device(name: str, spec):
+    """The torch device ``spec`` names (``"auto"``, None or ``""``: CUDA when available, else
+    cpu); ``ValueError`` naming the argument ``name`` unless it exists and is available."""
+    import torch
+
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name} {spec}: not a device (auto, cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {spec}: CUDA is not available here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} {spec}: there are {count} CUDA device(s) here")
+        return device
+    module = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
+    available = getattr(module, "is_available", None)
+    if device.type != "meta" and callable(available) and available():
+        return device
+    raise ValueError(f"{name} {spec}: {device.type} devices are not available here "
+                     f"(use cpu or cuda)")
+
+
+def resolve_dtype(name: str, value, device):
+    """The torch dtype ``value`` names (a key of :data:`DTYPE_NAMES`, ``"auto"`` or a torch
+    dtype) for models on ``device``; ``ValueError`` naming the argument ``name``."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(value, str) or value not in DTYPE_NAMES:
+        raise ValueError(f"{name} must be auto, float32, bfloat16 or float16, got {value!r}")
+    return getattr(torch, DTYPE_NAMES[value])

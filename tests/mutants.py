@@ -81,9 +81,9 @@ MUTANTS = [
       "    pos = slot - n_a\n", "    pos = slot\n",
       ("tests/test_ops.py", "-k", "full_blocks_then_tail"),
       "a segment's bracket tokens overwrite the previous segments' slots"),
-    M("ops_row0_params", "proxykern/ops.py",
-      "return value.to(dtype).contiguous()",
-      "return value[:1].to(dtype).expand(value.shape[0]).contiguous()",
+    M("ops_row0_params", "proxykern/params.py",
+      "return value.to(device=device, dtype=dtype).reshape(-1).expand(B).contiguous()",
+      "return value[:1].to(device=device, dtype=dtype).expand(B).contiguous()",
       ("tests/test_per_row.py::test_restrictive_rows_beside_permissive_rows", "-k", "cpu"),
       "proxy_sample hands every backend row 0's value of each per-row tensor"),
     M("triton_alpha_sign", "proxykern/kernels/proxy_sample_triton.py",
@@ -126,6 +126,17 @@ MUTANTS = [
       "p, dtype=dtype, trust_remote_code", "p, trust_remote_code",
       ("tests/test_cli.py::test_dtype_flag_loads_the_models_in_that_dtype",),
       "the CLI parses --dtype and loads the checkpoints' own dtype"),
+    M("program_mask_dropped", "proxykern/programs.py",
+      "return program_ops.program_rows(inputs, bound.coefficients, mode, bound.mask_input,",
+      "return program_ops.program_rows(inputs, bound.coefficients, mode, -1,",
+      ("tests/test_program_generate.py::test_presets_match_the_papers_formulas",),
+      "the program step forgets the plausibility mask (contrastive decoding unmasked)"),
+    M("speculative_program_steps", "proxykern/engine/speculative.py",
+      "steps = (n_done[:, None] + torch.arange(P, device=dev)).reshape(-1)",
+      "steps = n_done.repeat_interleave(P)",
+      ("tests/test_program_generate.py::test_speculative_programs_give_the_plain_tokens",),
+      "speculative rounds draw every position with the round's first step (sampled "
+      "tokens differ from plain decoding)"),
 ]
 
 

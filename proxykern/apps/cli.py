@@ -49,9 +49,11 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+from ..loading import DTYPE_NAMES
 from ..ops import INT64_MAX  # loaded with the package anyway (proxykern/__init__.py)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: --dtype choices: "auto" and the canonical names of loading.DTYPE_NAMES.
+DTYPES = ("auto", *dict.fromkeys(DTYPE_NAMES.values()))
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 DEFAULT_BATCH_SIZE = 8
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE, EXIT_SIGHUP = 130, 143, 141, 129
@@ -398,33 +400,6 @@ def _check_count(flag: str, value: int, minimum: int, maximum: int = INT64_MAX) 
         raise ValueError(f"{flag} must be an int in [{minimum}, {top}], got {value}")
 
 
-def _device(spec: str):
-    """The torch.device ``--device`` names; ValueError unless it exists and is available."""
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N, ...)") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available here")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {spec}: there are {count} CUDA device(s) here")
-        return device
-    module = getattr(torch, device.type, None)  # torch.mps, torch.xpu, ...
-    available = getattr(module, "is_available", None)
-    if device.type != "meta" and callable(available) and available():
-        return device
-    raise ValueError(f"--device {spec}: {device.type} devices are not available here "
-                     f"(use cpu or cuda)")
-
-
 def check_flags(args):
     """Check every flag before any file is read or model loaded; returns the device.
 
@@ -436,7 +411,7 @@ def check_flags(args):
     """
     from ..generation_args import MAX_ROWS
     from .jsonl_generate import ROW_FIELDS
-    from ..loading import resolve_model_path
+    from ..loading import resolve_device, resolve_model_path
     from ..ops import check_sampling_arg
 
     args.spec = spec = resolve_program(args)
@@ -470,7 +445,7 @@ def check_flags(args):
         _check_program_values(spec, args.alpha if spec.takes_alpha else None)
     for flag, path, _label in spec.paths.values():
         resolve_model_path(flag, path)  # a local-looking path that is not there
-    return _device(args.device)
+    return resolve_device("--device", args.device)
 
 
 # --------------------------------------------------------------------------- models
@@ -497,14 +472,11 @@ class Session:
 
 def _load(args, device) -> Session:
     """Load the tokenizer(s) and each role's model; equal paths share one model."""
-    import torch
-
     from ..generation_args import shared_vocab_size
-    from ..loading import load_causal_lm, load_tokenizer
+    from ..loading import load_causal_lm, load_tokenizer, resolve_dtype
 
     spec = getattr(args, "spec", None) or resolve_program(args)
-    dtype = (getattr(torch, args.dtype) if args.dtype != "auto"
-             else torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype("--dtype", args.dtype, device)
     loaded = {}
 
     def model(flag, path):

@@ -99,16 +99,14 @@ from tqdm import tqdm
 from .. import programs as presets
 from ..generate import fused_proxy_generate
 from ..program_generate import program_generate
-from ..loading import load_causal_lm, load_tokenizer, resolve_model_path
+from ..loading import (load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
+                       resolve_model_path)
 from ..ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend
 from ..reference import row_seeds
 from ..engine.runner import left_pad
 from ..scoring import program_logprobs, proxy_logprobs
 
 MODES = ("proxy", "base", "expert")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16}
 GEN_KWARGS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "do_sample",
               "temperature", "top_k", "top_p", "min_p", "seed"}
 DEFAULT_MAX_LENGTH = 2048
@@ -256,31 +254,6 @@ def _as_float(name, value, where="model_args") -> float:
         except ValueError as exc:
             raise ValueError(f"{where} {exc}") from None
     return out
-
-
-def _as_device(value) -> torch.device:
-    """``value`` as a torch device (``None`` / ``""``: CUDA when available, else cpu)."""
-    if value is None or value == "":
-        value = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"model_args device: {value!r} is not a torch device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model_args device={value!r} but CUDA is not available here")
-    return device
-
-
-def _as_dtype(value, device: torch.device) -> torch.dtype:
-    """``value`` (a name of :data:`DTYPES`, ``auto`` or a torch dtype) as a torch dtype."""
-    if isinstance(value, torch.dtype):
-        return value
-    if not isinstance(value, str) or (value != "auto" and value not in DTYPES):
-        raise ValueError(f"model_args dtype must be auto, float32, bfloat16 or float16, "
-                         f"got {value!r}")
-    if value == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[value]
 
 
 # --------------------------------------------------------------------------- programs
@@ -573,12 +546,12 @@ class ProxyKernLM(TemplateLM):
         self.max_gen_toks = _as_int("max_gen_toks", args.max_gen_toks, 1)
         self.seed = _as_int("seed", args.seed, 0, 2 ** 64 - 1)  # 64 bits, as everywhere
         max_length = None if args.max_length is None else _as_int("max_length", args.max_length, 2)
-        self._device = _as_device(args.device)
+        self._device = resolve_device("model_args device", args.device)
         try:
             self.op_backend = resolve_backend(args.backend, self._device)
         except ValueError as exc:
             raise ValueError(f"model_args backend: {exc}") from None
-        dtype = _as_dtype(args.dtype, self._device)
+        dtype = resolve_dtype("model_args dtype", args.dtype, self._device)
 
         loaded = {}  # equal paths share one model
 
