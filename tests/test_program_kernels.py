@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from proxykern import ops, program_ops, reference
+from proxykern.params import SamplingParams
 from proxykern.programs import LogitProgram, ProgramMask
 from proxykern.reference import STATUS_NONFINITE
 
@@ -20,28 +21,11 @@ PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5)  # the unfi
 SAMPLINGS = {"greedy": GREEDY, "sampled": SAMPLED, "plain": PLAIN}
 
 
-def build_params(sampling, B, V):
-    """The op's per-row parameters (proxykern.params.SamplingParams where it exists)."""
-    try:
-        from proxykern.params import SamplingParams
-    except ImportError:  # the older dict API
-        params = ops.row_params(sampling, B, CPU)
-        return params, params
-    p = SamplingParams.build(sampling, B, CPU, V)
+def build_params(sampling, B, V, device=CPU):
+    """The op's per-row parameters: the SamplingParams and its tensors by name."""
+    p = SamplingParams.build(sampling, B, device, V)
     return p, {n: getattr(p, n) for n in ("alpha", "temperature", "top_k", "top_p", "min_p",
                                           "seed")}
-
-
-def may_filter(sampling, V):
-    from proxykern import params as _params
-    return _params.may_filter(sampling, V)
-
-
-def sample_rows(b, e, a, params, steps, V, backend, mf):
-    try:
-        return ops.sample_rows(b, e, a, params, steps, V, backend)
-    except TypeError:
-        return ops.sample_rows(b, e, a, params, steps, V, backend, mf)
 
 
 def sizes(backend):
@@ -81,12 +65,15 @@ def check(got, ref, exact=False):
 
 
 def run_both(program, inputs, roles, coefficients, mode, mask_input, log_a, sampling, V,
-             backend, step=3):
+             backend, step=3, device=CPU):
+    """The op on ``device`` (inputs moved there) and the reference on the CPU inputs."""
     B = inputs[0].shape[0]
     obj, params = build_params(sampling, B, V)
+    on = build_params(sampling, B, V, device)[0]
     steps = torch.full((B,), step, dtype=torch.int64)
-    got = program_ops.program_rows(inputs, coefficients, mode, mask_input, log_a, obj, steps,
-                                   V, backend)
+    got = program_ops.program_rows(
+        [x.to(device) for x in inputs], coefficients.to(device), mode, mask_input,
+        None if log_a is None else log_a.to(device), on, steps.to(device), V, backend)
     logits = {r: x for r, x in zip(roles, inputs)}
     ref = reference.program_reference(program, logits, params["temperature"], params["top_k"],
                                       params["top_p"], params["min_p"], params["seed"], steps, V)
@@ -162,10 +149,9 @@ def test_difference_is_proxy_sample_bitwise(backend, sampling):
     alpha = per_row(B, seed=8, lo=-2.0, hi=2.0)
     obj, _ = build_params(dict(SAMPLINGS[sampling], alpha=alpha), B, V)
     steps = torch.full((B,), 4, dtype=torch.int64)
-    mf = may_filter(SAMPLINGS[sampling], V)
     got = program_ops.program_rows([b, e, a], alpha.reshape(B, 1), "difference", -1, None,
-                                   obj, steps, V, backend, mf)
-    want = sample_rows(b, e, a, obj, steps, V, backend, mf)
+                                   obj, steps, V, backend)
+    want = ops.sample_rows(b, e, a, obj, steps, V, backend)
     for g, w in zip(got, want):
         assert torch.equal(g, w), (g, w)
 
@@ -239,3 +225,26 @@ def test_triton_runs_under_the_interpreter_here():
     if torch.cuda.is_available():
         pytest.skip("the interpreter runs on CPU-only machines")
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("N", [3, 5])
+@pytest.mark.parametrize("B", [4, 64])
+def test_the_triton_program_kernel_on_cuda(B, N, masked, sampling):
+    """backend "cuda" (the Triton kernels on the GPU): the reference's tokens, at a small
+    batch (the staged launches) and a large one (one program per row)."""
+    V = 50000
+    inputs = make_inputs(N, B, V, seed=N + B)
+    roles = tuple(f"m{i}" for i in range(N))
+    coef = torch.stack([per_row(B, seed=10 * N + i) for i in range(N)], dim=1)
+    a = per_row(B, seed=98, lo=0.05, hi=0.5)
+    r = 0 if masked else -1
+    mask = ProgramMask("plausibility", roles[r], a) if masked else None
+    program = LogitProgram(roles, coefficients=tuple(coef[:, i] for i in range(N)), mask=mask)
+    got, ref = run_both(program, inputs, roles, coef, "linear", r,
+                        torch.log(a) if masked else None, SAMPLINGS[sampling], V, "cuda",
+                        device=torch.device("cuda"))
+    check(got, ref)
