@@ -1,13 +1,15 @@
 """``proxy_sample``: the fused proxy-tuning sampling op, its validation and backend choice.
 
-Layers: :func:`proxy_sample` (validates, documents) -> the registered op
-``torch.ops.proxykern.proxy_sample`` -> one backend. Only this module knows
-which backends exist:
+Layers: :func:`proxy_sample` (validates, documents; the backend resolved once) ->
+:func:`sample_rows` (the hot entry) -> the registered op of one kernel
+(:func:`sample_kernel`). Only this module knows which backends exist:
 
 * ``"cuda"``   -- ``csrc/`` C++/CUDA kernel (``torch.ops.proxykern.fused_sample`` on CUDA)
-* ``"triton"`` -- ``kernels/`` Triton kernel (GPU; on CPU only under ``TRITON_INTERPRET=1``)
+* ``"triton"`` -- ``kernels/`` Triton kernel (GPU; on CPU only under ``TRITON_INTERPRET=1``):
+  ``torch.ops.proxykern.triton_sample`` / ``triton_sample_unfiltered`` (two launch plans)
 * ``"cpu"``    -- ``csrc/`` C++ kernel (``torch.ops.proxykern.fused_sample`` on CPU)
 * ``"torch"``  -- :mod:`proxykern.reference`, the spec in plain PyTorch
+  (``torch.ops.proxykern.reference_sample``)
 """
 from __future__ import annotations
 
@@ -195,44 +197,64 @@ def _resolve_backend(backend: str, device_type: str, device_index) -> str:
 _resolve_backend._dynamo_marked_constant = True
 
 
-def _run_native(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size,
-                may_filter):
-    return torch.ops.proxykern.fused_sample(base, expert, anti, alpha, temperature, top_k, top_p,
-                                            min_p, seed, step, vocab_size)
+# One registered op per kernel, each with the kernel's own signature (no backend string,
+# no launch hint): the C++ ``proxykern::fused_sample`` (csrc/, CPU and CUDA dispatch keys,
+# registered by the extension), the Triton kernels under two launch plans, and the
+# reference. :func:`sample_kernel` picks one from the resolved backend and the
+# parameters' ``may_filter`` once; the hot path calls it directly.
+
+_SAMPLE_RESULT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _run_triton(*args):
-    *args, may_filter = args
-    return _triton_kernels().proxy_sample_triton(*args, may_filter=may_filter)
+@torch.library.custom_op("proxykern::triton_sample", mutates_args=())
+def _triton_sample(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
+                   alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                   step: torch.Tensor, vocab_size: int) -> _SAMPLE_RESULT:
+    """The Triton kernels for rows that may filter (top-k / top-p / min-p staged across
+    programs at small batch)."""
+    return _triton_kernels().proxy_sample_triton(base, expert, anti, alpha, temperature, top_k,
+                                                 top_p, min_p, seed, step, vocab_size,
+                                                 may_filter=True)
 
 
-def _run_reference(*args):
-    return reference.proxy_sample_reference(*args[:-1])
+@torch.library.custom_op("proxykern::triton_sample_unfiltered", mutates_args=())
+def _triton_sample_unfiltered(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
+                              alpha: torch.Tensor, temperature: torch.Tensor,
+                              top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                              seed: torch.Tensor, step: torch.Tensor,
+                              vocab_size: int) -> _SAMPLE_RESULT:
+    """The Triton kernels for rows known to keep every token (greedy, or no filter)."""
+    return _triton_kernels().proxy_sample_triton(base, expert, anti, alpha, temperature, top_k,
+                                                 top_p, min_p, seed, step, vocab_size,
+                                                 may_filter=False)
 
 
-_BACKEND_IMPLS = {
-    "cuda": _run_native,
-    "cpu": _run_native,
-    "triton": _run_triton,
-    "torch": _run_reference,
-}
+@torch.library.custom_op("proxykern::reference_sample", mutates_args=())
+def _reference_sample(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
+                      alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                      step: torch.Tensor, vocab_size: int) -> _SAMPLE_RESULT:
+    """The spec (:func:`proxykern.reference.proxy_sample_reference`) as an op."""
+    return tuple(t.clone() for t in reference.proxy_sample_reference(
+        base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size))
 
 
-@torch.library.custom_op("proxykern::proxy_sample", mutates_args=())
-def _proxy_sample_op(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
-                     alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                     top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-                     step: torch.Tensor, vocab_size: int, backend: str, may_filter: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered op on validated inputs: (tokens, logprobs, lse, status).
-
-    ``may_filter`` (see :func:`may_filter`) only chooses how the Triton backend launches.
-    """
-    return _BACKEND_IMPLS[backend](base, expert, anti, alpha, temperature, top_k, top_p, min_p,
-                                   seed, step, vocab_size, may_filter)
+for _op in (_triton_sample, _triton_sample_unfiltered, _reference_sample):
+    _op.register_fake(_fake_sample)
 
 
-_proxy_sample_op.register_fake(_fake_sample)
+def sample_kernel(backend: str, may_filter: bool = True):
+    """The registered op of a resolved ``backend``: ``(base, expert, anti, alpha,
+    temperature, top_k, top_p, min_p, seed, step, vocab_size) -> (tokens, logprobs, lse,
+    status)``. ``may_filter`` (:func:`proxykern.params.may_filter`) picks the Triton
+    launch plan, never a result."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.proxykern.fused_sample  # the dispatcher picks CPU or CUDA
+    if backend == "triton":
+        return (torch.ops.proxykern.triton_sample if may_filter
+                else torch.ops.proxykern.triton_sample_unfiltered)
+    return torch.ops.proxykern.reference_sample
 
 
 # --------------------------------------------------------------------------- validation
@@ -360,8 +382,8 @@ def sample_rows(base, expert, anti, params: SamplingParams, step: torch.Tensor, 
     tensor, ``backend`` resolved, logits with unit stride along the vocabulary. Returns
     (tokens, logprobs, lse, status); a bad row has token -1 and status != 0.
     """
-    return torch.ops.proxykern.proxy_sample(
-        base, expert, anti, *params.tensors(), step, vocab_size, backend, params.may_filter)
+    return sample_kernel(backend, params.may_filter)(base, expert, anti, *params.tensors(), step,
+                                                     vocab_size)
 
 
 def _no_host_sync(device: torch.device) -> bool:

@@ -1,14 +1,16 @@
 """``program_rows``: the fused N-input logit-program op (no pre-pass writing z).
 
 Layers: :func:`program_rows` (the hot-path entry: no checks, no host sync) -> the
-registered op ``torch.ops.proxykern.program_rows`` (a ``torch.library.custom_op``, so it
-traces under ``torch.compile(fullgraph=True)``) -> one backend:
+registered op of one kernel (:func:`program_kernel`; each traces under
+``torch.compile(fullgraph=True)``):
 
 * ``"cpu"``    -- ``csrc/program_sample_cpu.cpp`` (``torch.ops.proxykern.program_sample``):
   the fused op's CPU sampler fed block by block from the N inputs;
-* ``"triton"`` / ``"cuda"`` -- ``kernels/program_sample_triton.py``: the fused op's Triton
-  passes reading the N inputs (there is no CUDA C++ program kernel);
-* ``"torch"``  -- :func:`proxykern.reference.program_logits` and
+* ``"triton"`` / ``"cuda"`` -- ``kernels/program_sample_triton.py``
+  (``torch.ops.proxykern.triton_program_sample`` / ``..._unfiltered``): the fused op's
+  Triton passes reading the N inputs (there is no CUDA C++ program kernel);
+* ``"torch"``  -- ``torch.ops.proxykern.reference_program_sample``:
+  :func:`proxykern.reference.program_logits` and
   :func:`proxykern.reference.sample_logits_reference`, the spec.
 
 The program (proxykern.reference.program_logits, bitwise in fp32):
@@ -45,13 +47,12 @@ def _fake_rows(inputs, *_args):
             first.new_empty((B,), dtype=torch.float32), first.new_empty((B,), dtype=torch.int32))
 
 
-def _native_op():
-    """``torch.ops.proxykern.program_sample`` (the C++ CPU kernel), its fake registered once."""
+def _ensure_native() -> None:
+    """Load proxykern._C (which registers ``proxykern::program_sample``) and its fake, once."""
     if "native" not in _state:
-        ops._extension()  # loads proxykern._C (raises below if it is missing)
+        ops._extension()
         torch.library.register_fake("proxykern::program_sample")(_fake_rows)
-        _state["native"] = torch.ops.proxykern.program_sample
-    return _state["native"]
+        _state["native"] = True
 
 
 def _triton_module():
@@ -59,21 +60,6 @@ def _triton_module():
         from .kernels import program_sample_triton
         _state["triton"] = program_sample_triton
     return _state["triton"]
-
-
-# --------------------------------------------------------------------------- backends
-
-def _run_native(inputs, coefficients, mode, mask_input, mask_log_a, temperature, top_k, top_p,
-                min_p, seed, step, vocab_size, may_filter):
-    return _native_op()(list(inputs), coefficients, MODES[mode], mask_input, mask_log_a,
-                        temperature, top_k, top_p, min_p, seed, step, vocab_size)
-
-
-def _run_triton(inputs, coefficients, mode, mask_input, mask_log_a, temperature, top_k, top_p,
-                min_p, seed, step, vocab_size, may_filter):
-    return _triton_module().program_sample_triton(
-        inputs, coefficients, mode, mask_input, mask_log_a, temperature, top_k, top_p, min_p,
-        seed, step, vocab_size, may_filter=may_filter)
 
 
 def reference_logits(inputs, coefficients, mode: str, mask_input: int, mask_log_a,
@@ -96,35 +82,77 @@ def reference_logits(inputs, coefficients, mode: str, mask_input: int, mask_log_
     return z
 
 
-def _run_reference(inputs, coefficients, mode, mask_input, mask_log_a, temperature, top_k, top_p,
-                   min_p, seed, step, vocab_size, may_filter):
-    z = reference_logits(inputs, coefficients, mode, mask_input, mask_log_a, vocab_size)
-    return reference.sample_logits_reference(z, temperature, top_k, top_p, min_p, seed, step)
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+_PROGRAM_RESULT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-_BACKEND_IMPLS = {"cpu": _run_native, "triton": _run_triton, "cuda": _run_triton,
-                  "torch": _run_reference}
+def _triton_program(inputs, coefficients, mode, mask_input, mask_log_a, temperature, top_k,
+                    top_p, min_p, seed, step, vocab_size, may_filter):
+    return _triton_module().program_sample_triton(
+        inputs, coefficients, _MODE_NAMES[mode], mask_input, mask_log_a, temperature, top_k,
+        top_p, min_p, seed, step, vocab_size, may_filter=may_filter)
 
 
-@torch.library.custom_op("proxykern::program_rows", mutates_args=())
-def _program_rows_op(inputs: list[torch.Tensor], coefficients: torch.Tensor, mode: str,
-                     mask_input: int, mask_log_a: torch.Tensor, temperature: torch.Tensor,
-                     top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                     seed: torch.Tensor, step: torch.Tensor, vocab_size: int, backend: str,
-                     may_filter: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered op on validated inputs: (tokens, logprobs, lse, status)."""
-    return _BACKEND_IMPLS[backend](inputs, coefficients, mode, mask_input, mask_log_a,
-                                   temperature, top_k, top_p, min_p, seed, step, vocab_size,
-                                   may_filter)
+# One registered op per kernel, each with the kernel's own signature (as ops.py): the C++
+# ``proxykern::program_sample`` (CPU, registered by the extension), the Triton kernels
+# under two launch plans, and the reference.
+
+@torch.library.custom_op("proxykern::triton_program_sample", mutates_args=())
+def _triton_program_sample(inputs: list[torch.Tensor], coefficients: torch.Tensor, mode: int,
+                           mask_input: int, mask_log_a: torch.Tensor, temperature: torch.Tensor,
+                           top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                           seed: torch.Tensor, step: torch.Tensor,
+                           vocab_size: int) -> _PROGRAM_RESULT:
+    """The Triton program kernels for rows that may filter."""
+    return _triton_program(inputs, coefficients, mode, mask_input, mask_log_a, temperature,
+                           top_k, top_p, min_p, seed, step, vocab_size, True)
 
 
-_program_rows_op.register_fake(_fake_rows)
+@torch.library.custom_op("proxykern::triton_program_sample_unfiltered", mutates_args=())
+def _triton_program_sample_unfiltered(inputs: list[torch.Tensor], coefficients: torch.Tensor,
+                                      mode: int, mask_input: int, mask_log_a: torch.Tensor,
+                                      temperature: torch.Tensor, top_k: torch.Tensor,
+                                      top_p: torch.Tensor, min_p: torch.Tensor,
+                                      seed: torch.Tensor, step: torch.Tensor,
+                                      vocab_size: int) -> _PROGRAM_RESULT:
+    """The Triton program kernels for rows known to keep every token."""
+    return _triton_program(inputs, coefficients, mode, mask_input, mask_log_a, temperature,
+                           top_k, top_p, min_p, seed, step, vocab_size, False)
+
+
+@torch.library.custom_op("proxykern::reference_program_sample", mutates_args=())
+def _reference_program_sample(inputs: list[torch.Tensor], coefficients: torch.Tensor,
+                              mode: int, mask_input: int, mask_log_a: torch.Tensor,
+                              temperature: torch.Tensor, top_k: torch.Tensor,
+                              top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                              step: torch.Tensor, vocab_size: int) -> _PROGRAM_RESULT:
+    """The spec: :func:`reference_logits`, then the op's sampling on z."""
+    z = reference_logits(inputs, coefficients, _MODE_NAMES[mode], mask_input, mask_log_a,
+                         vocab_size)
+    return tuple(t.clone() for t in reference.sample_logits_reference(
+        z, temperature, top_k, top_p, min_p, seed, step))
+
+
+for _op in (_triton_program_sample, _triton_program_sample_unfiltered,
+            _reference_program_sample):
+    _op.register_fake(_fake_rows)
+
+
+def program_kernel(backend: str, may_filter: bool = True):
+    """The registered op of a resolved ``backend`` ("cuda" runs the Triton kernels: there is
+    no CUDA C++ program kernel); ``may_filter`` picks the Triton launch plan."""
+    if backend == "cpu":
+        _ensure_native()
+        return torch.ops.proxykern.program_sample
+    if backend in ("triton", "cuda"):
+        return (torch.ops.proxykern.triton_program_sample if may_filter
+                else torch.ops.proxykern.triton_program_sample_unfiltered)
+    return torch.ops.proxykern.reference_program_sample
 
 
 def program_rows(inputs, coefficients: torch.Tensor, mode: str, mask_input: int,
                  mask_log_a: torch.Tensor | None, params, step: torch.Tensor,
-                 vocab_size: int, backend: str, may_filter: bool | None = None):
+                 vocab_size: int, backend: str):
     """A decode step of a logit program: no checks, no host sync (the caller validated).
 
     ``inputs``: N = 2..8 tensors (B, >= vocab_size), fp32 / bf16 / fp16 (may differ),
@@ -132,21 +160,14 @@ def program_rows(inputs, coefficients: torch.Tensor, mode: str, mask_input: int,
     (``"linear"``) or (B, >= 1) with the scale in column 0 (``"difference"``, inputs
     (b, e, a)); ``mask_input`` -1 (none) or the index of the plausibility mask's input,
     ``mask_log_a`` (B,) fp32 = ``torch.log(a)`` (ignored, may be None, without a mask);
-    ``params``: a :class:`proxykern.params.SamplingParams` or a dict of (B,) tensors
-    (temperature, top_k, top_p, min_p, seed; alpha is not read); ``step`` (B,) int64;
-    ``backend`` resolved ("cpu", "triton", "torch" or "cuda" -- the Triton kernel on
-    CUDA tensors); ``may_filter`` (a Triton launch hint, never a result): default
-    ``params.may_filter`` for a SamplingParams, else True. Returns (tokens, logprobs, lse, status), each (B,):
-    a bad row has token -1 and status != 0.
+    ``params``: a :class:`proxykern.params.SamplingParams` (alpha is not read; its
+    ``may_filter`` picks the Triton launch plan); ``step`` (B,) int64; ``backend`` resolved
+    ("cpu", "triton", "torch" or "cuda" -- the Triton kernel on CUDA tensors). Returns
+    (tokens, logprobs, lse, status), each (B,): a bad row has token -1 and status != 0.
     """
     if mask_log_a is None:
         mask_log_a = coefficients.new_empty((0,), dtype=torch.float32)
-    if isinstance(params, dict):
-        tensors = [params[n] for n in ("temperature", "top_k", "top_p", "min_p", "seed")]
-    else:  # a proxykern.params.SamplingParams
-        tensors = [params.temperature, params.top_k, params.top_p, params.min_p, params.seed]
-        if may_filter is None:
-            may_filter = params.may_filter
-    return torch.ops.proxykern.program_rows(
-        list(inputs), coefficients, mode, int(mask_input), mask_log_a, *tensors, step,
-        int(vocab_size), backend, True if may_filter is None else bool(may_filter))
+    kernel = program_kernel(backend, params.may_filter)
+    return kernel(list(inputs), coefficients, MODES[mode], int(mask_input), mask_log_a,
+                  params.temperature, params.top_k, params.top_p, params.min_p, params.seed,
+                  step, int(vocab_size))

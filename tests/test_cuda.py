@@ -298,7 +298,7 @@ def test_opcheck():
             torch.full((B,), 20, dtype=torch.long, device=d), torch.full((B,), 0.9, device=d),
             torch.full((B,), 0.01, device=d), torch.arange(B, dtype=torch.long, device=d),
             torch.zeros(B, dtype=torch.long, device=d), 257)
-    torch.library.opcheck(torch.ops.proxykern.proxy_sample.default, args + ("cuda",))
+    torch.library.opcheck(torch.ops.proxykern.fused_sample.default, args)
 
 
 # --------------------------------------------------------------------------- capture

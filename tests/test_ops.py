@@ -323,9 +323,8 @@ def test_opcheck(backend):
     args = (base, expert, anti, torch.full((B,), 0.8), torch.full((B,), 0.9),
             torch.full((B,), 20, dtype=torch.long), torch.full((B,), 0.9), torch.full((B,), 0.01),
             torch.arange(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), 257)
-    torch.library.opcheck(torch.ops.proxykern.proxy_sample.default, args + (backend,))
-    if backend == "cpu":
-        torch.library.opcheck(torch.ops.proxykern.fused_sample.default, args)
+    for may_filter in (True, False):  # the backend's own registered op (both Triton plans)
+        torch.library.opcheck(ops.sample_kernel(backend, may_filter).default, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -463,6 +462,19 @@ def test_may_filter_rule():
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton is not available")
+def test_one_registered_op_per_kernel():
+    """The backend picks a kernel's own op; no op takes a backend name or a launch hint."""
+    assert ops.sample_kernel("cpu") is torch.ops.proxykern.fused_sample
+    assert ops.sample_kernel("cuda") is torch.ops.proxykern.fused_sample
+    assert ops.sample_kernel("triton", True) is torch.ops.proxykern.triton_sample
+    assert ops.sample_kernel("triton", False) is torch.ops.proxykern.triton_sample_unfiltered
+    assert ops.sample_kernel("torch") is torch.ops.proxykern.reference_sample
+    for name in ("fused_sample", "triton_sample", "triton_sample_unfiltered", "reference_sample"):
+        schema = str(getattr(torch.ops.proxykern, name).default._schema)
+        assert "backend" not in schema and "may_filter" not in schema, schema
+    assert not hasattr(torch.ops.proxykern, "proxy_sample")
+
+
 def test_triton_gets_the_filter_hint(monkeypatch):
     """proxy_sample tells the Triton launcher whether a row may filter."""
     from proxykern.kernels import proxy_sample_triton as pst
