@@ -1267,7 +1267,7 @@ def launch_plan(batch: int, vocab_size: int, cfg: dict, *, may_filter: bool = Tr
 def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step,
                         vocab_size: int, *, may_filter: bool = True, config: dict | None = None,
                         debug: bool = False):
-    """Triton backend of ``proxykern::proxy_sample`` (semantics: :mod:`proxykern.reference`).
+    """Triton backend of ``proxykern.proxy_sample`` (semantics: :mod:`proxykern.reference`).
 
     ``base``/``expert``/``anti``: (B, >= vocab_size) fp32/bf16/fp16 with unit column
     stride (any row stride, dtypes may differ); the parameters are (B,) tensors
