@@ -60,8 +60,6 @@ Choices where the contract is silent:
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import numbers
 import types
 from typing import NamedTuple
@@ -69,10 +67,11 @@ from typing import NamedTuple
 import torch
 
 from . import programs as _programs
-from .engine.runner import left_pad
+from .engine.runner import SideStreamLaunch, left_pad, positions_from_mask
 from .generation_args import (check_role_models, program_vocab_plan, resolve_pad_token_id,
                               vocab_plan)
-from .models import MODEL_NAMES, input_width, model_device, position_limit
+from .models import (MODEL_NAMES, accepts_logits_to_keep, input_width, model_device,
+                     position_limit)
 from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend, sample_rows
 from .outputs import own_logprobs
 from .params import SamplingParams
@@ -296,51 +295,45 @@ def _bind(program, B: int, device) -> _Combination:
 
 # --------------------------------------------------------------------------- forwards
 
-@functools.lru_cache(maxsize=None)
-def _accepts_logits_to_keep(forward_fn) -> bool:
-    return "logits_to_keep" in inspect.signature(forward_fn).parameters
-
-
 def _pack(contexts, continuations, device):
     """Left-padded (B, T) ids and mask of context + continuation (continuations end-aligned)."""
     return left_pad([c + x for c, x in zip(contexts, continuations)], 0, device)
 
 
 def _forward_scored(model, ids, mask, n_scored: int) -> torch.Tensor:
-    """Logits (B, n_scored, V) of the positions that predict the last ``n_scored`` columns."""
-    kwargs = {}
-    if _accepts_logits_to_keep(type(model).forward):
-        kwargs["logits_to_keep"] = n_scored + 1
-    position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                **kwargs)
-    logits = out.logits
-    return logits[:, -(n_scored + 1):-1, :]
+    """Logits (B, n_scored, V) of the positions that predict the last ``n_scored`` columns
+    (positions from the mask, as the engine's runners take them)."""
+    kwargs = {"logits_to_keep": n_scored + 1} if accepts_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                use_cache=False, **kwargs)
+    return out.logits[:, -(n_scored + 1):-1, :]
+
+
+class _ScoredForward(SideStreamLaunch):
+    """One scoring forward, launched as an engine runner launches its prefill: on its own
+    CUDA stream when it has one (:class:`proxykern.engine.runner.SideStreamLaunch`)."""
+
+    def __init__(self, model, ids, mask, n_scored: int, stream=None):
+        self.model, self.ids, self.mask, self.n_scored = model, ids, mask, n_scored
+        self.stream = stream
+        if stream is not None:  # made here, read on the side stream: free only after its work
+            ids.record_stream(stream)
+            mask.record_stream(stream)
+
+    def prefill(self) -> torch.Tensor:
+        return _forward_scored(self.model, self.ids, self.mask, self.n_scored)
 
 
 def _run_forwards(jobs: dict, device) -> dict:
     """Run each distinct (model, ids, mask) job: on CUDA all but the first on their own
     side streams, launched first so they overlap the first (the base) on the current one."""
-    items = list(jobs.items())
-    if device.type != "cuda":
-        return {key: _forward_scored(*job) for key, job in items}
-    main = torch.cuda.current_stream(device)
-    results, events = {}, {}
-    for key, (model, ids, mask, n) in items[1:]:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(main)  # the packed ids and masks are ready
-        ids.record_stream(stream)
-        mask.record_stream(stream)
-        with torch.cuda.stream(stream):
-            results[key] = _forward_scored(model, ids, mask, n)
-            events[key] = torch.cuda.Event()
-            events[key].record(stream)
-    key, job = items[0]
-    results[key] = _forward_scored(*job)
-    for key, event in events.items():
-        main.wait_event(event)
-        results[key].record_stream(main)
-    return results
+    side = (lambda: torch.cuda.Stream(device)) if device.type == "cuda" else (lambda: None)
+    launches = {key: _ScoredForward(*job, stream=side() if i else None)
+                for i, (key, job) in enumerate(jobs.items())}
+    order = list(launches.values())
+    for launch in order[1:] + order[:1]:
+        launch.launch_prefill()
+    return {key: launch.join() for key, launch in launches.items()}
 
 
 def _role_forwards(models: dict, contexts: dict, cont, L: int, stand_ins: dict, device):
