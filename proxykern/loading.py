@@ -133,3 +133,19 @@ def resolve_dtype(name: str, value, device):
     if not isinstance(value, str) or value not in DTYPE_NAMES:
         raise ValueError(f"{name} must be auto, float32, bfloat16 or float16, got {value!r}")
     return getattr(torch, DTYPE_NAMES[value])
+
+
+def eos_token_ids(*sources) -> list:
+    """The distinct EOS ids of ``sources``, in order: a model's
+    ``generation_config.eos_token_id``, a tokenizer's ``eos_token_id``, or ids themselves
+    (an int, a list, or None)."""
+    ids = []
+    for source in sources:
+        if hasattr(source, "generation_config"):
+            source = getattr(source.generation_config, "eos_token_id", None)
+        elif hasattr(source, "eos_token_id"):
+            source = source.eos_token_id
+        for eos in ([source] if isinstance(source, int) else list(source or [])):
+            if eos not in ids:
+                ids.append(eos)
+    return ids

@@ -473,7 +473,7 @@ class Session:
 def _load(args, device) -> Session:
     """Load the tokenizer(s) and each role's model; equal paths share one model."""
     from ..generation_args import shared_vocab_size
-    from ..loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from ..loading import eos_token_ids, load_causal_lm, load_tokenizer, resolve_dtype
 
     spec = getattr(args, "spec", None) or resolve_program(args)
     dtype = resolve_dtype("--dtype", args.dtype, device)
@@ -493,7 +493,8 @@ def _load(args, device) -> Session:
     encode_expert = _expert_encoder(args, tokenizer, expert_tokenizer, spec)
     first = models[0]
     # A chat expert ends its turn with its own EOS.
-    eos = _eos_ids(first, models[expert_index]) if args.chat_expert else _eos_ids(first)
+    eos = (eos_token_ids(first, models[expert_index]) if args.chat_expert
+           else eos_token_ids(first))
     pad = first.generation_config.pad_token_id
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
@@ -507,16 +508,6 @@ def _load(args, device) -> Session:
     names = tuple(spec.paths[r][2] for r in roles)
     return Session(models, names, tokenizer, encode_expert, eos, pad, device, roles, spec,
                    expert_index)
-
-
-def _eos_ids(*models) -> list:
-    ids = []
-    for m in models:
-        eos = getattr(getattr(m, "generation_config", None), "eos_token_id", None)
-        for e in ([eos] if isinstance(eos, int) else list(eos or [])):
-            if e not in ids:
-                ids.append(e)
-    return ids
 
 
 def _expert_encoder(args, tokenizer, expert_tokenizer, spec=None):

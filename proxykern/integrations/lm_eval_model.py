@@ -99,8 +99,8 @@ from tqdm import tqdm
 from .. import programs as presets
 from ..generate import fused_proxy_generate
 from ..program_generate import program_generate
-from ..loading import (load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
-                       resolve_model_path)
+from ..loading import (eos_token_ids, load_causal_lm, load_tokenizer, resolve_device,
+                       resolve_dtype, resolve_model_path)
 from ..ops import INT64_MAX, SAMPLING_RULES, check_sampling_arg, resolve_backend
 from ..reference import row_seeds
 from ..engine.runner import left_pad
@@ -650,18 +650,10 @@ class ProxyKernLM(TemplateLM):
     # ------------------------------------------------------------------ helpers
 
     def _eos_ids(self) -> list[int]:
-        ids = []
-        def config_eos(model):
-            return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-
-        sources = [config_eos(self._eos_model), self.tokenizer.eos_token_id]
+        sources = [self._eos_model, self.tokenizer]
         if self.expert_tokenizer is not None:  # a chat expert ends its turn with its own EOS
-            sources += [config_eos(self._expert_model), self.expert_tokenizer.eos_token_id]
-        for e in sources:
-            for x in ([e] if isinstance(e, int) else list(e or [])):
-                if x not in ids:
-                    ids.append(x)
-        return ids
+            sources += [self._expert_model, self.expert_tokenizer]
+        return eos_token_ids(*sources)
 
     def _expert_context(self, context: str | None, fallback: list[int]) -> list[int]:
         """The expert's context tokens: ``context`` as one chat user turn, when chat_expert."""
