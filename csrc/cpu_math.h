@@ -10,6 +10,18 @@
 
 #define PK_INLINE inline __attribute__((always_inline))
 
+// The hot loops' target clones (AVX-512, AVX2, baseline; picked at load time). Defining
+// PK_MULTIVERSION empty (-DPK_MULTIVERSION=) builds one version for the -march given,
+// which is how the clones are checked against each other.
+#ifndef PK_MULTIVERSION
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PK_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PK_MULTIVERSION
+#endif
+#endif
+
 namespace proxykern::cpu {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();

@@ -5,15 +5,14 @@
 #include <torch/library.h>
 
 namespace proxykern {
-namespace {
 
-LogitsView logits_view(const at::Tensor& t, const char* name, const at::Tensor& like,
-                       int64_t vocab) {
+LogitsView logits_view(const at::Tensor& t, const std::string& name, const at::Tensor& like,
+                       const char* like_name, int64_t vocab) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D (batch, vocab), got ", t.dim(), "-D");
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but base is on ",
-              like.device());
-  TORCH_CHECK(t.size(0) == like.size(0), name, " has batch ", t.size(0), " but base has ",
-              like.size(0));
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but ", like_name,
+              " is on ", like.device());
+  TORCH_CHECK(t.size(0) == like.size(0), name, " has batch ", t.size(0), " but ", like_name,
+              " has ", like.size(0));
   TORCH_CHECK(t.size(1) >= vocab, name, " has ", t.size(1), " columns, fewer than vocab_size ",
               vocab);
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name, " must have unit column stride");
@@ -27,19 +26,16 @@ LogitsView logits_view(const at::Tensor& t, const char* name, const at::Tensor& 
   return LogitsView{t.data_ptr(), t.stride(0), dtype};
 }
 
-template <typename T>
-const T* param_ptr(const at::Tensor& t, const char* name, at::ScalarType type,
-                   const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), name, " must be 1-D of length ",
-              like.size(0), ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but base is on ",
-              like.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  return t.data_ptr<T>();
+std::pair<SampleTensors, SampleResult> sample_outputs(const at::Tensor& like, int64_t batch) {
+  const auto options = like.options();
+  at::Tensor tokens = at::empty({batch}, options.dtype(at::kLong));
+  at::Tensor logprobs = at::empty({batch}, options.dtype(at::kFloat));
+  at::Tensor lse = at::empty({batch}, options.dtype(at::kFloat));
+  at::Tensor status = at::empty({batch}, options.dtype(at::kInt));
+  return {SampleTensors{tokens, logprobs, lse, status},
+          SampleResult{tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                       lse.data_ptr<float>(), status.data_ptr<int32_t>()}};
 }
-
-}  // namespace
 
 FusedSampleArgs prepare_fused_sample(const at::Tensor& base, const at::Tensor& expert,
                                      const at::Tensor& anti, const at::Tensor& alpha,
@@ -52,26 +48,19 @@ FusedSampleArgs prepare_fused_sample(const at::Tensor& base, const at::Tensor& e
   FusedSampleArgs args;
   args.batch = base.size(0);
   args.vocab = vocab_size;
-  args.base = logits_view(base, "base", base, vocab_size);
-  args.expert = logits_view(expert, "expert", base, vocab_size);
-  args.anti = logits_view(anti, "anti", base, vocab_size);
+  args.base = logits_view(base, "base", base, "base", vocab_size);
+  args.expert = logits_view(expert, "expert", base, "base", vocab_size);
+  args.anti = logits_view(anti, "anti", base, "base", vocab_size);
   args.params = RowParams{
-      param_ptr<float>(alpha, "alpha", at::kFloat, base),
-      param_ptr<float>(temperature, "temperature", at::kFloat, base),
-      param_ptr<int64_t>(top_k, "top_k", at::kLong, base),
-      param_ptr<float>(top_p, "top_p", at::kFloat, base),
-      param_ptr<float>(min_p, "min_p", at::kFloat, base),
-      param_ptr<int64_t>(seed, "seed", at::kLong, base),
-      param_ptr<int64_t>(step, "step", at::kLong, base),
+      param_ptr<float>(alpha, "alpha", at::kFloat, base, "base"),
+      param_ptr<float>(temperature, "temperature", at::kFloat, base, "base"),
+      param_ptr<int64_t>(top_k, "top_k", at::kLong, base, "base"),
+      param_ptr<float>(top_p, "top_p", at::kFloat, base, "base"),
+      param_ptr<float>(min_p, "min_p", at::kFloat, base, "base"),
+      param_ptr<int64_t>(seed, "seed", at::kLong, base, "base"),
+      param_ptr<int64_t>(step, "step", at::kLong, base, "base"),
   };
-  const auto options = base.options();
-  at::Tensor tokens = at::empty({args.batch}, options.dtype(at::kLong));
-  at::Tensor logprobs = at::empty({args.batch}, options.dtype(at::kFloat));
-  at::Tensor lse = at::empty({args.batch}, options.dtype(at::kFloat));
-  at::Tensor status = at::empty({args.batch}, options.dtype(at::kInt));
-  args.result = SampleResult{tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
-                             lse.data_ptr<float>(), status.data_ptr<int32_t>()};
-  args.outputs = SampleTensors{tokens, logprobs, lse, status};
+  std::tie(args.outputs, args.result) = sample_outputs(base, args.batch);
   return args;
 }
 

@@ -20,20 +20,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu_math.h"
+#include "fused_sample_op.h"
 #include "program_sample.h"
 #include "proxy_sample.h"
-
-#ifndef PK_MULTIVERSION
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PK_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PK_MULTIVERSION
-#endif
-#endif
 
 namespace proxykern {
 namespace {
@@ -224,39 +217,6 @@ void program_sample_cpu(const ProgramSpec& program, RowParams params, SampleResu
 
 namespace {
 
-using SampleTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-LogitsView input_view(const at::Tensor& t, int64_t i, const at::Tensor& like, int64_t vocab) {
-  TORCH_CHECK(t.dim() == 2, "inputs[", i, "] must be 2-D (batch, vocab), got ", t.dim(), "-D");
-  TORCH_CHECK(t.device() == like.device(), "inputs[", i, "] is on ", t.device(),
-              " but inputs[0] is on ", like.device());
-  TORCH_CHECK(t.size(0) == like.size(0), "inputs[", i, "] has batch ", t.size(0),
-              " but inputs[0] has ", like.size(0));
-  TORCH_CHECK(t.size(1) >= vocab, "inputs[", i, "] has ", t.size(1),
-              " columns, fewer than vocab_size ", vocab);
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "inputs[", i, "] must have unit column stride");
-  LogitsDtype dtype;
-  switch (t.scalar_type()) {
-    case at::kFloat: dtype = LogitsDtype::kFloat32; break;
-    case at::kBFloat16: dtype = LogitsDtype::kBFloat16; break;
-    case at::kHalf: dtype = LogitsDtype::kFloat16; break;
-    default:
-      TORCH_CHECK(false, "inputs[", i, "] must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-  return LogitsView{t.data_ptr(), t.stride(0), dtype};
-}
-
-template <typename T>
-const T* row_param(const at::Tensor& t, const char* name, at::ScalarType type, int64_t batch) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must be 1-D of length ", batch,
-              ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  return t.data_ptr<T>();
-}
-
 SampleTensors program_sample_cpu_op(const at::TensorList inputs, const at::Tensor& coefficients,
                                     int64_t mode, int64_t mask_input,
                                     const at::Tensor& mask_log_a, const at::Tensor& temperature,
@@ -277,7 +237,10 @@ SampleTensors program_sample_cpu_op(const at::TensorList inputs, const at::Tenso
   const int64_t batch = first.size(0);
 
   ProgramSpec ps{};
-  for (int64_t i = 0; i < n; ++i) ps.inputs[i] = input_view(inputs[i], i, first, vocab_size);
+  for (int64_t i = 0; i < n; ++i) {
+    ps.inputs[i] = logits_view(inputs[i], "inputs[" + std::to_string(i) + "]", first,
+                               "inputs[0]", vocab_size);
+  }
   ps.n_inputs = static_cast<int>(n);
   ps.mode = static_cast<ProgramMode>(mode);
   const int64_t n_coef = mode == 0 ? n : 1;
@@ -293,26 +256,21 @@ SampleTensors program_sample_cpu_op(const at::TensorList inputs, const at::Tenso
   ps.coefficients = coefficients.data_ptr<float>();
   ps.coefficient_stride = coefficients.stride(0);
   ps.mask_input = static_cast<int>(mask_input);
-  ps.mask_log_a = mask_input >= 0 ? row_param<float>(mask_log_a, "mask_log_a", at::kFloat, batch)
-                                  : nullptr;
+  ps.mask_log_a = mask_input >= 0
+                      ? param_ptr<float>(mask_log_a, "mask_log_a", at::kFloat, first, "inputs[0]")
+                      : nullptr;
   const RowParams params{
       nullptr,
-      row_param<float>(temperature, "temperature", at::kFloat, batch),
-      row_param<int64_t>(top_k, "top_k", at::kLong, batch),
-      row_param<float>(top_p, "top_p", at::kFloat, batch),
-      row_param<float>(min_p, "min_p", at::kFloat, batch),
-      row_param<int64_t>(seed, "seed", at::kLong, batch),
-      row_param<int64_t>(step, "step", at::kLong, batch),
+      param_ptr<float>(temperature, "temperature", at::kFloat, first, "inputs[0]"),
+      param_ptr<int64_t>(top_k, "top_k", at::kLong, first, "inputs[0]"),
+      param_ptr<float>(top_p, "top_p", at::kFloat, first, "inputs[0]"),
+      param_ptr<float>(min_p, "min_p", at::kFloat, first, "inputs[0]"),
+      param_ptr<int64_t>(seed, "seed", at::kLong, first, "inputs[0]"),
+      param_ptr<int64_t>(step, "step", at::kLong, first, "inputs[0]"),
   };
-  const auto options = first.options();
-  at::Tensor tokens = at::empty({batch}, options.dtype(at::kLong));
-  at::Tensor logprobs = at::empty({batch}, options.dtype(at::kFloat));
-  at::Tensor lse = at::empty({batch}, options.dtype(at::kFloat));
-  at::Tensor status = at::empty({batch}, options.dtype(at::kInt));
-  const SampleResult out{tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
-                         lse.data_ptr<float>(), status.data_ptr<int32_t>()};
+  auto [outputs, out] = sample_outputs(first, batch);
   if (batch > 0) program_sample_cpu(ps, params, out, batch, vocab_size);
-  return SampleTensors{tokens, logprobs, lse, status};
+  return outputs;
 }
 
 }  // namespace
