@@ -221,25 +221,15 @@ def program_sample_triton(inputs, coefficients, mode: str, mask_input: int, mask
     vocab_size = int(vocab_size)
     mode_id = MODES[mode] if isinstance(mode, str) else int(mode)
     mask_input = int(mask_input)
-    tokens = torch.empty(B, dtype=torch.int64, device=device)
-    logprobs = torch.empty(B, dtype=torch.float32, device=device)
-    lse = torch.empty(B, dtype=torch.float32, device=device)
-    status = torch.empty(B, dtype=torch.int32, device=device)
-    outs = (tokens, logprobs, lse, status)
+    tokens, logprobs, lse, status = outs = _pst.sample_outputs(B, device)
     if B == 0:
         return outs
 
     def param(t, dtype):
-        return t.to(device=device, dtype=dtype).reshape(-1).contiguous()
+        return _pst.row_param(t, dtype, device)
 
     ns = _variant(mode_id, mask_input)
-    cfg = _pst.default_config(device, vocab_size)
-    if config:
-        cfg.update(config)
-    plan = _pst.launch_plan(B, vocab_size, cfg, may_filter=may_filter)
-    launch = dict(num_warps=cfg["num_warps"])
-    if not _pst._interpreting():
-        launch["enable_fp_fusion"] = False  # keep every product and sum rounded on its own
+    plan, launch = _pst.launch_settings(B, vocab_size, device, config, may_filter)
     coef = coefficients.to(device=device, dtype=torch.float32)
     if coef.dim() != 2 or (coef.shape[1] > 1 and coef.stride(1) != 1):
         coef = coef.reshape(B, -1).contiguous()
@@ -266,9 +256,5 @@ def program_sample_triton(inputs, coefficients, mode: str, mask_input: int, mask
             extra = (tokens, logprobs, lse, status, dbg) if name == "_proxy_sample_kernel" else ()
             ns[name][grid](*common, *extra, **consts, **launch)
 
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            run()
-    else:
-        run()
+    _pst.run_on(device, run)
     return outs

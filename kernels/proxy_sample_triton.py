@@ -1295,25 +1295,16 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
             raise ValueError(f"{name} must have unit column stride")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but base is on {device}")
-    tokens = torch.empty(B, dtype=torch.int64, device=device)
-    logprobs = torch.empty(B, dtype=torch.float32, device=device)
-    lse = torch.empty(B, dtype=torch.float32, device=device)
-    status = torch.empty(B, dtype=torch.int32, device=device)
+    tokens, logprobs, lse, status = outs = sample_outputs(B, device)
     dbg = torch.empty((B if debug else 1, 2), dtype=torch.float32, device=device)
-    outs = (tokens, logprobs, lse, status) + ((dbg,) if debug else ())
+    outs += (dbg,) if debug else ()
     if B == 0:
         return outs
 
     def param(t, dtype):
-        return t.to(device=device, dtype=dtype).reshape(-1).contiguous()
+        return row_param(t, dtype, device)
 
-    cfg = default_config(device, vocab_size)
-    if config:
-        cfg.update(config)
-    plan = launch_plan(B, vocab_size, cfg, may_filter=may_filter, debug=debug)
-    launch = dict(num_warps=cfg["num_warps"])
-    if not _interpreting():
-        launch["enable_fp_fusion"] = False  # keep b + alpha * (e - a) rounded twice
+    plan, launch = launch_settings(B, vocab_size, device, config, may_filter, debug)
     workspaces = tuple(torch.empty(max(1, n), dtype=dtype, device=device)
                        for n, dtype in plan["workspace"].values())
     common = (base, expert, anti, base.stride(0), expert.stride(0), anti.stride(0),
@@ -1327,9 +1318,43 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
             extra = (tokens, logprobs, lse, status, dbg) if kernel is _proxy_sample_kernel else ()
             kernel[grid](*common, *extra, **consts, **launch)
 
+    run_on(device, run)
+    return outs
+
+
+# --------------------------------------------------------------------------- launch helpers
+# (shared with the program kernels, program_sample_triton.py)
+
+def sample_outputs(B: int, device) -> tuple:
+    """Empty (tokens int64, logprobs float32, lse float32, status int32), each (B,)."""
+    return (torch.empty(B, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.float32, device=device),
+            torch.empty(B, dtype=torch.float32, device=device),
+            torch.empty(B, dtype=torch.int32, device=device))
+
+
+def row_param(t, dtype, device):
+    """A per-row parameter as the kernels read it: (B,) contiguous ``dtype`` on ``device``."""
+    return t.to(device=device, dtype=dtype).reshape(-1).contiguous()
+
+
+def launch_settings(B: int, vocab_size: int, device, config, may_filter: bool,
+                    debug: bool = False):
+    """(the launch plan, the launch keywords) for B rows of ``vocab_size`` columns."""
+    cfg = default_config(device, vocab_size)
+    if config:
+        cfg.update(config)
+    plan = launch_plan(B, vocab_size, cfg, may_filter=may_filter, debug=debug)
+    launch = dict(num_warps=cfg["num_warps"])
+    if not _interpreting():
+        launch["enable_fp_fusion"] = False  # keep every product and sum rounded on its own
+    return plan, launch
+
+
+def run_on(device, run) -> None:
+    """``run()`` with ``device`` current (Triton launches on the current CUDA device)."""
     if device.type == "cuda":
         with torch.cuda.device(device):
             run()
     else:
         run()
-    return outs
