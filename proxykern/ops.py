@@ -206,28 +206,26 @@ _resolve_backend._dynamo_marked_constant = True
 _SAMPLE_RESULT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@torch.library.custom_op("proxykern::triton_sample", mutates_args=())
-def _triton_sample(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
-                   alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
-                   step: torch.Tensor, vocab_size: int) -> _SAMPLE_RESULT:
-    """The Triton kernels for rows that may filter (top-k / top-p / min-p staged across
-    programs at small batch)."""
-    return _triton_kernels().proxy_sample_triton(base, expert, anti, alpha, temperature, top_k,
-                                                 top_p, min_p, seed, step, vocab_size,
-                                                 may_filter=True)
+def _register_triton_sample(name: str, may_filter: bool, doc: str):
+    """Register the Triton kernels under one launch plan as the op ``proxykern::<name>``."""
+    def triton_sample(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
+                      alpha: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                      step: torch.Tensor, vocab_size: int) -> _SAMPLE_RESULT:
+        return _triton_kernels().proxy_sample_triton(base, expert, anti, alpha, temperature,
+                                                     top_k, top_p, min_p, seed, step, vocab_size,
+                                                     may_filter=may_filter)
+
+    triton_sample.__doc__ = doc
+    op = torch.library.custom_op(f"proxykern::{name}", triton_sample, mutates_args=())
+    op.register_fake(_fake_sample)
+    return op
 
 
-@torch.library.custom_op("proxykern::triton_sample_unfiltered", mutates_args=())
-def _triton_sample_unfiltered(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor,
-                              alpha: torch.Tensor, temperature: torch.Tensor,
-                              top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                              seed: torch.Tensor, step: torch.Tensor,
-                              vocab_size: int) -> _SAMPLE_RESULT:
-    """The Triton kernels for rows known to keep every token (greedy, or no filter)."""
-    return _triton_kernels().proxy_sample_triton(base, expert, anti, alpha, temperature, top_k,
-                                                 top_p, min_p, seed, step, vocab_size,
-                                                 may_filter=False)
+_register_triton_sample("triton_sample", True, "The Triton kernels for rows that may filter "
+                        "(top-k / top-p / min-p staged across programs at small batch).")
+_register_triton_sample("triton_sample_unfiltered", False, "The Triton kernels for rows known "
+                        "to keep every token (greedy, or no filter).")
 
 
 @torch.library.custom_op("proxykern::reference_sample", mutates_args=())
@@ -240,8 +238,7 @@ def _reference_sample(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tens
         base, expert, anti, alpha, temperature, top_k, top_p, min_p, seed, step, vocab_size))
 
 
-for _op in (_triton_sample, _triton_sample_unfiltered, _reference_sample):
-    _op.register_fake(_fake_sample)
+_reference_sample.register_fake(_fake_sample)
 
 
 def sample_kernel(backend: str, may_filter: bool = True):

@@ -86,38 +86,31 @@ _MODE_NAMES = {v: k for k, v in MODES.items()}
 _PROGRAM_RESULT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _triton_program(inputs, coefficients, mode, mask_input, mask_log_a, temperature, top_k,
-                    top_p, min_p, seed, step, vocab_size, may_filter):
-    return _triton_module().program_sample_triton(
-        inputs, coefficients, _MODE_NAMES[mode], mask_input, mask_log_a, temperature, top_k,
-        top_p, min_p, seed, step, vocab_size, may_filter=may_filter)
-
-
 # One registered op per kernel, each with the kernel's own signature (as ops.py): the C++
 # ``proxykern::program_sample`` (CPU, registered by the extension), the Triton kernels
 # under two launch plans, and the reference.
 
-@torch.library.custom_op("proxykern::triton_program_sample", mutates_args=())
-def _triton_program_sample(inputs: list[torch.Tensor], coefficients: torch.Tensor, mode: int,
-                           mask_input: int, mask_log_a: torch.Tensor, temperature: torch.Tensor,
-                           top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                           seed: torch.Tensor, step: torch.Tensor,
-                           vocab_size: int) -> _PROGRAM_RESULT:
-    """The Triton program kernels for rows that may filter."""
-    return _triton_program(inputs, coefficients, mode, mask_input, mask_log_a, temperature,
-                           top_k, top_p, min_p, seed, step, vocab_size, True)
+def _register_triton_program(name: str, may_filter: bool, doc: str):
+    """Register the Triton program kernels under one launch plan as ``proxykern::<name>``."""
+    def triton_program_sample(inputs: list[torch.Tensor], coefficients: torch.Tensor, mode: int,
+                              mask_input: int, mask_log_a: torch.Tensor,
+                              temperature: torch.Tensor, top_k: torch.Tensor,
+                              top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+                              step: torch.Tensor, vocab_size: int) -> _PROGRAM_RESULT:
+        return _triton_module().program_sample_triton(
+            inputs, coefficients, _MODE_NAMES[mode], mask_input, mask_log_a, temperature, top_k,
+            top_p, min_p, seed, step, vocab_size, may_filter=may_filter)
+
+    triton_program_sample.__doc__ = doc
+    op = torch.library.custom_op(f"proxykern::{name}", triton_program_sample, mutates_args=())
+    op.register_fake(_fake_rows)
+    return op
 
 
-@torch.library.custom_op("proxykern::triton_program_sample_unfiltered", mutates_args=())
-def _triton_program_sample_unfiltered(inputs: list[torch.Tensor], coefficients: torch.Tensor,
-                                      mode: int, mask_input: int, mask_log_a: torch.Tensor,
-                                      temperature: torch.Tensor, top_k: torch.Tensor,
-                                      top_p: torch.Tensor, min_p: torch.Tensor,
-                                      seed: torch.Tensor, step: torch.Tensor,
-                                      vocab_size: int) -> _PROGRAM_RESULT:
-    """The Triton program kernels for rows known to keep every token."""
-    return _triton_program(inputs, coefficients, mode, mask_input, mask_log_a, temperature,
-                           top_k, top_p, min_p, seed, step, vocab_size, False)
+_register_triton_program("triton_program_sample", True,
+                         "The Triton program kernels for rows that may filter.")
+_register_triton_program("triton_program_sample_unfiltered", False,
+                         "The Triton program kernels for rows known to keep every token.")
 
 
 @torch.library.custom_op("proxykern::reference_program_sample", mutates_args=())
@@ -133,9 +126,7 @@ def _reference_program_sample(inputs: list[torch.Tensor], coefficients: torch.Te
         z, temperature, top_k, top_p, min_p, seed, step))
 
 
-for _op in (_triton_program_sample, _triton_program_sample_unfiltered,
-            _reference_program_sample):
-    _op.register_fake(_fake_rows)
+_reference_program_sample.register_fake(_fake_rows)
 
 
 def program_kernel(backend: str, may_filter: bool = True):
