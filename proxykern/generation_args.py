@@ -35,6 +35,7 @@ them gets ``-inf`` for that model.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -54,26 +55,25 @@ MAX_VOCAB_PADDING = 1024
 MAX_ROWS = 2 ** 31 - 1
 
 
-@dataclass
-class GenerationArgs:
-    """Validated, normalised inputs of one generation call (tensors on ``device``)."""
+@dataclass(kw_only=True)
+class DecodeArgs:
+    """What the decode loop, its steps and outputs read of one validated generation call
+    (tensors on ``device``): :class:`GenerationArgs` (proxy tuning) and
+    :class:`proxykern.program_generate.ProgramArgs` (logit programs) add their models'
+    prompts."""
 
     device: torch.device
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    expert_input_ids: torch.Tensor
-    expert_attention_mask: torch.Tensor
+    input_ids: torch.Tensor   # the prompt the output starts with, rows expanded
     max_new_tokens: int
     sampling: SamplingParams  # per-row tensors, built once (seeds: generation_seeds)
-    eos_token_ids: list     # [] = never stop early
+    eos_token_ids: list       # [] = never stop early
     pad_token_id: int
-    vocab_size: int         # the proxy vocabulary: columns [0, vocab_size), the base's width
-    vocab: "VocabPlan"      # how the models' widths meet it (module doc)
-    share_anti: bool        # anti-expert logits are the expert's (same model, same prompt)
-    backend: str            # the op's backend, resolved
+    vocab_size: int           # the sampled vocabulary: columns [0, vocab_size)
+    vocab: "VocabPlan"        # how the models' widths meet it (module doc)
+    backend: str              # the op's backend, resolved
     num_return_sequences: int = 1   # B = prompts * num_return_sequences (rows already expanded)
     cuda_graphs: bool = False       # capture the decode step (resolved from "auto")
-    num_draft_tokens: int = 0       # > 0: speculative proxy decoding (proxykern.engine.speculative)
+    num_draft_tokens: int = 0       # > 0: speculative decoding (proxykern.engine.speculative)
     streamer: object = None
     return_logprobs: bool = False
     return_model_logprobs: bool = False
@@ -89,9 +89,19 @@ class GenerationArgs:
         return self.sampling.greedy
 
 
+@dataclass(kw_only=True)
+class GenerationArgs(DecodeArgs):
+    """Validated, normalised inputs of one proxy-tuning call: ``input_ids`` /
+    ``attention_mask`` are the base's and the anti-expert's prompt, the vocabulary is the
+    base's width."""
+
+    attention_mask: torch.Tensor
+    expert_input_ids: torch.Tensor
+    expert_attention_mask: torch.Tensor
+    share_anti: bool          # anti-expert logits are the expert's (same model, same prompt)
+
+
 # --------------------------------------------------------------------------- pieces
-
-
 
 def _check_model(name, model):
     if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "forward", None)):
@@ -443,6 +453,48 @@ def check_cuda_graphs(cuda_graphs, device, models, names=MODEL_NAMES) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def rows_in_memory(n_samples: int, prompts: int, device):
+    """Around a call's first row-sized tensors: with ``n_samples > 1`` an allocation that
+    fails is the caller's count, a ``ValueError`` naming num_return_sequences."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if n_samples == 1 or not ("memory" in str(exc) or "allocate" in str(exc)):
+            raise
+        raise ValueError(f"num_return_sequences {n_samples} x {prompts} prompt(s) = "
+                         f"{prompts * n_samples} rows do not fit in memory on {device}") from None
+
+
+def resolve_eos_pad(model, eos_token_id, pad_token_id) -> tuple[list, int]:
+    """(EOS ids, pad id) of a call: ``eos_token_id`` or ``model``'s generation config's,
+    then :func:`resolve_pad_token_id`."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = _token_id_list("eos_token_id", eos_token_id)
+    return eos, resolve_pad_token_id(model, pad_token_id, eos)
+
+
+def check_outputs(streamer, return_logprobs, return_model_logprobs) -> None:
+    """The output arguments of a generation call (``TypeError`` naming the argument)."""
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put() and end() (an HF BaseStreamer), "
+                        f"got {type(streamer).__name__}")
+    _check_bool("return_logprobs", return_logprobs)
+    _check_bool("return_model_logprobs", return_model_logprobs)
+
+
+def decode_graphs(cuda_graphs, num_draft_tokens: int, device, models, names=MODEL_NAMES) -> bool:
+    """Whether to capture the decode step (:func:`check_cuda_graphs`); speculative rounds
+    (``num_draft_tokens > 0``) are not captured, so ``True`` with drafts raises."""
+    if num_draft_tokens > 0 and cuda_graphs is True:
+        raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
+                         "speculative rounds are not captured as CUDA graphs yet (use "
+                         "cuda_graphs='auto' or False)")
+    return num_draft_tokens == 0 and check_cuda_graphs(cuda_graphs, device, models, names)
+
+
 def resolve_pad_token_id(base, pad_token_id, eos: list) -> int:
     """``pad_token_id`` checked, or its default: the base's generation config, else the first
     of ``eos``, else 0 (with no EOS nothing is ever padded)."""
@@ -500,11 +552,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     check_positions((("base", base, base_len), ("expert", expert, expert_len),
                      ("anti_expert", anti_expert, base_len)), max_new_tokens)
 
-    gen_config = getattr(base, "generation_config", None)
-    if eos_token_id is None:
-        eos_token_id = getattr(gen_config, "eos_token_id", None)
-    eos = _token_id_list("eos_token_id", eos_token_id)
-    pad = resolve_pad_token_id(base, pad_token_id, eos)
+    eos, pad = resolve_eos_pad(base, eos_token_id, pad_token_id)
     plan = vocab_plan(base, expert, anti_expert, pad)  # vocabularies beyond padding fail here
     n = _check_count("num_return_sequences", num_return_sequences, 1)
     check_rows(B, n)
@@ -512,36 +560,22 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
     values = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("alpha", alpha), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
         ("min_p", min_p))}
-    try:  # the first row-sized tensors: too many rows for memory is the caller's count
+    with rows_in_memory(n, B, device):
         values["seed"] = generation_seeds(seed, B, n, device)
         if n > 1:  # rows i*n .. i*n+n-1 are prompt i's samples, as in HF generate
             input_ids, attention_mask, e_ids, e_mask = (
                 t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if n == 1 or not ("memory" in str(exc) or "allocate" in str(exc)):
-            raise
-        raise ValueError(f"num_return_sequences {n} x {B} prompt(s) = {B * n} rows do not "
-                         f"fit in memory on {device}") from None
 
-    if streamer is not None and not (callable(getattr(streamer, "put", None))
-                                     and callable(getattr(streamer, "end", None))):
-        raise TypeError(f"streamer must have put() and end() (an HF BaseStreamer), "
-                        f"got {type(streamer).__name__}")
-    _check_bool("return_logprobs", return_logprobs)
-    _check_bool("return_model_logprobs", return_model_logprobs)
-    if num_draft_tokens > 0 and cuda_graphs is True:
-        raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
-                         "speculative rounds are not captured as CUDA graphs yet (use "
-                         "cuda_graphs='auto' or False)")
-    use_graphs = num_draft_tokens == 0 and check_cuda_graphs(cuda_graphs, device,
-                                                             (base, expert, anti_expert))
+    check_outputs(streamer, return_logprobs, return_model_logprobs)
+    use_graphs = decode_graphs(cuda_graphs, num_draft_tokens, device, (base, expert, anti_expert))
     backend = resolve_backend(backend, device)
 
     sampling = SamplingParams.build(values, B * n, device, plan.vocab_size)
     return GenerationArgs(
         device=device, input_ids=input_ids, attention_mask=attention_mask,
         expert_input_ids=e_ids, expert_attention_mask=e_mask, max_new_tokens=max_new_tokens,
-        sampling=sampling, eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size, vocab=plan,
+        sampling=sampling, eos_token_ids=eos, pad_token_id=pad, vocab_size=plan.vocab_size,
+        vocab=plan,
         share_anti=expert is anti_expert and expert_input_ids is None, backend=backend,
         num_return_sequences=n, cuda_graphs=use_graphs, num_draft_tokens=num_draft_tokens,
         streamer=streamer, return_logprobs=return_logprobs,

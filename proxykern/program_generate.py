@@ -32,17 +32,17 @@ Choices where the contract is silent:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .engine.decode import TokenFeed, decode
 from .engine.speculative import program_speculative_decode
 from .engine.step import ProgramStep
-from .generation_args import (VocabPlan, _check_bool, _check_count, _check_id_range, _check_ids,
-                              _check_mask, _check_sampling, _token_id_list, check_cuda_graphs,
-                              check_positions, check_role_models, check_rows, generation_seeds,
-                              program_vocab_plan, resolve_pad_token_id)
+from .generation_args import (DecodeArgs, _check_count, _check_id_range, _check_ids, _check_mask,
+                              _check_sampling, check_outputs, check_positions, check_role_models,
+                              check_rows, decode_graphs, generation_seeds, program_vocab_plan,
+                              resolve_eos_pad, rows_in_memory)
 from .ops import resolve_backend
 from .outputs import ProxyGenerateOutput, empty_output
 from .params import SamplingParams
@@ -51,35 +51,18 @@ from .programs import BoundProgram, LogitProgram, bind_program
 _PROXY_ROLES = ("base", "expert", "anti_expert")
 
 
-@dataclass
-class ProgramArgs:
-    """Validated, normalised inputs of one ``program_generate`` call (tensors on ``device``)."""
+@dataclass(kw_only=True)
+class ProgramArgs(DecodeArgs):
+    """Validated, normalised inputs of one ``program_generate`` call: ``input_ids`` is the
+    default prompt (the output's prefix), each role's own prompt is in ``role_input_ids``
+    (rows expanded); ``sampling.alpha`` is the bound scale (difference) or 0; ``vocab`` is
+    keyed by role."""
 
-    device: torch.device
     roles: tuple
-    input_ids: torch.Tensor              # the default prompt (the output's prefix)
-    role_input_ids: dict                 # role -> (B, T_r) prompt, rows expanded
+    role_input_ids: dict
     role_attention_mask: dict
-    max_new_tokens: int
     bound: BoundProgram
-    sampling: SamplingParams             # alpha = the bound scale (difference) or 0
-    eos_token_ids: list
-    pad_token_id: int
-    vocab_size: int
-    vocab: VocabPlan                     # keyed by role
-    backend: str
-    num_return_sequences: int = 1
-    cuda_graphs: bool = False
-    num_draft_tokens: int = 0
     draft_role: str | None = None
-    streamer: object = None
-    return_logprobs: bool = False
-    return_model_logprobs: bool = False
-    eos_tensor: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0]
 
 
 def _check_models(program, models) -> torch.device:
@@ -142,11 +125,7 @@ def prepare_program_generation(program, models, input_ids, attention_mask, *, ma
                      for r in roles], max_new_tokens)
 
     vocab_role = program.difference[0] if program.difference is not None else roles[0]
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(models[vocab_role], "generation_config", None),
-                               "eos_token_id", None)
-    eos = _token_id_list("eos_token_id", eos_token_id)
-    pad = resolve_pad_token_id(models[vocab_role], pad_token_id, eos)
+    eos, pad = resolve_eos_pad(models[vocab_role], eos_token_id, pad_token_id)
     plan = program_vocab_plan(program, models, pad)
     B = ids.shape[0]
     n = _check_count("num_return_sequences", num_return_sequences, 1)
@@ -154,24 +133,17 @@ def prepare_program_generation(program, models, input_ids, attention_mask, *, ma
     bound = bind_program(program, rows, device, n)
     values = {name: _check_sampling(name, value, B, n, device) for name, value in (
         ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))}
-    values["seed"] = generation_seeds(seed, B, n, device)
     values["alpha"] = bound.scale if bound.scale is not None else 0.0
-    if n > 1:
-        ids = ids.repeat_interleave(n, dim=0)
-        prompts = {r: tuple(t.repeat_interleave(n, dim=0) for t in p) for r, p in prompts.items()}
-    if streamer is not None and not (callable(getattr(streamer, "put", None))
-                                     and callable(getattr(streamer, "end", None))):
-        raise TypeError(f"streamer must have put() and end() (an HF BaseStreamer), "
-                        f"got {type(streamer).__name__}")
-    _check_bool("return_logprobs", return_logprobs)
-    _check_bool("return_model_logprobs", return_model_logprobs)
+    with rows_in_memory(n, B, device):
+        values["seed"] = generation_seeds(seed, B, n, device)
+        if n > 1:  # rows i*n .. i*n+n-1 are prompt i's samples, as in HF generate
+            ids = ids.repeat_interleave(n, dim=0)
+            prompts = {r: tuple(t.repeat_interleave(n, dim=0) for t in p)
+                       for r, p in prompts.items()}
+    check_outputs(streamer, return_logprobs, return_model_logprobs)
     num_draft_tokens = _check_count("num_draft_tokens", num_draft_tokens, 0)
-    if num_draft_tokens > 0 and cuda_graphs is True:
-        raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
-                         "speculative rounds are not captured as CUDA graphs yet (use "
-                         "cuda_graphs='auto' or False)")
-    use_graphs = num_draft_tokens == 0 and check_cuda_graphs(
-        cuda_graphs, device, [models[r] for r in roles], [f"models[{r!r}]" for r in roles])
+    use_graphs = decode_graphs(cuda_graphs, num_draft_tokens, device,
+                               [models[r] for r in roles], [f"models[{r!r}]" for r in roles])
     if draft_role is None:
         draft_role = "expert" if "expert" in roles else min(
             roles, key=lambda r: sum(p.numel() for p in models[r].parameters()))
