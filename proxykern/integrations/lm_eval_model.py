@@ -891,7 +891,16 @@ class ProxyKernLM(TemplateLM):
         expert_rows = ([self._expert_context(c, p)[-room:] for c, p in zip(contexts, plain)]
                        if self.chat_expert else None)
         if self.program_name != "proxy_tuning":
-            return self._generate_program(plain, expert_rows, request_ids, settings)
+            # Every role on the plain context; the expert on its chat-formatted one.
+            ids, mask = left_pad(plain, 0, self.device)
+            own = left_pad(expert_rows, 0, self.device) if expert_rows is not None else None
+
+            def run(**common):
+                return program_generate(
+                    self.programs[0], self.role_models, ids, mask,
+                    role_input_ids={"expert": own[0]} if own else None,
+                    role_attention_mask={"expert": own[1]} if own else None, **common)
+            return self._until_stops(run, len(plain), request_ids, settings)
         base, expert, anti = self.models
         if self.mode == "expert":
             rows, models, alpha = expert_rows or plain, (expert, expert, expert), 0.0
@@ -902,47 +911,28 @@ class ProxyKernLM(TemplateLM):
         e_ids = e_mask = None
         if expert_rows is not None:
             e_ids, e_mask = left_pad(expert_rows, 0, self.device)
+
+        def run(**common):
+            return fused_proxy_generate(*models, ids, mask, alpha=alpha, expert_input_ids=e_ids,
+                                        expert_attention_mask=e_mask, **common)
+        return self._until_stops(run, len(rows), request_ids, settings)
+
+    def _until_stops(self, run, n_rows: int, request_ids, settings) -> list[str]:
+        """``run(**common)`` (a generation call with the request batch's sampling, seeds,
+        EOS, pad, stop-string streamer and backend), its texts cut at the stops."""
         pad = self.tokenizer.pad_token_id
         pad = self.eos_ids[0] if pad is None else pad
         # The one seed rule (docs/api.md, "Seeds and noise"): request i draws like row i
         # of a call seeded with the number -- independent of the batch it lands in.
         seeds = row_seeds(settings["seed"], torch.tensor(request_ids)).to(self.device)
-        watch = _StopWatch(self.tokenizer, settings["until"], self.eos_ids, len(rows))
+        watch = _StopWatch(self.tokenizer, settings["until"], self.eos_ids, n_rows)
         try:
-            fused_proxy_generate(
-                *models, ids, mask, max_new_tokens=n, alpha=alpha,
-                temperature=settings["temperature"], top_k=settings["top_k"],
-                top_p=settings["top_p"], min_p=settings["min_p"], seed=seeds,
-                eos_token_id=self.eos_ids, pad_token_id=pad, expert_input_ids=e_ids,
-                expert_attention_mask=e_mask, streamer=watch, backend=self.op_backend)
-        except _StopWhenDone:
-            pass  # every row has stopped; its tokens are in the watch
-        return [cut_at_stops(self.tok_decode(r), settings["until"]) for r in watch.rows]
-
-
-    def _generate_program(self, plain, expert_rows, request_ids, settings) -> list[str]:
-        """``_generate`` for a non-proxy program: :func:`proxykern.program_generate` with
-        every role on the plain context (the expert on its chat-formatted one with
-        chat_expert); same seeds, stops and EOS as proxy tuning."""
-        ids, mask = left_pad(plain, 0, self.device)
-        role_ids = role_mask = None
-        if expert_rows is not None:
-            e_ids, e_mask = left_pad(expert_rows, 0, self.device)
-            role_ids, role_mask = {"expert": e_ids}, {"expert": e_mask}
-        pad = self.tokenizer.pad_token_id
-        pad = self.eos_ids[0] if pad is None else pad
-        seeds = row_seeds(settings["seed"], torch.tensor(request_ids)).to(self.device)
-        watch = _StopWatch(self.tokenizer, settings["until"], self.eos_ids, len(plain))
-        try:
-            program_generate(
-                self.programs[0], self.role_models, ids, mask,
-                max_new_tokens=settings["max_new_tokens"], role_input_ids=role_ids,
-                role_attention_mask=role_mask, temperature=settings["temperature"],
+            run(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                 top_k=settings["top_k"], top_p=settings["top_p"], min_p=settings["min_p"],
                 seed=seeds, eos_token_id=self.eos_ids, pad_token_id=pad, streamer=watch,
                 backend=self.op_backend)
         except _StopWhenDone:
-            pass
+            pass  # every row has stopped; its tokens are in the watch
         return [cut_at_stops(self.tok_decode(r), settings["until"]) for r in watch.rows]
 
 
