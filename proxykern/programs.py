@@ -498,18 +498,23 @@ def bind_program(program: LogitProgram, rows: int, device, n_samples: int = 1) -
                                         coefficient_names=program.coefficient_names))
 
 
-def masked_columns(bound: BoundProgram, logits: list, vocab_size: int) -> torch.Tensor | None:
-    """The (B, vocab_size) tokens the program's mask drops (True), or None without a mask;
-    a masked role narrower than ``vocab_size`` gives the columns it lacks no mass (dropped)."""
-    mask = bound.program.mask
-    if mask is None:
-        return None
-    own = logits[bound.roles.index(mask.role)]
+def mask_drop(kind: str, value, own: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The (n, vocab_size) tokens a mask of ``kind`` and ``value`` drops (True), from the
+    masked role's own logits ``own`` (:func:`proxykern.reference.program_mask`); a role
+    narrower than ``vocab_size`` gives the columns it lacks no mass (dropped)."""
     width = min(own.shape[-1], vocab_size)
-    drop = reference.program_mask(mask.kind, mask.value, own[:, :width].float())
+    drop = reference.program_mask(kind, value, own[:, :width].float())
     if width < vocab_size:
         drop = torch.cat([drop, drop.new_ones((drop.shape[0], vocab_size - width))], 1)
     return drop
+
+
+def masked_columns(bound: BoundProgram, logits: list, vocab_size: int) -> torch.Tensor | None:
+    """:func:`mask_drop` of a bound program's mask over its role's logits, or None."""
+    mask = bound.program.mask
+    if mask is None:
+        return None
+    return mask_drop(mask.kind, mask.value, logits[bound.roles.index(mask.role)], vocab_size)
 
 
 def program_rows(bound: BoundProgram, logits: list, params, step: torch.Tensor,

@@ -75,7 +75,7 @@ from .models import (MODEL_NAMES, accepts_logits_to_keep, input_width, model_dev
 from .ops import SAMPLING_RULES, check_sampling_arg, resolve_backend, sample_rows
 from .outputs import own_logprobs
 from .params import SamplingParams
-from .reference import STATUS_EMPTY, STATUS_NONFINITE, program_logits, program_mask
+from .reference import STATUS_EMPTY, STATUS_NONFINITE, program_logits
 
 #: Scored positions combined per fused-op call (rows of V in fp32 held at once).
 DEFAULT_CHUNK_SIZE = 1024
@@ -642,13 +642,10 @@ def _chunk_scores(combo, by_role, t, r, T, plan, backend, widened):
 
 
 def _mask_drop(mask, by_role, r, plan) -> torch.Tensor:
-    """(n, V) bool: the tokens a program's mask drops, from the masked role's own logits
-    over its columns within [0, V) (:func:`proxykern.reference.program_mask`); columns
-    past a narrower role's own are dropped (it gives them no probability)."""
+    """(n, V) bool: the tokens a program's mask ``(kind, role, value)`` drops for the
+    chunk's rows ``r`` (:func:`proxykern.programs.mask_drop`)."""
     kind, role, value = mask
-    w, V = plan.own_widths[role], plan.vocab_size
-    drop = program_mask(kind, _at(value, r), by_role[role][:, :w].float())
-    return drop if w == V else torch.nn.functional.pad(drop, (0, V - w), value=True)
+    return _programs.mask_drop(kind, _at(value, r), by_role[role], plan.vocab_size)
 
 
 def _linear_z(combo, by_role, r, plan) -> torch.Tensor:

@@ -58,9 +58,10 @@ from ..generation_args import GenerationArgs
 from ..models import MODEL_NAMES
 from ..ops import sample_rows
 from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
+from ..programs import program_rows
 from .runner import ModelRunner
 from .rounds import SpeculativeStats  # noqa: F401  (re-exported)
-from .step import raise_bad_generation_rows
+from .step import raise_bad_generation_rows, role_runners
 
 #: How the expert guesses the proxy's token. "expert": the op on the expert's own
 #: logits (z = expert), same filters and noise. "contrast": z = expert + alpha *
@@ -285,16 +286,9 @@ def program_speculative_decode(models: dict, args, feed, draft_role: str) -> Pro
     and noise, over the columns every role's delta covers), every other role scores a
     round's tokens in one forward, and the program's draw at every position keeps the
     plain-decoding tokens (module doc). Eager rounds on dynamic caches."""
-    from ..programs import program_rows
     n_max, plan, V = args.max_new_tokens, args.vocab, args.vocab_size
-    made, runners = {}, []
-    for role in args.roles:
-        ids, mask = args.role_input_ids[role], args.role_attention_mask[role]
-        key = (id(models[role]), id(ids), id(mask))
-        if key not in made:
-            made[key] = ModelRunner(models[role], ids, mask, n_max,
-                                    stand_in=plan.stand_ins[role])
-        runners.append(made[key])
+    runners = role_runners(models, args, lambda _index, model, ids, mask, stand_in:
+                           ModelRunner(model, ids, mask, n_max, stand_in=stand_in))
     drafter = args.roles.index(draft_role)
     V_draft = plan.delta_width
     draft_params = args.sampling.replace(alpha=0.0)

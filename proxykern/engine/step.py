@@ -208,6 +208,20 @@ class ProxyStep(DecodeStep):
         return tok, lp, status
 
 
+def role_runners(models: dict, args, make) -> list:
+    """A runner per role of a program call (``args``: ProgramArgs), in role order, made by
+    ``make(role_index, model, ids, mask, stand_in)``; roles that are the same model on the
+    same prompt share one runner."""
+    made, runners = {}, []
+    for index, role in enumerate(args.roles):
+        ids, mask = args.role_input_ids[role], args.role_attention_mask[role]
+        key = (id(models[role]), id(ids), id(mask))
+        if key not in made:
+            made[key] = make(index, models[role], ids, mask, args.vocab.stand_ins[role])
+        runners.append(made[key])
+    return runners
+
+
 class ProgramStep(DecodeStep):
     """Decode state of one logit-program call (``args``: validated
     :class:`proxykern.program_generate.ProgramArgs`): a runner per role, each on its own
@@ -219,15 +233,11 @@ class ProgramStep(DecodeStep):
         n_max, dev = args.max_new_tokens, args.device
         self.vocab_size, self.vocab, self.wide = args.vocab_size, args.vocab, None
         self.bound = args.bound
-        made, runners = {}, []
-        for i, role in enumerate(args.roles):
-            ids, mask = args.role_input_ids[role], args.role_attention_mask[role]
-            key = (id(models[role]), id(ids), id(mask))
-            if key not in made:
-                stream = torch.cuda.Stream(dev) if dev.type == "cuda" and i > 0 else None
-                made[key] = make_runner(models[role], ids, mask, n_max, stream, static,
-                                        args.vocab.stand_ins[role])
-            runners.append(made[key])
+        def make(index, model, ids, mask, stand_in):
+            stream = torch.cuda.Stream(dev) if dev.type == "cuda" and index > 0 else None
+            return make_runner(model, ids, mask, n_max, stream, static, stand_in)
+
+        runners = role_runners(models, args, make)
         self._setup(args, args.roles, runners, args.vocab.own_widths, graphs)
         self.params = args.sampling
         self.widened = args.bound.indices[1:] if args.bound.indices is not None else ()
