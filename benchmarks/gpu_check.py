@@ -16,8 +16,9 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
   sanitizer   compute-sanitizer memcheck and racecheck over benchmarks/gpu_check_cases.py
               (a handful of small CUDA cases, not the test suite)
   tests       ``pytest -m cuda`` over GPU_CHECK_TESTS (default tests/test_cuda.py, the
-              CUDA backend with both kernel variants, and tests/test_triton_cuda.py, Triton
-              on the GPU against the reference; GPU_CHECK_TESTS=tests adds the engine's
+              CUDA backend with both kernel variants, tests/test_triton_cuda.py, Triton
+              on the GPU against the reference, and tests/test_static_speculative.py, the
+              speculative rounds captured as CUDA graphs; GPU_CHECK_TESTS=tests adds the engine's
               GPU tests, ~100 s more), less the sanitizer test (the stage above covers it)
   kernels     the kernel table, bf16, five modes, two input families: ``randn3``
               (randn * 3, vocab {32000, 128256, 151936} x batch {1, 8, 64, 256}) and
@@ -233,13 +234,18 @@ def stage_sanitizer(args, out_dir, info):
     return "ok", "memcheck and racecheck clean"
 
 
+#: the tests stage's default: both kernel backends on the GPU, and the captured speculative
+#: rounds (tests/test_static_speculative.py's cuda test, a few seconds)
+DEFAULT_GPU_TESTS = "tests/test_cuda.py tests/test_triton_cuda.py tests/test_static_speculative.py"
+
+
 def stage_tests(args, out_dir, info):
     if args.dry_run:
         return "skipped", "dry run (needs a GPU)"
     log = _log_path(out_dir, "tests")
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
            "--durations=12", "-k", "not compute_sanitizer"]
-    cmd += (os.environ.get("GPU_CHECK_TESTS", "tests/test_cuda.py tests/test_triton_cuda.py").split()
+    cmd += (os.environ.get("GPU_CHECK_TESTS", DEFAULT_GPU_TESTS).split()
             + ([] if args.keep_going else ["-x"]))
     rc, tail = run_logged(cmd, log, timeout=_limit("tests"), env=child_env())
     return ("ok" if rc == 0 else "failed"), tail
@@ -268,13 +274,15 @@ def stage_generate(args, out_dir, info):
         return "ok", tail + "\n(speculative benchmark skipped: out of time)"
     spec = os.path.join(ROOT, "benchmarks", "bench_speculative.py")
     # Issue 30's grid where drafting should pay: the trained trio inflated exactly to a
-    # 13B-shaped base with 135M-shaped experts, k in {0, 2, 4}, batch 1 and 8, greedy, 8
-    # prompts once (a guess at what fits the share: unmeasured; bench_speculative.py alone
-    # runs the whole grid).
+    # 13B-shaped base with 135M-shaped experts, k in {0, 2, 4} (k > 0: the captured static
+    # rounds), batch 1 and 8, greedy, 8 prompts of 32 new tokens once after one untimed
+    # call per k, and the base alone's captured step (a guess at what fits the share:
+    # unmeasured; bench_speculative.py alone runs the whole grid).
     rc, spec_tail = run_logged([sys.executable, spec, "--device", "cuda", "--dtype", "bf16",
                                 "--inflate", "trio-13b-small", "--ks", "0", "2", "4",
                                 "--batch-sizes", "1", "8", "--modes", "greedy",
-                                "--prompts", "8", "--max-new-tokens", "16", "--repeats", "1",
+                                "--prompts", "8", "--max-new-tokens", "32", "--repeats", "1",
+                                "--warmup", "1",
                                 "--json", os.path.join(out_dir, "speculative.json")],
                                _log_path(out_dir, "generate"), timeout=int(left),
                                env=child_env(GPU_CHECK_OUT=out_dir))

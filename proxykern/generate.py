@@ -26,8 +26,9 @@ Choices where the contract is silent:
   copy is asynchronous and the streamer runs one step behind the GPU.
 * KV caches: HF ``StaticCache`` sized for prompt + ``max_new_tokens`` for every
   model whose family supports one (on any device), else HF's dynamic cache.
-* ``cuda_graphs``: ``"auto"`` captures the step on CUDA when all three models
-  support a static cache and otherwise decodes eagerly, saying why in one
+* ``cuda_graphs``: ``"auto"`` captures the step (with ``num_draft_tokens > 0``: the
+  speculative round) on CUDA when all three models support a static cache (rounds:
+  and use full attention) and otherwise decodes eagerly, saying why in one
   warning; ``True`` raises ``ValueError`` naming what is missing; ``False`` (and
   any CPU run) decodes eagerly. The streamer stays outside the graph.
 """
@@ -85,7 +86,8 @@ def fused_proxy_generate(base, expert, anti_expert, input_ids, attention_mask=No
     in one forward each; same output as ``k = 0`` (up to float rounding of batched
     forwards), fewer base forwards; ``out.stats`` reports the acceptance. The rounds run on
     static KV caches with fixed shapes (:mod:`proxykern.engine.static_speculative`) when
-    every model supports one, else on dynamic caches; no CUDA graphs yet.
+    every model supports one and is full attention, captured as a CUDA graph under the
+    same ``cuda_graphs`` rule as plain steps, else eagerly on dynamic caches.
     """
     args = prepare_generation(
         base, expert, anti_expert, input_ids, attention_mask, max_new_tokens=max_new_tokens,

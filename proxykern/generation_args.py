@@ -434,14 +434,16 @@ def _check_bool(name, value):
 _warned_eager: set = set()
 
 
-def check_cuda_graphs(cuda_graphs, device, models, names=MODEL_NAMES) -> bool:
-    """Whether to capture the decode step in a CUDA graph (rules in generate.py's docstring)."""
+def check_cuda_graphs(cuda_graphs, device, models, names=MODEL_NAMES,
+                      rounds: bool = False) -> bool:
+    """Whether to capture the decode step (``rounds``: the speculative round) in a CUDA graph
+    (rules in generate.py's docstring)."""
     if cuda_graphs not in ("auto", True, False) or (isinstance(cuda_graphs, int)
                                                      and not isinstance(cuda_graphs, bool)):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
     if cuda_graphs is False or (cuda_graphs == "auto" and device.type != "cuda"):
         return False
-    reason = graph_unsupported_reason(models, device, names)
+    reason = graph_unsupported_reason(models, device, names, rounds)
     if reason is None:
         return True
     if cuda_graphs is True:
@@ -485,14 +487,20 @@ def check_outputs(streamer, return_logprobs, return_model_logprobs) -> None:
     _check_bool("return_model_logprobs", return_model_logprobs)
 
 
-def decode_graphs(cuda_graphs, num_draft_tokens: int, device, models, names=MODEL_NAMES) -> bool:
-    """Whether to capture the decode step (:func:`check_cuda_graphs`); speculative rounds
-    (``num_draft_tokens > 0``) are not captured, so ``True`` with drafts raises."""
-    if num_draft_tokens > 0 and cuda_graphs is True:
+def decode_graphs(cuda_graphs, num_draft_tokens: int, device, models, names=MODEL_NAMES,
+                  captured_rounds: bool = False) -> bool:
+    """Whether to capture the decode step (:func:`check_cuda_graphs`). With drafts
+    (``num_draft_tokens > 0``) the speculative round is captured when the caller's rounds
+    can be (``captured_rounds``: proxy tuning's static rounds, which need a static cache and
+    full attention in every model); otherwise ``True`` with drafts raises."""
+    if num_draft_tokens == 0 or captured_rounds:
+        return check_cuda_graphs(cuda_graphs, device, models, names,
+                                 rounds=num_draft_tokens > 0)
+    if cuda_graphs is True:
         raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
-                         "speculative rounds are not captured as CUDA graphs yet (use "
-                         "cuda_graphs='auto' or False)")
-    return num_draft_tokens == 0 and check_cuda_graphs(cuda_graphs, device, models, names)
+                         "speculative rounds of logit programs are not captured as CUDA "
+                         "graphs yet (use cuda_graphs='auto' or False)")
+    return False
 
 
 def resolve_pad_token_id(base, pad_token_id, eos: list) -> int:
@@ -567,7 +575,8 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
                 t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
 
     check_outputs(streamer, return_logprobs, return_model_logprobs)
-    use_graphs = decode_graphs(cuda_graphs, num_draft_tokens, device, (base, expert, anti_expert))
+    use_graphs = decode_graphs(cuda_graphs, num_draft_tokens, device, (base, expert, anti_expert),
+                               captured_rounds=True)
     backend = resolve_backend(backend, device)
 
     sampling = SamplingParams.build(values, B * n, device, plan.vocab_size)

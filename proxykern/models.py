@@ -98,10 +98,39 @@ def static_cache_unsupported_reason(model) -> str | None:
     return None
 
 
-def graph_unsupported_reason(models, device: torch.device, names=MODEL_NAMES) -> str | None:
-    """Why the decode step of ``models`` cannot be captured in a CUDA graph (None if it can)."""
+def rollback_unsupported_reason(model) -> str | None:
+    """Why ``model``'s cache cannot keep rolled-back (masked) columns, as speculative rounds
+    need (None when it can): every layer must be full attention."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return "sliding-window attention cannot keep rolled-back columns"
+    types = getattr(text, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        return "not every layer is full attention"
+    return None
+
+
+def static_rounds_unsupported_reason(models, names=MODEL_NAMES) -> str | None:
+    """Why ``models`` (None entries skipped) cannot run speculative rounds on static caches
+    (None when they can): a static cache and a full-attention rollback for every one."""
+    for name, model in zip(names, models):
+        if model is None:
+            continue
+        reason = static_cache_unsupported_reason(model) or rollback_unsupported_reason(model)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def graph_unsupported_reason(models, device: torch.device, names=MODEL_NAMES,
+                             rounds: bool = False) -> str | None:
+    """Why the decode step of ``models`` (``rounds``: their speculative round) cannot be
+    captured in a CUDA graph (None if it can)."""
     if device.type != "cuda":
         return f"CUDA graphs need models on a CUDA device, they are on {device}"
+    if rounds:
+        return static_rounds_unsupported_reason(models, names)
     for name, model in zip(names, models):
         reason = static_cache_unsupported_reason(model)
         if reason is not None:

@@ -18,7 +18,8 @@ import proxykern.engine.speculative as speculative
 from proxykern import fused_proxy_generate
 from proxykern.apps.demo import DEFAULT_TRIO, load_trio
 from proxykern.engine.speculative import SpeculativeStats
-from proxykern.engine.static_speculative import _Model, capacity_for, static_unsupported_reason
+from proxykern.engine.static_speculative import _Model, capacity_for
+from proxykern.models import static_rounds_unsupported_reason
 from proxykern.engine.static_runner import StaticRunner
 
 from gen_fixtures import (assert_same_generation, nan_row_after_prefill, pad_left, ragged_batch,
@@ -167,8 +168,8 @@ def test_static_rollback_matches_plain_steps():
 
 
 def test_dispatch():
-    assert static_unsupported_reason(trio("llama")) is None
-    assert static_unsupported_reason(trio("gpt2")) is None
+    assert static_rounds_unsupported_reason(trio("llama")) is None
+    assert static_rounds_unsupported_reason(trio("gpt2")) is None
     assert capacity_for(1, 4, 10) == 14 and capacity_for(8, 4, 10) == 50
     # the eager rounds stay reachable and agree
     base, expert, anti = random_models("llama")
@@ -198,3 +199,51 @@ def test_shipped_trio(static_rounds, mode):
                              **kw)
     assert stats[0].acceptance_rate > 0.3, stats
     assert stats[0].base_forwards_per_token < 0.9, stats
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_captured_rounds_on_cuda(static_rounds, mode):
+    """The rounds replayed as CUDA graphs (anti-expert and the expert's last forward on side
+    streams) give plain decoding's tokens, and the captured rounds read nothing on the host."""
+    from proxykern.engine.static_speculative import StaticRounds
+    from proxykern.generation_args import prepare_generation
+    models = [m.to("cuda") for m in random_models("llama")]
+    ids, mask = (t.cuda() for t in ragged_batch())
+    kw = dict(max_new_tokens=16, eos_token_id=[3, 7], return_logprobs=True,
+              **(dict(SAMPLED, seed=torch.tensor([1, 2, 3], device="cuda"))
+                 if mode == "sampled" else {}))
+    plain = fused_proxy_generate(*models, ids, mask, cuda_graphs=False, **kw)
+    for k in (2, 4):
+        for share in (False, True):
+            trio_ = (models[1], models[1], models[1] if share else models[2])
+            ref = fused_proxy_generate(*trio_, ids, mask, cuda_graphs=False, alpha=0.3, **kw)
+            out = fused_proxy_generate(*trio_, ids, mask, num_draft_tokens=k, cuda_graphs=True,
+                                       alpha=0.3, **kw)
+            assert_same_generation(out, ref)
+        out = fused_proxy_generate(*models, ids, mask, num_draft_tokens=k, cuda_graphs=True,
+                                   **kw)
+        assert_same_generation(out, plain)
+    args = prepare_generation(
+        *models, ids, mask, max_new_tokens=40, alpha=1.0, temperature=0.9, top_k=0, top_p=0.9,
+        min_p=0.0, seed=1, eos_token_id=[], pad_token_id=None, expert_input_ids=None,
+        expert_attention_mask=None, return_logprobs=False, return_model_logprobs=False,
+        streamer=None, backend="auto", cuda_graphs=True, num_draft_tokens=3)
+    rounds = StaticRounds(*models, args, graphs=True)
+    with torch.no_grad():
+        rounds.prefill()
+        rounds.advance()  # warm-up, eager
+        rounds.advance()  # capture + first replay
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                rounds.advance()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert rounds.advance.graph is not None
+    assert rounds.flags()[1] is False

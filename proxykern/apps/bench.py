@@ -15,20 +15,16 @@ from typing import Callable
 import torch
 
 from .. import ops
+from ..engine.graphs import capture, warm_up
 
 
 def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
-    """fn captured in a CUDA graph after one warm-up call on a side stream; returns the
+    """fn captured in a CUDA graph after one warm-up call on a side stream (the engine's
+    rule, :mod:`proxykern.engine.graphs`; fn has run twice when this returns); returns the
     graph's replay, so timings hold the GPU's work without the host's launch costs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    device = torch.device("cuda", torch.cuda.current_device())
+    warm_up(fn, device)
+    return capture(fn, device).replay
 
 
 def naive_sample_step(base, expert, anti, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0):

@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from ..generation_args import GenerationArgs
-from ..models import MODEL_NAMES
+from ..models import MODEL_NAMES, static_rounds_unsupported_reason
 from ..ops import sample_rows
 from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
 from ..programs import program_rows
@@ -98,14 +98,17 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
             feed.close()
         return empty_output(args)
     if STATIC_ROUNDS is not False:
-        from .static_speculative import static_speculative_decode, static_unsupported_reason
+        from .static_speculative import static_speculative_decode
         reason = ("the static rounds draft with the expert only" if draft != "expert" else
-                  static_unsupported_reason((base, expert, None if args.share_anti
-                                             else anti_expert)))
+                  static_rounds_unsupported_reason((base, expert, None if args.share_anti
+                                                    else anti_expert)))
         if reason is None:
             return static_speculative_decode(base, expert, anti_expert, args, feed)
         if STATIC_ROUNDS is True:
             raise ValueError(f"static speculative rounds unavailable: {reason}")
+    # The eager rounds below are never captured: a resolved cuda_graphs=True only comes
+    # with models the static rounds take (generation_args.decode_graphs), so only the
+    # module switches above (tests, benchmarks) get here with it.
     V, plan = args.vocab_size, args.vocab
     stand_in = plan.stand_ins
     n_max = args.max_new_tokens

@@ -49,11 +49,23 @@ after every row is done (between host checks) keep nothing and rewrite the same 
 Positions past the last one plain decoding ever feeds (``n_prompt + n_max - 2``) are
 clamped to it (learned position tables stay in range); their logits are never kept.
 
-Host reads: one per ``check_interval`` rounds (every round on CPU): (some row still
+Host reads: one per ``ROUND_CHECK_INTERVAL`` rounds (every round on CPU): (some row still
 going, some row bad, the streaming frontier). Stats are accumulated on the device and
 read once at the end. Full attention only (same rule as the eager path: a
 sliding-window model cannot keep masked holes); the caller picks this path only when
-every model supports a static cache (:func:`static_unsupported_reason`).
+every model supports a static cache (:func:`proxykern.models.static_rounds_unsupported_reason`).
+
+Capture
+-------
+A round (:meth:`StaticRounds._round`) touches only buffers made before it (the caches,
+masks, positions, slots, output buffers and counters, all written in place), uses the
+same shapes every time and reads nothing on the host, so with ``cuda_graphs`` it runs
+once eagerly, is then captured as one CUDA graph and replayed
+(:class:`proxykern.engine.graphs.CapturedCall`). On CUDA the base's verification forward
+runs on the current stream while the anti-expert's verification and the expert's last
+single-token forward (after ``d_{k-1}``) run on their own side streams: three
+independent branches of the graph, joined before the op. Rounds past every row's end
+(between host checks) commit nothing.
 """
 from __future__ import annotations
 
@@ -63,30 +75,13 @@ from .. import ops
 from ..generation_args import GenerationArgs
 from ..outputs import ProxyGenerateOutput, own_logprobs
 from .rounds import SpeculativeStats
-from ..models import MODEL_NAMES, static_cache_unsupported_reason
+from ..models import MODEL_NAMES
+from .graphs import CapturedCall
 from .static_runner import StaticRunner
 from .step import raise_bad_generation_rows
 
 #: Rounds between host checks of (some row going, some row bad) on an accelerator.
 ROUND_CHECK_INTERVAL = 2
-
-
-def static_unsupported_reason(models) -> str | None:
-    """Why these models cannot run static speculative rounds (None when they can)."""
-    for name, model in zip(MODEL_NAMES, models):
-        if model is None:
-            continue
-        reason = static_cache_unsupported_reason(model)
-        if reason is not None:
-            return f"{name}: {reason}"
-        config = getattr(model, "config", None)
-        text = getattr(config, "get_text_config", lambda: config)()
-        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
-            return f"{name}: sliding-window attention cannot keep rolled-back columns"
-        types = getattr(text, "layer_types", None)
-        if types and any(t != "full_attention" for t in types):
-            return f"{name}: not every layer is full attention"
-    return None
 
 
 def capacity_for(batch_size: int, num_draft_tokens: int, max_new_tokens: int) -> int:
@@ -142,91 +137,130 @@ class _Model:
         r.cache_position.add_(advance)
 
 
-def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
-                              feed) -> ProxyGenerateOutput:
-    """Decode with ``args.num_draft_tokens`` drafts per round on static caches (module doc;
-    ``args.max_new_tokens >= 1``: :func:`proxykern.engine.speculative.speculative_decode`
-    answers 0 itself)."""
-    B, n_max, dev, V = args.batch_size, args.max_new_tokens, args.device, args.vocab_size
-    k = args.num_draft_tokens
-    P = k + 1
-    plan = args.vocab
-    stand_in = plan.stand_ins
-    cap = capacity_for(B, k, n_max)
-    b_m = _Model(base, args.input_ids, args.attention_mask, cap, n_max, stand_in["base"])
-    e_m = _Model(expert, args.expert_input_ids, args.expert_attention_mask, cap, n_max,
-                 stand_in["expert"])
-    a_m = None if args.share_anti else _Model(anti_expert, args.input_ids, args.attention_mask,
-                                              cap, n_max, stand_in["anti_expert"])
-    models = [m for m in (b_m, e_m, a_m) if m is not None]
-    V_draft = plan.delta_width
-    backend = args.backend
-    cols = torch.arange(P, device=dev)
+def _on(stream, fn, *args):
+    """``fn(*args)`` queued on ``stream`` after the current stream's work so far (inline when
+    ``stream`` is None); the caller joins with :func:`_join` before reading the result, and
+    keeps every tensor both streams touch referenced until then."""
+    if stream is None:
+        return fn(*args)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        return fn(*args)
 
-    params1 = args.sampling
-    paramsP = params1.repeat_rows(P)
-    draft_params = params1.replace(alpha=0.0)
 
-    pad = args.pad_token_id
-    W = n_max + P  # room for a round's writes past a row's end (pad there, trimmed later)
-    tokens = torch.full((B, W), pad, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((B, W), device=dev) if args.return_logprobs else None
-    model_lp = ({n: torch.zeros((B, W), device=dev) for n in MODEL_NAMES}
-                if args.return_model_logprobs else None)
-    pad_row = torch.full((B, P), pad, dtype=torch.long, device=dev)
-    eos = args.eos_tensor
+def _join(streams) -> None:
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
 
-    # ---------------------------------------------------------------- prefill: token 0
-    head_b, head_e = b_m.prefill(), e_m.prefill()
-    head_a = a_m.prefill() if a_m is not None else head_e
-    wide_e, wide_a = plan.widen(head_e, head_a)
-    zero = torch.zeros(B, dtype=torch.long, device=dev)
-    tok0, lp0, _, status = ops.sample_rows(head_b, wide_e, wide_a, params1, zero, V, backend)
-    tokens[:, 0] = tok0
-    if logprobs is not None:
-        logprobs[:, 0] = lp0
-    if model_lp is not None:
-        for name, lg in zip(MODEL_NAMES, (head_b, head_e, head_a)):
-            model_lp[name][:, 0] = own_logprobs(lg, tok0.clamp(min=0), plan.own_widths[name])
-    finished = (tok0[:, None] == eos).any(1) if eos is not None else torch.zeros(
-        B, dtype=torch.bool, device=dev)
-    n_done = torch.ones(B, dtype=torch.long, device=dev)
-    pending = tok0.clamp(min=0)
-    status = status.clone()
-    drafted = torch.zeros((), dtype=torch.long, device=dev)
-    accepted = torch.zeros((), dtype=torch.long, device=dev)
-    rounds = torch.zeros((), dtype=torch.long, device=dev)
 
-    def round_():
-        nonlocal pending
-        left = (n_max - n_done).masked_fill(finished, 0)
-        # 1. the expert drafts, one token at a time
+class StaticRounds:
+    """The state of one static speculative call (module doc): three static runners, the
+    output buffers, the device-side bookkeeping and stats. :meth:`prefill` draws token 0;
+    :meth:`advance` runs one round (eager, or captured and replayed); :meth:`flags` is the
+    host read; :meth:`output` trims. ``graphs``: capture the round (CUDA)."""
+
+    def __init__(self, base, expert, anti_expert, args: GenerationArgs, graphs: bool = False):
+        B, n_max, dev = args.batch_size, args.max_new_tokens, args.device
+        self.args, self.B, self.n_max, self.V = args, B, n_max, args.vocab_size
+        self.k = k = args.num_draft_tokens
+        self.P = P = k + 1
+        self.plan = plan = args.vocab
+        stand_in = plan.stand_ins
+        cap = capacity_for(B, k, n_max)
+        self.b_m = _Model(base, args.input_ids, args.attention_mask, cap, n_max, stand_in["base"])
+        self.e_m = _Model(expert, args.expert_input_ids, args.expert_attention_mask, cap, n_max,
+                          stand_in["expert"])
+        self.a_m = None if args.share_anti else _Model(
+            anti_expert, args.input_ids, args.attention_mask, cap, n_max, stand_in["anti_expert"])
+        self.models = [m for m in (self.b_m, self.e_m, self.a_m) if m is not None]
+        # Side streams (CUDA): the anti-expert's verification and the expert's last
+        # forward run beside the base's verification.
+        side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
+        self.e_stream = side()
+        self.a_stream = side() if self.a_m is not None else None
+        self.cols = torch.arange(P, device=dev)
+        self.params1 = args.sampling
+        self.paramsP = args.sampling.repeat_rows(P)
+        self.draft_params = args.sampling.replace(alpha=0.0)
+
+        pad = args.pad_token_id
+        W = n_max + P  # room for a round's writes past a row's end (pad there, trimmed later)
+        self.tokens = torch.full((B, W), pad, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros((B, W), device=dev) if args.return_logprobs else None
+        self.model_lp = ({n: torch.zeros((B, W), device=dev) for n in MODEL_NAMES}
+                         if args.return_model_logprobs else None)
+        self.pad_row = torch.full((B, P), pad, dtype=torch.long, device=dev)
+        self.eos = args.eos_tensor
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.n_done = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pending = torch.zeros(B, dtype=torch.long, device=dev)  # last token committed
+        self.status = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.drafted = torch.zeros((), dtype=torch.long, device=dev)
+        self.accepted = torch.zeros((), dtype=torch.long, device=dev)
+        self.rounds = torch.zeros((), dtype=torch.long, device=dev)
+        self.advance = CapturedCall(self._round, dev, graphs)
+
+    def prefill(self) -> None:
+        """Every model's prompt; token 0 from the prefill logits."""
+        args, plan = self.args, self.plan
+        head_b, head_e = self.b_m.prefill(), self.e_m.prefill()
+        head_a = self.a_m.prefill() if self.a_m is not None else head_e
+        wide_e, wide_a = plan.widen(head_e, head_a)
+        zero = torch.zeros(self.B, dtype=torch.long, device=args.device)
+        tok0, lp0, _, status = ops.sample_rows(head_b, wide_e, wide_a, self.params1, zero,
+                                               self.V, args.backend)
+        self.tokens[:, 0] = tok0
+        if self.logprobs is not None:
+            self.logprobs[:, 0] = lp0
+        if self.model_lp is not None:
+            for name, lg in zip(MODEL_NAMES, (head_b, head_e, head_a)):
+                self.model_lp[name][:, 0] = own_logprobs(lg, tok0.clamp(min=0),
+                                                         plan.own_widths[name])
+        if self.eos is not None:
+            self.finished.copy_((tok0[:, None] == self.eos).any(1))
+        self.n_done.fill_(1)
+        self.pending.copy_(tok0.clamp(min=0))
+        self.status.copy_(status)
+
+    def _draft(self, lg_e: torch.Tensor, j: int) -> torch.Tensor:
+        """The expert's guess at step ``n_done + j`` from its own logits (its columns only)."""
+        V_draft = self.plan.delta_width
+        if self.args.greedy:
+            return lg_e[:, :V_draft].argmax(-1)
+        d = ops.sample_rows(lg_e, lg_e, lg_e, self.draft_params, self.n_done + j, V_draft,
+                            self.args.backend)[0]
+        return d.clamp(min=0)  # a bad row's -1 is simply rejected
+
+    def _round(self) -> None:
+        """One round, on the device only: the same shapes, buffers and ops every call (so it
+        can be captured); every persistent value is written in place."""
+        B, P, k, cols = self.B, self.P, self.k, self.cols
+        n_done, finished, eos, plan = self.n_done, self.finished, self.eos, self.plan
+        left = (self.n_max - n_done).masked_fill(finished, 0)
+        # 1. the expert drafts d_0 .. d_{k-1}, one token at a time
         e_rows, drafts = [], []
-        fed_tok = pending
-        for j in range(P):
-            lg_e = e_m.forward(fed_tok[:, None], j, cols)[:, 0]
+        fed_tok = self.pending
+        for j in range(k):
+            lg_e = self.e_m.forward(fed_tok[:, None], j, cols)[:, 0]
             e_rows.append(lg_e)
-            if j == k:
-                break
-            if args.greedy:
-                d = lg_e[:, :V_draft].argmax(-1)
-            else:
-                d, _, _, _ = ops.sample_rows(lg_e, lg_e, lg_e, draft_params, n_done + j,
-                                             V_draft, backend)
-                d = d.clamp(min=0)  # a bad row's -1 is simply rejected
-            drafts.append(d)
-            fed_tok = d
-        D = torch.stack(drafts, 1) if drafts else pad_row[:, :0]
-        fed = torch.cat([pending[:, None], D], 1)
-        # 2. the base and anti-expert score the P positions in one forward each
-        lg_b = b_m.forward(fed, 0, cols)
+            fed_tok = self._draft(lg_e, j)
+            drafts.append(fed_tok)
+        D = torch.stack(drafts, 1)
+        fed = torch.cat([self.pending[:, None], D], 1)
+        # 2. the base and anti-expert score the P positions in one forward each, beside the
+        #    expert's last forward (after d_{k-1}): three independent branches
+        last_e = _on(self.e_stream, self.e_m.forward, D[:, k - 1:], k, cols)
+        lg_a = _on(self.a_stream, self.a_m.forward, fed, 0, cols) if self.a_m else None
+        lg_b = self.b_m.forward(fed, 0, cols)
+        _join([s for s in (self.e_stream, self.a_stream) if s is not None])
+        e_rows.append(last_e[:, 0])
         lg_e = torch.stack(e_rows, 1)
-        lg_a = a_m.forward(fed, 0, cols) if a_m is not None else lg_e
         flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
-        flat.append(flat[1] if lg_a is lg_e else lg_a.reshape(B * P, lg_a.shape[-1]))
+        flat.append(flat[1] if lg_a is None else lg_a.reshape(B * P, lg_a.shape[-1]))
         w_e, w_a = plan.widen(flat[1], flat[2])
         steps = (n_done[:, None] + cols).reshape(-1)
-        y, lp, _, st = ops.sample_rows(flat[0], w_e, w_a, paramsP, steps, V, backend)
+        y, lp, _, st = ops.sample_rows(flat[0], w_e, w_a, self.paramsP, steps, self.V,
+                                       self.args.backend)
         y = y.view(B, P)
         # 3. accept: agreeing draft prefix + the correction, cut at EOS and budget
         matches = (y[:, :k] == D).long().cumprod(1).sum(1)
@@ -238,64 +272,81 @@ def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
         c = torch.minimum(matches + 1, usable)
         keep = cols[None, :] < c[:, None]
         bad = st.view(B, P).masked_fill(~keep, 0)
-        status.bitwise_or_(bad.gather(1, (bad != 0).int().argmax(1, keepdim=True)).squeeze(1))
+        self.status.bitwise_or_(bad.gather(1, (bad != 0).int().argmax(1, keepdim=True))
+                                .squeeze(1))
         # 4. commit on the device (fixed shapes: the non-kept columns write pad / 0)
         idx = n_done[:, None] + cols
-        tokens.scatter_(1, idx, torch.where(keep, y, pad_row))
-        if logprobs is not None:
-            logprobs.scatter_(1, idx, lp.view(B, P).masked_fill(~keep, 0.0))
-        if model_lp is not None:
+        self.tokens.scatter_(1, idx, torch.where(keep, y, self.pad_row))
+        if self.logprobs is not None:
+            self.logprobs.scatter_(1, idx, lp.view(B, P).masked_fill(~keep, 0.0))
+        if self.model_lp is not None:
             y_flat = y.reshape(-1).clamp(min=0)
             for name, lg in zip(MODEL_NAMES, flat):
                 own = own_logprobs(lg, y_flat, plan.own_widths[name]).view(B, P)
-                model_lp[name].scatter_(1, idx, own.masked_fill(~keep, 0.0))
+                self.model_lp[name].scatter_(1, idx, own.masked_fill(~keep, 0.0))
         if eos is not None:
             finished.logical_or_(first_eos < c)
-        drafted.add_((usable - 1).clamp(min=0, max=k).sum())
-        accepted.add_((c - 1).clamp(min=0).sum())
-        rounds.add_((left > 0).any().long())
-        n_done.add_(c)
+        self.drafted.add_((usable - 1).clamp(min=0, max=k).sum())
+        self.accepted.add_((c - 1).clamp(min=0).sum())
+        self.rounds.add_((left > 0).any().long())
         # 5. rollback: mask the rejected columns, advance positions and the slot
         advance = c.max().reshape(1)
-        for m in models:
+        for m in self.models:
             m.commit(keep, c, advance, cols)
-        pending = y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0)
+        self.pending.copy_(y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0))
+        n_done.add_(c)
 
-    interval = 1 if dev.type == "cpu" else ROUND_CHECK_INTERVAL
-    big = torch.tensor(n_max, device=dev)
-    streamed = 0
-    checked_steps = 0
-    r = 0
+    def flags(self) -> tuple[bool, bool, int, int]:
+        """One host read: (some row still going, some row bad, the streaming frontier: the
+        first step some going row has not committed, the most steps any row committed)."""
+        n_done, n_max = self.n_done, self.n_max
+        still = ~self.finished & (n_done < n_max)
+        frontier = torch.where(still.any(), n_done.masked_fill(~still, n_max).min(),
+                               n_done.max()).clamp(max=n_max)
+        going, bad, front, top = torch.stack(
+            (still.any().long(), self.status.any().long(), frontier, n_done.max())).tolist()
+        return bool(going), bool(bad), front, top
+
+    def output(self) -> ProxyGenerateOutput:
+        lengths = self.n_done
+        n = int(lengths.max())
+        drafted, accepted, rounds = torch.stack(
+            (self.drafted, self.accepted, self.rounds)).tolist()
+        stats = SpeculativeStats(num_draft_tokens=self.k, rounds=rounds, drafted=drafted,
+                                 accepted=accepted, base_forwards=1 + rounds, steps=n)
+        out_tokens = self.tokens[:, :n]
+        lp, model_lp = self.logprobs, self.model_lp
+        return ProxyGenerateOutput(
+            sequences=torch.cat([self.args.input_ids, out_tokens], dim=1), tokens=out_tokens,
+            lengths=lengths, logprobs=lp[:, :n] if lp is not None else None,
+            model_logprobs={name: v[:, :n] for name, v in model_lp.items()}
+            if model_lp is not None else None, stats=stats)
+
+
+def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
+                              feed) -> ProxyGenerateOutput:
+    """Decode with ``args.num_draft_tokens`` drafts per round on static caches (module doc;
+    ``args.max_new_tokens >= 1``: :func:`proxykern.engine.speculative.speculative_decode`
+    answers 0 itself). Rounds are captured and replayed when ``args.cuda_graphs``."""
+    rounds = StaticRounds(base, expert, anti_expert, args, graphs=args.cuda_graphs)
+    rounds.prefill()
+    interval = 1 if args.device.type == "cpu" else ROUND_CHECK_INTERVAL
+    streamed = checked_steps = r = 0
     while True:
         if r % interval == 0:  # the only host read of the loop
-            still = ~finished & (n_done < n_max)
-            frontier = torch.where(still.any(), n_done.masked_fill(~still, n_max).min(),
-                                   n_done.max())
-            going, any_bad, front, top = torch.stack(
-                (still.any().long(), status.any().long(), frontier.minimum(big),
-                 n_done.max())).tolist()
+            going, any_bad, front, top = rounds.flags()
             if any_bad:
-                raise_bad_generation_rows(status, checked_steps, max(top - 1, checked_steps))
+                raise_bad_generation_rows(rounds.status, checked_steps,
+                                          max(top - 1, checked_steps))
             checked_steps = top
             if feed is not None:
                 for s in range(streamed, front):
-                    feed.push(s, tokens[:, s])
+                    feed.push(s, rounds.tokens[:, s])
                 streamed = max(streamed, front)
             if not going:
                 break
-        round_()
+        rounds.advance()                    # one round: replayed graph or eager
         r += 1
-
     if feed is not None:
         feed.close()
-    lengths = n_done
-    n = int(lengths.max())
-    drafted_, accepted_, rounds_ = torch.stack((drafted, accepted, rounds)).tolist()
-    stats = SpeculativeStats(num_draft_tokens=k, rounds=rounds_, drafted=drafted_,
-                             accepted=accepted_, base_forwards=1 + rounds_, steps=n)
-    out_tokens = tokens[:, :n]
-    return ProxyGenerateOutput(
-        sequences=torch.cat([args.input_ids, out_tokens], dim=1), tokens=out_tokens,
-        lengths=lengths, logprobs=logprobs[:, :n] if logprobs is not None else None,
-        model_logprobs={k_: v[:, :n] for k_, v in model_lp.items()} if model_lp is not None
-        else None, stats=stats)
+    return rounds.output()

@@ -26,6 +26,7 @@ from .. import ops
 from ..models import MODEL_NAMES, static_cache_unsupported_reason
 from ..outputs import ProxyGenerateOutput, own_logprobs
 from ..programs import program_rows
+from .graphs import CapturedCall
 from .runner import ModelRunner
 from .static_runner import StaticRunner
 
@@ -69,8 +70,7 @@ class DecodeStep:
             [r for r in unique if r.stream is None]
         self.own_widths = own_widths
         self.use_graphs = graphs
-        self.graph = None
-        self._warm = False
+        self._advance = CapturedCall(self._advance_eager, args.device, graphs)
         self.backend = args.backend
         self.step_rows = torch.zeros(B, dtype=torch.long, device=dev)   # RNG step of every row
         self.column = torch.zeros(1, dtype=torch.long, device=dev)      # the same, as an index
@@ -134,25 +134,14 @@ class DecodeStep:
         self._sample(self._join())
 
     def advance(self) -> None:
-        """Feed the last token to every model and draw the next one."""
-        if self.graph is not None:
-            self.graph.replay()
-        elif not self.use_graphs:
-            self._advance_eager()
-        elif not self._warm:  # one real step on a side stream: lazy inits happen outside capture
-            self._warm = True
-            stream = torch.cuda.Stream(self.args.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._advance_eager()
-            torch.cuda.current_stream().wait_stream(stream)
-        else:
-            self.graph = torch.cuda.CUDAGraph()
-            # Records the step (the replay below runs it); thread_local: other threads of
-            # the host program (a streamer's consumer, a server) may use CUDA meanwhile.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self._advance_eager()
-            self.graph.replay()
+        """Feed the last token to every model and draw the next one (eager, or the captured
+        step replayed: :class:`proxykern.engine.graphs.CapturedCall`)."""
+        self._advance()
+
+    @property
+    def graph(self):
+        """The captured step (a ``torch.cuda.CUDAGraph``) once captured, else None."""
+        return self._advance.graph
 
     # ------------------------------------------------------------------ host side
 
