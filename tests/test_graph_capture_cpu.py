@@ -103,6 +103,22 @@ def test_captured_plain_step_equals_eager(emulated, mode):
     assert_same_generation(captured, eager)
 
 
+@pytest.mark.parametrize("preset", ["contrastive", "dexperts", "ensemble"])
+def test_captured_program_step_equals_eager(emulated, preset):
+    """The logit-program step (a runner per role, masks and a top-p pre-pass) captured and
+    replayed gives the eager tokens."""
+    from test_program_generate import PRESETS, _models
+    from proxykern import program_generate
+    _, make, _, roles = next(p for p in PRESETS if p[0] == preset)
+    models = _models(roles)
+    ids, mask = ragged_batch()
+    kw = dict(max_new_tokens=6, eos_token_id=[], temperature=0.8, seed=4, return_logprobs=True)
+    eager = program_generate(make(), models, ids, mask, cuda_graphs=False, **kw)
+    captured = program_generate(make(), models, ids, mask, **kw)
+    assert len(emulated) == 1 and emulated[0].replays == 3
+    assert_same_generation(captured, eager)
+
+
 # ---------------------------------------------------------------- static speculative rounds
 
 
