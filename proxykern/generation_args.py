@@ -487,20 +487,12 @@ def check_outputs(streamer, return_logprobs, return_model_logprobs) -> None:
     _check_bool("return_model_logprobs", return_model_logprobs)
 
 
-def decode_graphs(cuda_graphs, num_draft_tokens: int, device, models, names=MODEL_NAMES,
-                  captured_rounds: bool = False) -> bool:
-    """Whether to capture the decode step (:func:`check_cuda_graphs`). With drafts
-    (``num_draft_tokens > 0``) the speculative round is captured when the caller's rounds
-    can be (``captured_rounds``: proxy tuning's static rounds, which need a static cache and
-    full attention in every model); otherwise ``True`` with drafts raises."""
-    if num_draft_tokens == 0 or captured_rounds:
-        return check_cuda_graphs(cuda_graphs, device, models, names,
-                                 rounds=num_draft_tokens > 0)
-    if cuda_graphs is True:
-        raise ValueError("cuda_graphs=True cannot be honoured with num_draft_tokens > 0: "
-                         "speculative rounds of logit programs are not captured as CUDA "
-                         "graphs yet (use cuda_graphs='auto' or False)")
-    return False
+def decode_graphs(cuda_graphs, num_draft_tokens: int, device, models,
+                  names=MODEL_NAMES) -> bool:
+    """Whether to capture the decode step (:func:`check_cuda_graphs`); with drafts
+    (``num_draft_tokens > 0``) the speculative round, which needs a static cache and full
+    attention in every model."""
+    return check_cuda_graphs(cuda_graphs, device, models, names, rounds=num_draft_tokens > 0)
 
 
 def resolve_pad_token_id(base, pad_token_id, eos: list) -> int:
@@ -575,8 +567,7 @@ def prepare_generation(base, expert, anti_expert, input_ids, attention_mask, *, 
                 t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, e_ids, e_mask))
 
     check_outputs(streamer, return_logprobs, return_model_logprobs)
-    use_graphs = decode_graphs(cuda_graphs, num_draft_tokens, device, (base, expert, anti_expert),
-                               captured_rounds=True)
+    use_graphs = decode_graphs(cuda_graphs, num_draft_tokens, device, (base, expert, anti_expert))
     backend = resolve_backend(backend, device)
 
     sampling = SamplingParams.build(values, B * n, device, plan.vocab_size)

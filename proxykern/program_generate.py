@@ -28,7 +28,9 @@ Choices where the contract is silent:
   logprobs up to the rounding of multi-token forwards). ``draft_role`` defaults to
   "expert" when the program has that role (the small tuned model of proxy tuning and
   DExperts; contrastive decoding's expert), else to the role with the fewest parameters.
-  Programs' rounds run eagerly on dynamic caches.
+  The rounds run on static caches, captured as a CUDA graph under the same
+  ``cuda_graphs`` rule as plain steps, when every role's model supports a static cache and
+  full attention; otherwise eagerly on dynamic caches.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import proxykern.engine.speculative as speculative
 import proxykern.generation_args as generation_args
 from proxykern import fused_proxy_generate
 from proxykern.engine.graphs import CapturedCall
-from proxykern.engine.static_speculative import StaticRounds
+from proxykern.engine.speculative import proxy_static_rounds
 
 from gen_fixtures import assert_same_generation, ragged_batch, tiny_model, trio
 
@@ -167,6 +167,26 @@ def test_captured_rounds_eos_budget_shared_anti_and_samples(emulated):
                    eos_token_id=[], num_return_sequences=2, **SAMPLED)
 
 
+@pytest.mark.parametrize("preset", ["contrastive", "dexperts"])
+def test_captured_program_rounds_equal_plain_decoding(emulated, preset):
+    """Logit programs' static rounds captured and replayed: plain decoding's tokens, with
+    the default drafter and with another role drafting."""
+    from test_program_generate import PRESETS, _models
+    from proxykern import program_generate
+    _, make, _, roles = next(p for p in PRESETS if p[0] == preset)
+    models = _models(roles)
+    ids, mask = ragged_batch()
+    kw = dict(max_new_tokens=9, eos_token_id=[], temperature=0.8, seed=4, return_logprobs=True,
+              return_model_logprobs=True)
+    plain = program_generate(make(), models, ids, mask, cuda_graphs=False, **kw)
+    for drafter in (None, roles[-1]):
+        made = len(emulated)
+        spec = program_generate(make(), models, ids, mask, num_draft_tokens=3,
+                                draft_role=drafter, **kw)
+        assert len(emulated) == made + 1 and emulated[-1].replays >= 1
+        assert_same_generation(spec, plain)
+
+
 def test_round_state_keeps_its_addresses():
     """What capture relies on, checked directly: a round rebinds no buffer of the state."""
     base, expert, anti = random_models("llama")
@@ -177,12 +197,12 @@ def test_round_state_keeps_its_addresses():
         expert_input_ids=None, expert_attention_mask=None, return_logprobs=True,
         return_model_logprobs=False, streamer=None, backend="auto", cuda_graphs=False,
         num_draft_tokens=2)
-    rounds = StaticRounds(base, expert, anti, args)
+    rounds = proxy_static_rounds(base, expert, anti, args)
     rounds.prefill()
 
     def addresses():
         tensors = {k: v for k, v in vars(rounds).items() if isinstance(v, torch.Tensor)}
-        for i, m in enumerate(rounds.models):
+        for i, m in enumerate(rounds.unique):
             r = m.run
             tensors.update({f"{i}.mask": r.mask, f"{i}.pos": r.position_ids,
                             f"{i}.slot": r.cache_position})

@@ -176,7 +176,7 @@ def test_program_generate_refuses_bad_input():
                          mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="num_draft_tokens must be >= 0"):
         program_generate(prog, ok, ids, mask, max_new_tokens=2, num_draft_tokens=-1)
-    with pytest.raises(ValueError, match="cuda_graphs=True cannot be honoured with num_draft"):
+    with pytest.raises(ValueError, match="cuda_graphs=True cannot be honoured: CUDA graphs need"):
         program_generate(prog, ok, ids, mask, max_new_tokens=2, num_draft_tokens=2,
                          cuda_graphs=True)
     with pytest.raises(ValueError, match="draft_role"):
@@ -197,10 +197,15 @@ def test_proxy_program_speculative_goes_through_the_proxy_engine():
 
 
 @pytest.mark.parametrize("name,make,kw,roles", PRESETS, ids=[p[0] for p in PRESETS])
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_speculative_programs_give_the_plain_tokens(name, make, kw, roles, temperature):
+@pytest.mark.parametrize("temperature,rounds", [(0.0, "static"), (1.0, "static"),
+                                                (1.0, "eager")])
+def test_speculative_programs_give_the_plain_tokens(monkeypatch, name, make, kw, roles,
+                                                    temperature, rounds):
     """Every preset, each role drafting in turn, k = 3: the plain-decoding output, EOS and
-    budget inside drafts, ragged rows."""
+    budget inside drafts, ragged rows; on static caches (the default for these models) and
+    eagerly on dynamic caches."""
+    import proxykern.engine.speculative as speculative
+    monkeypatch.setattr(speculative, "STATIC_ROUNDS", rounds == "static")
     models = _models(roles)
     ids, mask = ragged_batch()
     common = dict(max_new_tokens=9, temperature=temperature, seed=2, return_logprobs=True,
@@ -263,7 +268,8 @@ def test_zero_new_tokens_and_exports():
 @pytest.mark.parametrize("name,make,kw,roles", PRESETS, ids=[p[0] for p in PRESETS])
 def test_program_step_replays_as_a_cuda_graph(name, make, kw, roles):
     """On CUDA the program step (a runner and side stream per role, the N-input op through
-    Triton, a top-p pre-pass for DExperts) is captured once and replayed: the eager tokens."""
+    Triton, a top-p pre-pass for DExperts) is captured once and replayed: the eager tokens;
+    so are the static speculative rounds."""
     import copy
     models = {r: copy.deepcopy(m).to("cuda") for r, m in _models(roles).items()}
     ids, mask = (t.cuda() for t in ragged_batch())
@@ -273,3 +279,7 @@ def test_program_step_replays_as_a_cuda_graph(name, make, kw, roles):
     eager = program_generate(make(), models, ids, mask, cuda_graphs=False, **common)
     assert torch.equal(graphed.tokens, eager.tokens)
     torch.testing.assert_close(graphed.logprobs, eager.logprobs)
+    rounds = program_generate(make(), models, ids, mask, cuda_graphs=True, num_draft_tokens=3,
+                              **common)  # the speculative rounds captured (side streams)
+    assert torch.equal(rounds.tokens, eager.tokens)
+    torch.testing.assert_close(rounds.logprobs, eager.logprobs, atol=1e-4, rtol=1e-4)

@@ -186,22 +186,19 @@ def test_num_draft_tokens_is_checked():
 def test_captured_rounds_need_static_full_attention_models():
     """cuda_graphs with drafts (decided before any model runs, so checkable without a GPU):
     every model needs a static cache and full attention; True names the one that has not,
-    "auto" decodes eagerly; logit programs' rounds are never captured."""
+    "auto" decodes eagerly."""
     from proxykern.generation_args import decode_graphs
     base, expert, anti = trio("llama")
     cuda = torch.device("cuda")
-    assert decode_graphs(True, 2, cuda, (base, expert, anti), captured_rounds=True)
+    assert decode_graphs(True, 2, cuda, (base, expert, anti))
     sliding = copy.deepcopy(expert)
     sliding.config.sliding_window, sliding.config.use_sliding_window = 4, True
     with pytest.raises(ValueError, match="cuda_graphs=True cannot be honoured: expert: "
                                          "sliding-window attention"):
-        decode_graphs(True, 2, cuda, (base, sliding, anti), captured_rounds=True)
+        decode_graphs(True, 2, cuda, (base, sliding, anti))
     with pytest.warns(RuntimeWarning, match="sliding-window"):
-        assert not decode_graphs("auto", 3, cuda, (base, sliding, anti), captured_rounds=True)
+        assert not decode_graphs("auto", 3, cuda, (base, sliding, anti))
     assert decode_graphs(True, 0, cuda, (base, sliding, anti))  # plain steps need no rollback
-    with pytest.raises(ValueError, match="logit programs are not captured"):
-        decode_graphs(True, 2, cuda, (base, expert, anti))
-    assert not decode_graphs("auto", 2, cuda, (base, expert, anti))
 
 
 def test_padded_vocabulary_and_bad_row():

@@ -210,7 +210,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA
 def test_captured_rounds_on_cuda(static_rounds, mode):
     """The rounds replayed as CUDA graphs (anti-expert and the expert's last forward on side
     streams) give plain decoding's tokens, and the captured rounds read nothing on the host."""
-    from proxykern.engine.static_speculative import StaticRounds
+    from proxykern.engine.speculative import proxy_static_rounds
     from proxykern.generation_args import prepare_generation
     models = [m.to("cuda") for m in random_models("llama")]
     ids, mask = (t.cuda() for t in ragged_batch())
@@ -233,7 +233,7 @@ def test_captured_rounds_on_cuda(static_rounds, mode):
         min_p=0.0, seed=1, eos_token_id=[], pad_token_id=None, expert_input_ids=None,
         expert_attention_mask=None, return_logprobs=False, return_model_logprobs=False,
         streamer=None, backend="auto", cuda_graphs=True, num_draft_tokens=3)
-    rounds = StaticRounds(*models, args, graphs=True)
+    rounds = proxy_static_rounds(*models, args)
     with torch.no_grad():
         rounds.prefill()
         rounds.advance()  # warm-up, eager

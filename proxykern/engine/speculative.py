@@ -61,6 +61,7 @@ from ..outputs import ProxyGenerateOutput, empty_output, own_logprobs
 from ..programs import program_rows
 from .runner import ModelRunner
 from .rounds import SpeculativeStats  # noqa: F401  (re-exported)
+from .static_speculative import StaticRounds, round_models, static_speculative_decode
 from .step import raise_bad_generation_rows, role_runners
 
 #: How the expert guesses the proxy's token. "expert": the op on the expert's own
@@ -70,10 +71,11 @@ from .step import raise_bad_generation_rows, role_runners
 #: shipped trio in benchmarks/NOTES.md; "expert" is the default.
 DRAFTS = ("expert", "contrast")
 
-#: Which rounds ``speculative_decode`` runs: "auto" the static-cache rounds
-#: (:mod:`proxykern.engine.static_speculative`) when every model supports a static cache
-#: and the draft is "expert", else the eager rounds below; False always the eager rounds;
-#: True the static rounds or ``ValueError``. A module switch for tests and benchmarks.
+#: Which rounds ``speculative_decode`` and ``program_speculative_decode`` run: "auto" the
+#: static-cache rounds (:mod:`proxykern.engine.static_speculative`) when every model
+#: supports a static cache and full attention (and, for proxy tuning, the draft is
+#: "expert"), else the eager rounds below; False always the eager rounds; True the static
+#: rounds or ``ValueError``. A module switch for tests and benchmarks.
 STATIC_ROUNDS = "auto"
 
 
@@ -88,38 +90,11 @@ def _check_full_attention(runner: ModelRunner, name: str) -> None:
                              f"has a {type(layer).__name__} layer that cannot be rolled back")
 
 
-def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
-                       draft: str = "expert") -> ProxyGenerateOutput:
-    """Decode with ``args.num_draft_tokens`` drafted tokens per round (module doc)."""
-    if draft not in DRAFTS:
-        raise ValueError(f"draft must be one of {DRAFTS}, got {draft!r}")
-    if args.max_new_tokens == 0:
-        if feed is not None:
-            feed.close()
-        return empty_output(args)
-    if STATIC_ROUNDS is not False:
-        from .static_speculative import static_speculative_decode
-        reason = ("the static rounds draft with the expert only" if draft != "expert" else
-                  static_rounds_unsupported_reason((base, expert, None if args.share_anti
-                                                    else anti_expert)))
-        if reason is None:
-            return static_speculative_decode(base, expert, anti_expert, args, feed)
-        if STATIC_ROUNDS is True:
-            raise ValueError(f"static speculative rounds unavailable: {reason}")
-    # The eager rounds below are never captured: a resolved cuda_graphs=True only comes
-    # with models the static rounds take (generation_args.decode_graphs), so only the
-    # module switches above (tests, benchmarks) get here with it.
+def _proxy_parts(base, expert, anti_expert, args: GenerationArgs, contrast: bool):
+    """Proxy tuning's rounds: (runners(make) -> a runner per role, draft_token, draw), as
+    :func:`speculative_rounds` and :class:`StaticRounds` take them."""
     V, plan = args.vocab_size, args.vocab
     stand_in = plan.stand_ins
-    n_max = args.max_new_tokens
-    b_run = ModelRunner(base, args.input_ids, args.attention_mask, n_max,
-                        stand_in=stand_in["base"])
-    e_run = ModelRunner(expert, args.expert_input_ids, args.expert_attention_mask, n_max,
-                        stand_in=stand_in["expert"])
-    a_run = e_run if args.share_anti else ModelRunner(anti_expert, args.input_ids,
-                                                      args.attention_mask, n_max,
-                                                      stand_in=stand_in["anti_expert"])
-    contrast = draft == "contrast" and a_run is not e_run
     # Drafts are guesses from the expert's own logits: the columns it (and the anti-expert)
     # has. A base token beyond them is never drafted, only taken as the op's correction.
     V_draft = plan.delta_width
@@ -138,8 +113,53 @@ def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
         y, lp, _, status = sample_rows(flat[0], wide_e, wide_a, params, steps, V, args.backend)
         return y, lp, status
 
-    return speculative_rounds([b_run, e_run, a_run], MODEL_NAMES, [1, 2] if contrast else [1],
-                              draft_token, draw, plan.own_widths, args, feed)
+    def runners(make):
+        b_run = make(base, args.input_ids, args.attention_mask, stand_in["base"])
+        e_run = make(expert, args.expert_input_ids, args.expert_attention_mask,
+                     stand_in["expert"])
+        a_run = e_run if args.share_anti else make(anti_expert, args.input_ids,
+                                                   args.attention_mask, stand_in["anti_expert"])
+        return [b_run, e_run, a_run]
+
+    return runners, draft_token, draw
+
+
+def proxy_static_rounds(base, expert, anti_expert, args: GenerationArgs) -> StaticRounds:
+    """Proxy tuning's static rounds for ``args`` (the expert drafts; captured when
+    ``args.cuda_graphs``)."""
+    runners, draft_token, draw = _proxy_parts(base, expert, anti_expert, args, contrast=False)
+    return StaticRounds(runners(round_models(args)), MODEL_NAMES, 1, draft_token, draw,
+                        args.vocab.own_widths, args, graphs=args.cuda_graphs)
+
+
+def speculative_decode(base, expert, anti_expert, args: GenerationArgs, feed,
+                       draft: str = "expert") -> ProxyGenerateOutput:
+    """Decode with ``args.num_draft_tokens`` drafted tokens per round (module doc)."""
+    if draft not in DRAFTS:
+        raise ValueError(f"draft must be one of {DRAFTS}, got {draft!r}")
+    if args.max_new_tokens == 0:
+        if feed is not None:
+            feed.close()
+        return empty_output(args)
+    if STATIC_ROUNDS is not False:
+        reason = ("the static rounds draft with the expert only" if draft != "expert" else
+                  static_rounds_unsupported_reason((base, expert, None if args.share_anti
+                                                    else anti_expert)))
+        if reason is None:
+            return static_speculative_decode(
+                proxy_static_rounds(base, expert, anti_expert, args), feed)
+        if STATIC_ROUNDS is True:
+            raise ValueError(f"static speculative rounds unavailable: {reason}")
+    # The eager rounds below are never captured: a resolved cuda_graphs=True only comes
+    # with models the static rounds take (generation_args.decode_graphs), so only the
+    # module switches above (tests, benchmarks) get here with it.
+    contrast = draft == "contrast" and not args.share_anti
+    runners, draft_token, draw = _proxy_parts(base, expert, anti_expert, args, contrast)
+    n_max = args.max_new_tokens
+    eager = runners(lambda model, ids, mask, s: ModelRunner(model, ids, mask, n_max,
+                                                            stand_in=s))
+    return speculative_rounds(eager, MODEL_NAMES, [1, 2] if contrast else [1],
+                              draft_token, draw, args.vocab.own_widths, args, feed)
 
 
 def speculative_rounds(role_runners, names, drafting, draft_token, draw, own_widths, args,
@@ -288,10 +308,10 @@ def program_speculative_decode(models: dict, args, feed, draft_role: str) -> Pro
     model drafts from its own logits (the op on them alone: the same temperature, filters
     and noise, over the columns every role's delta covers), every other role scores a
     round's tokens in one forward, and the program's draw at every position keeps the
-    plain-decoding tokens (module doc). Eager rounds on dynamic caches."""
+    plain-decoding tokens (module doc). The rounds run on static caches (captured as a CUDA
+    graph when ``args.cuda_graphs``) when every role's model supports it, else eagerly on
+    dynamic caches (:data:`STATIC_ROUNDS`)."""
     n_max, plan, V = args.max_new_tokens, args.vocab, args.vocab_size
-    runners = role_runners(models, args, lambda _index, model, ids, mask, stand_in:
-                           ModelRunner(model, ids, mask, n_max, stand_in=stand_in))
     drafter = args.roles.index(draft_role)
     V_draft = plan.delta_width
     draft_params = args.sampling.replace(alpha=0.0)
@@ -314,5 +334,18 @@ def program_speculative_decode(models: dict, args, feed, draft_role: str) -> Pro
                                         delta)
         return y, lp, status
 
+    if STATIC_ROUNDS is not False:
+        reason = static_rounds_unsupported_reason([models[r] for r in args.roles], args.roles)
+        if reason is None:
+            make = round_models(args)
+            runners = role_runners(models, args, lambda _index, model, ids, mask, stand_in:
+                                   make(model, ids, mask, stand_in))
+            return static_speculative_decode(
+                StaticRounds(runners, args.roles, drafter, draft_token, draw, plan.own_widths,
+                             args, graphs=args.cuda_graphs), feed)
+        if STATIC_ROUNDS is True:
+            raise ValueError(f"static speculative rounds unavailable: {reason}")
+    runners = role_runners(models, args, lambda _index, model, ids, mask, stand_in:
+                           ModelRunner(model, ids, mask, n_max, stand_in=stand_in))
     return speculative_rounds(runners, args.roles, [drafter], draft_token, draw,
                               plan.own_widths, args, feed)

@@ -71,12 +71,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..generation_args import GenerationArgs
 from ..outputs import ProxyGenerateOutput, own_logprobs
-from .rounds import SpeculativeStats
-from ..models import MODEL_NAMES
 from .graphs import CapturedCall
+from .rounds import SpeculativeStats
 from .static_runner import StaticRunner
 from .step import raise_bad_generation_rows
 
@@ -153,41 +150,53 @@ def _join(streams) -> None:
         torch.cuda.current_stream().wait_stream(stream)
 
 
-class StaticRounds:
-    """The state of one static speculative call (module doc): three static runners, the
-    output buffers, the device-side bookkeeping and stats. :meth:`prefill` draws token 0;
-    :meth:`advance` runs one round (eager, or captured and replayed); :meth:`flags` is the
-    host read; :meth:`output` trims. ``graphs``: capture the round (CUDA)."""
+def round_models(args) -> "callable":
+    """``make(model, ids, mask, stand_in)`` -> a :class:`_Model` sized for ``args``'s call."""
+    cap = capacity_for(args.batch_size, args.num_draft_tokens, args.max_new_tokens)
+    return lambda model, ids, mask, stand_in: _Model(model, ids, mask, cap,
+                                                     args.max_new_tokens, stand_in)
 
-    def __init__(self, base, expert, anti_expert, args: GenerationArgs, graphs: bool = False):
+
+class StaticRounds:
+    """The state of one static speculative call (module doc) for any set of roles: a
+    :class:`_Model` per role, the output buffers, the device-side bookkeeping and stats.
+    :meth:`prefill` draws token 0; :meth:`advance` runs one round (eager, or captured and
+    replayed when ``graphs``); :meth:`flags` is the host read; :meth:`output` trims.
+
+    ``runners``: a :class:`_Model` per role, role order (one may serve several roles);
+    ``names``: the roles; ``drafter``: the index of the role whose model drafts.
+    ``draft_token(rows, step)``: the draft token from ``[drafter's logits (B, V)]`` at
+    steps ``step`` (B,); ``draw(flat, params, steps)``: (tokens, logprobs, status) of
+    B * n positions from every role's logits (role order, (B * n, V_r)) with ``params``
+    repeated n times -- the same two functions as the eager rounds
+    (:func:`proxykern.engine.speculative.speculative_rounds`).
+    """
+
+    def __init__(self, runners: list, names, drafter: int, draft_token, draw, own_widths,
+                 args, graphs: bool = False):
         B, n_max, dev = args.batch_size, args.max_new_tokens, args.device
-        self.args, self.B, self.n_max, self.V = args, B, n_max, args.vocab_size
+        self.args, self.B, self.n_max, self.names = args, B, n_max, names
         self.k = k = args.num_draft_tokens
         self.P = P = k + 1
-        self.plan = plan = args.vocab
-        stand_in = plan.stand_ins
-        cap = capacity_for(B, k, n_max)
-        self.b_m = _Model(base, args.input_ids, args.attention_mask, cap, n_max, stand_in["base"])
-        self.e_m = _Model(expert, args.expert_input_ids, args.expert_attention_mask, cap, n_max,
-                          stand_in["expert"])
-        self.a_m = None if args.share_anti else _Model(
-            anti_expert, args.input_ids, args.attention_mask, cap, n_max, stand_in["anti_expert"])
-        self.models = [m for m in (self.b_m, self.e_m, self.a_m) if m is not None]
-        # Side streams (CUDA): the anti-expert's verification and the expert's last
-        # forward run beside the base's verification.
+        self.runners, self.draft_token, self.draw = runners, draft_token, draw
+        self.own_widths = own_widths
+        self.unique = list({id(r): r for r in runners}.values())
+        self.drafter = runners[drafter]
+        self.scorers = [r for r in self.unique if r is not self.drafter]
+        # Side streams (CUDA): the drafter's last forward and every scorer but the first run
+        # beside the first scorer's verification (three branches for proxy tuning).
         side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
-        self.e_stream = side()
-        self.a_stream = side() if self.a_m is not None else None
+        self.draft_stream = side()
+        self.score_streams = [None] + [side() for _ in self.scorers[1:]]
         self.cols = torch.arange(P, device=dev)
         self.params1 = args.sampling
         self.paramsP = args.sampling.repeat_rows(P)
-        self.draft_params = args.sampling.replace(alpha=0.0)
 
         pad = args.pad_token_id
         W = n_max + P  # room for a round's writes past a row's end (pad there, trimmed later)
         self.tokens = torch.full((B, W), pad, dtype=torch.long, device=dev)
         self.logprobs = torch.zeros((B, W), device=dev) if args.return_logprobs else None
-        self.model_lp = ({n: torch.zeros((B, W), device=dev) for n in MODEL_NAMES}
+        self.model_lp = ({n: torch.zeros((B, W), device=dev) for n in names}
                          if args.return_model_logprobs else None)
         self.pad_row = torch.full((B, P), pad, dtype=torch.long, device=dev)
         self.eos = args.eos_tensor
@@ -200,67 +209,60 @@ class StaticRounds:
         self.rounds = torch.zeros((), dtype=torch.long, device=dev)
         self.advance = CapturedCall(self._round, dev, graphs)
 
+    def _model_logprobs(self, flat, tokens, idx=None, keep=None) -> None:
+        for name, lg in zip(self.names, flat):
+            own = own_logprobs(lg, tokens, self.own_widths[name])
+            if idx is None:
+                self.model_lp[name][:, 0] = own
+            else:
+                own = own.view(self.B, self.P).masked_fill(~keep, 0.0)
+                self.model_lp[name].scatter_(1, idx, own)
+
     def prefill(self) -> None:
         """Every model's prompt; token 0 from the prefill logits."""
-        args, plan = self.args, self.plan
-        head_b, head_e = self.b_m.prefill(), self.e_m.prefill()
-        head_a = self.a_m.prefill() if self.a_m is not None else head_e
-        wide_e, wide_a = plan.widen(head_e, head_a)
-        zero = torch.zeros(self.B, dtype=torch.long, device=args.device)
-        tok0, lp0, _, status = ops.sample_rows(head_b, wide_e, wide_a, self.params1, zero,
-                                               self.V, args.backend)
+        heads = {id(r): r.prefill() for r in self.unique}
+        flat = [heads[id(r)] for r in self.runners]
+        zero = torch.zeros(self.B, dtype=torch.long, device=self.args.device)
+        tok0, lp0, status = self.draw(flat, self.params1, zero)
         self.tokens[:, 0] = tok0
         if self.logprobs is not None:
             self.logprobs[:, 0] = lp0
         if self.model_lp is not None:
-            for name, lg in zip(MODEL_NAMES, (head_b, head_e, head_a)):
-                self.model_lp[name][:, 0] = own_logprobs(lg, tok0.clamp(min=0),
-                                                         plan.own_widths[name])
+            self._model_logprobs(flat, tok0.clamp(min=0))
         if self.eos is not None:
             self.finished.copy_((tok0[:, None] == self.eos).any(1))
         self.n_done.fill_(1)
         self.pending.copy_(tok0.clamp(min=0))
         self.status.copy_(status)
 
-    def _draft(self, lg_e: torch.Tensor, j: int) -> torch.Tensor:
-        """The expert's guess at step ``n_done + j`` from its own logits (its columns only)."""
-        V_draft = self.plan.delta_width
-        if self.args.greedy:
-            return lg_e[:, :V_draft].argmax(-1)
-        d = ops.sample_rows(lg_e, lg_e, lg_e, self.draft_params, self.n_done + j, V_draft,
-                            self.args.backend)[0]
-        return d.clamp(min=0)  # a bad row's -1 is simply rejected
-
     def _round(self) -> None:
         """One round, on the device only: the same shapes, buffers and ops every call (so it
         can be captured); every persistent value is written in place."""
         B, P, k, cols = self.B, self.P, self.k, self.cols
-        n_done, finished, eos, plan = self.n_done, self.finished, self.eos, self.plan
+        n_done, finished, eos = self.n_done, self.finished, self.eos
         left = (self.n_max - n_done).masked_fill(finished, 0)
-        # 1. the expert drafts d_0 .. d_{k-1}, one token at a time
-        e_rows, drafts = [], []
+        # 1. the drafter drafts d_0 .. d_{k-1}, one token at a time
+        rows, drafts = [], []
         fed_tok = self.pending
         for j in range(k):
-            lg_e = self.e_m.forward(fed_tok[:, None], j, cols)[:, 0]
-            e_rows.append(lg_e)
-            fed_tok = self._draft(lg_e, j)
+            lg = self.drafter.forward(fed_tok[:, None], j, cols)[:, 0]
+            rows.append(lg)
+            fed_tok = self.draft_token([lg], n_done + j)
             drafts.append(fed_tok)
         D = torch.stack(drafts, 1)
         fed = torch.cat([self.pending[:, None], D], 1)
-        # 2. the base and anti-expert score the P positions in one forward each, beside the
-        #    expert's last forward (after d_{k-1}): three independent branches
-        last_e = _on(self.e_stream, self.e_m.forward, D[:, k - 1:], k, cols)
-        lg_a = _on(self.a_stream, self.a_m.forward, fed, 0, cols) if self.a_m else None
-        lg_b = self.b_m.forward(fed, 0, cols)
-        _join([s for s in (self.e_stream, self.a_stream) if s is not None])
-        e_rows.append(last_e[:, 0])
-        lg_e = torch.stack(e_rows, 1)
-        flat = [lg.reshape(B * P, lg.shape[-1]) for lg in (lg_b, lg_e)]
-        flat.append(flat[1] if lg_a is None else lg_a.reshape(B * P, lg_a.shape[-1]))
-        w_e, w_a = plan.widen(flat[1], flat[2])
+        # 2. every other model scores the P positions in one forward, beside the drafter's
+        #    last forward (after d_{k-1}): independent branches, joined before the draw
+        last = _on(self.draft_stream, self.drafter.forward, D[:, k - 1:], k, cols)
+        scored = {}
+        for r, stream in reversed(list(zip(self.scorers, self.score_streams))):
+            scored[id(r)] = _on(stream, r.forward, fed, 0, cols)  # the first one inline, last
+        _join([s for s in [self.draft_stream, *self.score_streams] if s is not None])
+        rows.append(last[:, 0])
+        scored[id(self.drafter)] = torch.stack(rows, 1)
+        flat = [scored[id(r)].reshape(B * P, -1) for r in self.runners]
         steps = (n_done[:, None] + cols).reshape(-1)
-        y, lp, _, st = ops.sample_rows(flat[0], w_e, w_a, self.paramsP, steps, self.V,
-                                       self.args.backend)
+        y, lp, st = self.draw(flat, self.paramsP, steps)
         y = y.view(B, P)
         # 3. accept: agreeing draft prefix + the correction, cut at EOS and budget
         matches = (y[:, :k] == D).long().cumprod(1).sum(1)
@@ -280,10 +282,7 @@ class StaticRounds:
         if self.logprobs is not None:
             self.logprobs.scatter_(1, idx, lp.view(B, P).masked_fill(~keep, 0.0))
         if self.model_lp is not None:
-            y_flat = y.reshape(-1).clamp(min=0)
-            for name, lg in zip(MODEL_NAMES, flat):
-                own = own_logprobs(lg, y_flat, plan.own_widths[name]).view(B, P)
-                self.model_lp[name].scatter_(1, idx, own.masked_fill(~keep, 0.0))
+            self._model_logprobs(flat, y.reshape(-1).clamp(min=0), idx, keep)
         if eos is not None:
             finished.logical_or_(first_eos < c)
         self.drafted.add_((usable - 1).clamp(min=0, max=k).sum())
@@ -291,7 +290,7 @@ class StaticRounds:
         self.rounds.add_((left > 0).any().long())
         # 5. rollback: mask the rejected columns, advance positions and the slot
         advance = c.max().reshape(1)
-        for m in self.models:
+        for m in self.unique:
             m.commit(keep, c, advance, cols)
         self.pending.copy_(y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0))
         n_done.add_(c)
@@ -323,14 +322,12 @@ class StaticRounds:
             if model_lp is not None else None, stats=stats)
 
 
-def static_speculative_decode(base, expert, anti_expert, args: GenerationArgs,
-                              feed) -> ProxyGenerateOutput:
-    """Decode with ``args.num_draft_tokens`` drafts per round on static caches (module doc;
-    ``args.max_new_tokens >= 1``: :func:`proxykern.engine.speculative.speculative_decode`
-    answers 0 itself). Rounds are captured and replayed when ``args.cuda_graphs``."""
-    rounds = StaticRounds(base, expert, anti_expert, args, graphs=args.cuda_graphs)
+def static_speculative_decode(rounds: StaticRounds, feed) -> ProxyGenerateOutput:
+    """Run ``rounds`` (built for a call with ``max_new_tokens >= 1``: the callers answer 0
+    themselves) to the end: prefill, then a round at a time (replayed or eager) with a host
+    check every ``ROUND_CHECK_INTERVAL`` rounds; ``feed``: a TokenFeed or None."""
     rounds.prefill()
-    interval = 1 if args.device.type == "cpu" else ROUND_CHECK_INTERVAL
+    interval = 1 if rounds.args.device.type == "cpu" else ROUND_CHECK_INTERVAL
     streamed = checked_steps = r = 0
     while True:
         if r % interval == 0:  # the only host read of the loop
