@@ -1,13 +1,14 @@
-"""Speculative proxy decoding on static KV caches: fixed-shape rounds, bookkeeping on the device.
+"""Speculative decoding on static KV caches: fixed-shape rounds, bookkeeping on the device.
 
 Same contract as :mod:`proxykern.engine.speculative` (the eager rounds on dynamic
-caches): the output is plain decoding's (tokens, lengths; logprobs up to the float
-rounding of a multi-token forward), ``out.stats`` is a
-:class:`~proxykern.engine.rounds.SpeculativeStats`. What changes is the layout,
-so that a round has the same shapes and reads no host value every time (the
+caches), for proxy tuning and for logit programs: the output is plain decoding's
+(tokens, lengths; logprobs up to the float rounding of a multi-token forward),
+``out.stats`` is a :class:`~proxykern.engine.rounds.SpeculativeStats`. What changes is
+the layout, so that a round has the same shapes and reads no host value every time (the
 prerequisite for replaying it as a CUDA graph).
 
-One round (always ``P = k + 1`` columns, ``k = num_draft_tokens``)::
+One round (always ``P = k + 1`` columns, ``k = num_draft_tokens``; proxy tuning's roles
+named, the expert drafting)::
 
     expert    P single-token forwards: the pending token (the last one committed), then
               d_0 .. d_{k-1}, d_j = op(expert, expert, expert; step n_done + j) over the
@@ -17,6 +18,9 @@ One round (always ``P = k + 1`` columns, ``k = num_draft_tokens``)::
     op        all B * P positions at once, step n_done[row] + j     -> y (B, P)
     accept    c = min(matches + 1, first EOS + 1, tokens left)      (0 for a done row)
     commit    tokens[row, n_done + j] = y (pad where j >= c); n_done += c; ...
+
+For a logit program the drafter is ``draft_role``'s model, every other role's model
+scores like the base, and the op is the program's draw.
 
 Token 0 is drawn from the prefill logits (as plain decoding does), so every round
 has a pending token and the same shapes. Drafts past a row's budget are computed and
