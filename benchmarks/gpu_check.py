@@ -25,11 +25,14 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
               ``lm`` (gpu_check_cases.lm_like_logits: shuffled Zipf-like rows with
               entropies of 1-4 nats; batch {1, 8, 256}); plus the device-to-device copy
               bandwidth. kernel_table.json and kernel_table.md. The A/B of the CUDA
-              kernel: cuda_v04@graph (the v0.4 kernel) next to cuda@graph (v0.5, the
-              default), both CUDA-graph replays in this one process (the
-              cuda_kernel_variant op picks the variant a capture records), with their
-              ratio, cuda@graph's share of the copy bandwidth, and the token agreement of
-              v0.5 with v0.4 and with triton per cell. Also naive, triton and cuda eager
+              kernel: cuda_v04@graph (the v0.4 kernel), cuda@graph (v0.5) and
+              cuda_v06@graph (v0.5 with K2 fused into K1 where the grid is small), all
+              CUDA-graph replays in this one process (the cuda_kernel_variant op picks the
+              variant a capture records), with the ratios v04 / v05 and v05 / v06,
+              cuda@graph's share of the copy bandwidth, the token agreement of v0.5 with
+              v0.4 and with triton per cell, and whether v06's four outputs equal v05's
+              bit for bit (a cell where they do not fails the stage) and how many
+              launches v06 made there. Also naive, triton and cuda eager
               and naive@graph, triton@graph on randn3 (GPU_CHECK_KERNEL_EXTRA=
               "torch.compile,triton_rowwise" adds those). GPU_CHECK_SLICE_PROBE=1 then
               times K1's three slice widths (PROXYKERN_CUDA_SLICE_EPT), one process each
@@ -41,11 +44,13 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
 
 It stops at the first failing stage unless --keep-going (or GPU_CHECK_KEEP_GOING=1), and
 prints a summary last (also in summary.json). Budget: a whole run within 7 minutes
-(GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 70 s, sanitizer
-45, tests 70, kernels 130, generate 100: 415 s), cut to what is left of the budget; a
-stage that finds none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides
-single limits. Measured on an H200 (benchmarks/NOTES.md, v0.4): build 25 s (one kernel
-variant then; two now), sanitizer 20 s, tests/test_cuda.py 15 s (all GPU tests 160 s),
+(GPU_CHECK_BUDGET_S, default 420): each stage has its own limit (build 110 s, sanitizer
+45, tests 70, kernels 130, generate 100: 455 s, more than the budget because stages
+rarely use their whole limit), cut to what is left of the budget; a stage that finds
+none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides single limits.
+Measured on an H200 (benchmarks/NOTES.md, v0.4): build 25 s (one kernel variant then;
+three now: the bf16 unit alone compiles in 16 s before v06 and 35 s with it on the 2-core
+CPU VM), sanitizer 20 s, tests/test_cuda.py 15 s (all GPU tests 160 s),
 kernel table ~140 s for 600 timings, generate (small trio) < 60 s. --dry-run (or
 GPU_CHECK_DRY=1) needs no GPU: the GPU stages skip with a reason and the kernel stage
 runs a tiny CPU table through the same code, so the plumbing is known to work.
@@ -68,7 +73,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds each stage may take before it is stopped, and the whole run's budget (7 minutes
 # on an H200; GPU_CHECK_BUDGET_S overrides): no stage runs past what is left of it.
 # GPU_CHECK_LIMITS="sanitizer=90,tests=150" overrides single stages' limits.
-STAGE_LIMITS = {"build": 70, "sanitizer": 45, "tests": 70, "kernels": 130, "generate": 100}
+STAGE_LIMITS = {"build": 110, "sanitizer": 45, "tests": 70, "kernels": 130, "generate": 100}
 for _item in filter(None, os.environ.get("GPU_CHECK_LIMITS", "").split(",")):
     _name, _, _seconds = _item.partition("=")
     if _name.strip() not in STAGE_LIMITS:
@@ -92,7 +97,8 @@ KERNEL_FAMILIES = {
     "randn3": (KERNEL_BATCHES, ("naive", "triton", "cuda", "naive@graph", "triton@graph")),
     "lm": ((1, 8, 256), ("naive@graph",)),
 }
-AB_IMPLS = ("cuda_v04@graph", "cuda@graph")  # the v0.4 kernel and the new one, replayed
+# The v0.4 kernel, v0.5 and v0.6 (v0.5 with the second launch fused at small grids), replayed.
+AB_IMPLS = ("cuda_v04@graph", "cuda@graph", "cuda_v06@graph")
 KERNEL_MODES = {
     "plain": dict(temperature=1.0),
     "top_k=50": dict(temperature=1.0, top_k=50),
@@ -376,7 +382,8 @@ def kernel_table(device, *, vocabs, families, modes, budget_s, warmup_ms, rep_ms
     an input family to (batches, impls). Stops measuring (rows marked 'skipped: time
     budget') once budget_s is spent, and torch.compile once its compilations (about two a
     mode: batch 1 is specialized) took compile_budget_s. The cuda@graph rows also hold the
-    token agreement of the default kernel with v0.4 (agree_v04) and triton (agree_triton)."""
+    token agreement of the default kernel with v0.4 (agree_v04) and triton (agree_triton),
+    and v0.6's bitwise equality with it (v06_equal) and launch count (v06_launches)."""
     import torch
 
     from proxykern import ops
@@ -460,6 +467,8 @@ def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_b
             return with_variant("v04", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
         if impl == "cuda_v05":
             return with_variant("v05", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
+        if impl == "cuda_v06":
+            return with_variant("v06", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
         if impl == "torch":
             return lambda p=params: ops.reference.proxy_sample_reference(*nxt(), *p, vocab)
         raise ValueError(f"unknown impl {impl!r}")
@@ -468,7 +477,8 @@ def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_b
     for impl in impls:
         if impl.endswith(GRAPH_SUFFIX):
             # "x@graph": x's call captured once, then replayed; "cuda@graph" is pinned to
-            # v0.5 (its A/B partner cuda_v04@graph to v0.4) whatever the process default.
+            # v0.5 (its A/B partners cuda_v04@graph and cuda_v06@graph to v0.4 and v0.6)
+            # whatever the process default.
             base = impl[:-len(GRAPH_SUFFIX)]
             eager = make("cuda_v05" if base == "cuda" else base)
             if eager is not None:
@@ -533,13 +543,18 @@ def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_b
 
 
 def _cell_agreement(inputs, params, vocab, mode, ops, log):
-    """Token agreement of the v0.5 kernel with v0.4 and with triton on one input set."""
+    """Token agreement of the v0.5 kernel with v0.4 and with triton on one input set, and
+    whether v0.6 returns v0.5's four outputs bit for bit (v06_equal) and in how many
+    launches (v06_launches: 1 where it fuses K2 into K1)."""
     import torch
     out = {}
     try:
         call = lambda: torch.ops.proxykern.fused_sample(*inputs, *params, vocab)  # noqa: E731
-        new = with_variant("v05", call)()[0]
+        outputs = with_variant("v05", call)()
+        new = outputs[0]
         out["agree_v04"] = _agreement(new, with_variant("v04", call)()[0])
+        out["v06_equal"] = all(torch.equal(a, b) for a, b in zip(outputs, with_variant("v06", call)()))
+        out["v06_launches"] = 1 if torch.ops.proxykern.cuda_v06_one_launch(inputs[0].shape[0], vocab) else 2
         if ops.backend_unavailable_reason("triton", inputs[0].device) is None:
             tri = ops._triton_kernels().proxy_sample_triton(
                 *inputs, *params, vocab, may_filter=ops.may_filter(mode, vocab))[0]
@@ -559,7 +574,8 @@ def table_markdown(rows, impls, header_lines, copy_gbps=None):
     lines.append("")
     cols = " | ".join(f"{i} us" for i in impls)
     ratio_cols = [i for i in impls if i not in ("naive", "naive" + GRAPH_SUFFIX)]
-    extra = ["v04 / v05 (A/B)", "cuda@graph % copy", "agree v04", "agree triton"] if ab else []
+    extra = (["v04 / v05 (A/B)", "v05 / v06 (A/B)", "cuda@graph % copy", "agree v04", "agree triton",
+              "v06 == v05 (bits)", "v06 launches"] if ab else [])
     lines.append(f"| inputs | vocab | batch | mode | {cols} | "
                  + " | ".join([f"{i} vs naive" for i in ratio_cols] + extra) + " |")
     lines.append("|" + "---|" * (4 + len(impls) + len(ratio_cols) + len(extra)))
@@ -583,10 +599,13 @@ def table_markdown(rows, impls, header_lines, copy_gbps=None):
             return f"{n['us'] / r['us']:.1f}x"
 
         def ab_cells():
-            old, new = by_impl.get(AB_IMPLS[0], {}), by_impl.get(AB_IMPLS[1], {})
+            old, new, fused = (by_impl.get(i, {}) for i in AB_IMPLS)
             out = [f"{old['us'] / new['us']:.2f}x" if "us" in old and "us" in new else "-",
+                   f"{new['us'] / fused['us']:.2f}x" if "us" in new and "us" in fused else "-",
                    f"{100 * new['gbps'] / copy_gbps:.0f}%" if "gbps" in new and copy_gbps else "-"]
             out += [f"{new[k]:.3f}" if k in new else "-" for k in ("agree_v04", "agree_triton")]
+            out += [("yes" if new["v06_equal"] else "NO") if "v06_equal" in new else "-",
+                    str(new.get("v06_launches", "-"))]
             return out
         lines.append(f"| {family} | {vocab} | {batch} | {mode} | " + " | ".join(cell(i) for i in impls) + " | "
                      + " | ".join([ratio(i) for i in ratio_cols] + (ab_cells() if ab else [])) + " |")
@@ -745,7 +764,8 @@ def kernels_stage(args, out_dir) -> int:
               f"{'triton.testing.do_bench (L2 flushed before each call)' if device.type == 'cuda' else 'wall-clock'}; "
               f"naive step measured in the same run; x{GRAPH_SUFFIX}: x captured in a CUDA graph "
               f"and replayed (no launch costs), its ratio against naive{GRAPH_SUFFIX}; "
-              f"cuda_v04@graph: the v0.4 kernel, cuda@graph: v0.5 (same process); inputs randn3 = "
+              f"cuda_v04@graph: the v0.4 kernel, cuda@graph: v0.5, cuda_v06@graph: v0.5 with K2 fused "
+              f"into K1 where v06 launches = 1 (same process); inputs randn3 = "
               f"randn * 3, lm = LM-like rows (entropy 1-4 nats)",
               f"device-to-device copy: {bw:.0f} GB/s (read + write)"]
     impls = []
@@ -755,16 +775,21 @@ def kernels_stage(args, out_dir) -> int:
     failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped")]
     # A baseline that fails (an Inductor bug, say) is reported; only our backends fail the stage.
     errors = [r for r in failed if r["impl"] not in ("naive", "torch.compile", "naive" + GRAPH_SUFFIX)]
+    # v06 must return v05's bits (csrc/cuda_kernels.cuh): a cell where it does not fails the stage.
+    v06_differs = [r for r in rows if r.get("v06_equal") is False]
+    for r in v06_differs:
+        log(f"  v06 != v05: {r.get('family')} {r['vocab']}x{r['batch']} {r['mode']}")
     skipped = sum(1 for r in rows if r.get("error", "").startswith("skipped"))
     detail = (f"{measured} timings, {skipped} skipped for time, {len(errors)} errors"
               f"{f', {len(failed) - len(errors)} baseline errors' if len(failed) > len(errors) else ''}"
+              f"{f', {len(v06_differs)} cells where v06 != v05' if v06_differs else ''}"
               f"; copy {bw:.0f} GB/s")
     with open(os.path.join(out_dir, "kernel_table.json"), "w") as f:
         json.dump(dict(device=name, copy_gbps=bw, info=info, detail=detail, rows=rows), f, indent=1)
     with open(os.path.join(out_dir, "kernel_table.md"), "w") as f:
         f.write(table_markdown(rows, impls, header, bw))
     print(table_markdown(rows, impls, header, bw))
-    return 1 if errors else 0
+    return 1 if errors or v06_differs else 0
 
 
 STAGES = [("device", stage_device), ("build", stage_build), ("sanitizer", stage_sanitizer),

@@ -4,7 +4,9 @@ One launch per path of csrc/'s CUDA kernel: greedy, plain temperature, each filt
 and together, the whole-row fallback (kept sets too large for the per-slice candidates),
 the overflow rule, an odd vocabulary, misaligned and strided rows, mixed dtypes, a bad
 row. Each result is also compared with the reference (tokens and status), so a run
-under the sanitizer checks the answers too. Prints GPU-CHECK-CASES-OK at the end.
+under the sanitizer checks the answers too. Then v06's one-launch plan (K2 fused into
+K1, csrc/cuda_kernels.cuh) on the paths its merge can take, each compared with v05 bit
+for bit. Prints GPU-CHECK-CASES-OK at the end.
 """
 from __future__ import annotations
 
@@ -124,6 +126,46 @@ def main() -> int:
     case("mixed dtypes", [b, e.half(), a.to(torch.bfloat16)], temperature=1.0, top_p=0.9, seed=12)
     b[1, 3] = float("nan")
     case("bad row", [b, e, a], temperature=1.0, top_p=0.9, seed=13)
+
+    def same_as_v05(name, inputs, **kw):
+        """v06 against v05: all four outputs bit for bit (v06 = v05's arithmetic)."""
+        outs = []
+        for variant in ("v05", "v06"):
+            previous = torch.ops.proxykern.cuda_kernel_variant(variant)
+            try:
+                out, status = ops.proxy_sample_with_status(*inputs, backend="cuda", **kw)
+                torch.cuda.synchronize()
+            finally:
+                torch.ops.proxykern.cuda_kernel_variant(previous)
+            outs.append((out.tokens, out.logprobs, out.lse, status))
+        ok = all(torch.equal(x, y) for x, y in zip(*outs))
+        aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in inputs)
+        launches = (1 if aligned and torch.ops.proxykern.cuda_v06_one_launch(inputs[0].shape[0],
+                                                                             inputs[0].shape[1]) else 2)
+        print(f"{'ok  ' if ok else 'FAIL'} v06 {name} ({launches} launch{'es' if launches > 1 else ''}): "
+              f"{'bitwise v05' if ok else 'differs from v05'}", flush=True)
+        if not ok:
+            failures.append("v06 " + name)
+
+    if dev == "cuda":
+        # Rows 16-byte aligned (the fused kernel is built for the vector loads), vocab 5003.
+        wide = logits(3, vocab + 5, torch.bfloat16)
+        x = [t[:, :vocab] for t in wide]
+        same_as_v05("greedy", x)
+        same_as_v05("temperature", x, temperature=0.9, seed=21)
+        same_as_v05("all filters", x, temperature=0.9, top_k=40, top_p=0.9, min_p=0.01, seed=22)
+        same_as_v05("fallback top_p", [(t * 0.01)[:, :vocab] for t in wide], temperature=5.0,
+                    top_p=0.99, min_p=1e-5, seed=23)
+        same_as_v05("fallback top_k", x, temperature=1.0, top_k=3000, seed=24)
+        same_as_v05("overflow rule", x, temperature=2e-38, top_p=0.9, seed=25)
+        nan = [t.clone()[:, :vocab] for t in wide]
+        nan[0][1, 3] = float("nan")
+        same_as_v05("bad row", nan, temperature=1.0, top_p=0.9, seed=26)
+        same_as_v05("unaligned rows (two launches)", [t.contiguous() for t in x], temperature=1.0,
+                    top_p=0.9, seed=29)
+        big = logits(1, 128256, torch.bfloat16)  # 126 slices: one launch
+        same_as_v05("128256 top_p", big, temperature=1.0, top_p=0.9, seed=27)
+        same_as_v05("128256 overflow rule", big, temperature=2e-38, seed=28)
     if failures:
         print("failed cases: " + ", ".join(failures))
         return 1

@@ -8,8 +8,9 @@
 //
 // Design
 // ------
-// Two launches on the current stream, no host sync, no allocation besides one at::empty
-// workspace (so the op is safe inside CUDA-graph capture):
+// Two launches on the current stream (one in v06's small-grid plan, below), no host
+// sync, no allocation besides one at::empty workspace (so the op is safe inside
+// CUDA-graph capture):
 //
 // K1 slice_kernel, grid = batch * num_slices blocks of 256 threads, row-major.
 //    Each row's vocabulary is cut into fixed slices of 256 * EPT columns, EPT = 4, 8 or 16
@@ -51,6 +52,22 @@
 //    over a subset holding the global arg-max). Otherwise one Gumbel-max pass over the
 //    kept values: over C when the kept set is provably inside C, else over the row.
 //
+// v06 (PROXYKERN_CUDA_KERNEL=v06; v05's arithmetic) launches one kernel instead of two
+// where cuda_sample.h's merge_in_slice_kernel says so (K1's grid of at most
+// kFusedMaxBlocks = 256 blocks, e.g. batch <= 2 at 128256 columns, and 16-byte aligned
+// inputs of one dtype); elsewhere it launches v05's K1 and K2 unchanged.
+//    A memset zeroes one uint32 counter a row (in the workspace), then fused_kernel runs
+//    K1's grid: each block does K1's work (slice_block, the same code as slice_kernel),
+//    fences, and thread 0 adds 1 to its row's counter; the block that draws the last
+//    ticket (num_slices - 1) resets the counter and runs K2's work for the row
+//    (merge_row, the same code as merge_kernel) with its 256 threads, reading the other
+//    blocks' partials and candidates through L2 (ld.global.cg). The merge order is
+//    fixed and the one reduction that depends on the block width (the overflow rule's
+//    sum) is done in the 512-thread order, so the results are v05's bit for bit, and
+//    batch-invariant whichever plan a batch gets. Shared memory: K1's and K2's in one
+//    union (19892 bytes a block with the "last" flag); registers: 128 (2 blocks an
+//    SM). Details at fused_kernel.
+//
 // Passes over the inputs per row: greedy / temperature: 1. Filters: 1 in the common
 // case (thresholds and draw from the candidates); fallback (the kept set or the
 // threshold does not fit the candidates, e.g. huge top_k, tiny min_p or a flat
@@ -70,7 +87,9 @@
 
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "cuda_sample.h"
 #include "philox.h"
@@ -102,9 +121,10 @@ static_assert(kSliceThreads >= 256 && kMergeThreads >= 256, "the radix scan uses
 static_assert(kSliceWarps == 8, "K1's max butterfly reads 8 warp records");
 
 // ----------------------------------------------------------------------------- variants
-// What differs between the two builds (cuda_sample.h, KernelVariant). Every kernel and
-// helper whose arithmetic differs takes the policy, so K1 and K2 of one variant compute
-// the same z' and the same noise, bit for bit.
+// What differs between the two arithmetic builds (cuda_sample.h, KernelVariant). Every
+// kernel and helper whose arithmetic differs takes the policy, so K1 and K2 of one
+// variant compute the same z' and the same noise, bit for bit. v06 is not a policy: it
+// runs V05 with another launch plan (launch_variant).
 struct V04 {
   static constexpr bool kFastNoise = false;  // accurate libdevice logf, twice a column
   static constexpr bool kRecipT = false;     // __fdiv_rn per column, also at T == 1
@@ -704,19 +724,46 @@ __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
 
 // ----------------------------------------------------------------------------- K1
 
+// K1's shared memory: where slice_block finds it. slice_kernel declares the arrays one
+// by one (as before v06: the same code as v0.5's K1, register for register); v06's
+// fused_kernel points into SliceSmem, overlaid with K2's (FusedSmem).
+struct SliceShared {
+  RadixSmem& rs;
+  float* r1_max;
+  uint32_t* r1_flags;
+  Best* r1_best;
+  float* r2_sum;
+  Best* r2_g;
+  uint32_t& ncand;
+};
+struct SliceSmem {
+  RadixSmem rs;
+  float r1_max[kSliceWarps];
+  uint32_t r1_flags[kSliceWarps];
+  Best r1_best[kSliceWarps];
+  float r2_sum[kSliceWarps];
+  Best r2_g[kSliceWarps];
+  uint32_t ncand;
+  __device__ SliceShared refs() { return SliceShared{rs, r1_max, r1_flags, r1_best, r2_sum, r2_g, ncand}; }
+};
+
+// K1's work, one block of kSliceThreads threads: slice blockIdx.x % num_slices of row
+// blockIdx.x / num_slices. Writes the slice's SlicePartial (thread 0) and, for filtered
+// rows, its candidates (every thread) with plain stores. slice_kernel is this alone;
+// v06's fused_kernel runs it, then the merge in the row's last block.
 template <class Loader, int EPT, class P>
-__global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a) {
+__device__ __forceinline__ void slice_block(const KernelArgs& a, const SliceShared& sm) {
   constexpr int CH = EPT >= kChunk ? kChunk : EPT;  // columns per load
   constexpr int CPT = EPT / CH;                      // chunks per thread
   constexpr int kSlice = kSliceThreads * EPT;        // columns per slice
   static_assert(CH % 4 == 0 && CPT * CH == EPT, "whole Philox groups per chunk");
-  __shared__ RadixSmem rs;
-  __shared__ float r1_max[kSliceWarps];
-  __shared__ uint32_t r1_flags[kSliceWarps];
-  __shared__ Best r1_best[kSliceWarps];
-  __shared__ float r2_sum[kSliceWarps];
-  __shared__ Best r2_g[kSliceWarps];
-  __shared__ uint32_t s_ncand;
+  RadixSmem& rs = sm.rs;
+  float* const r1_max = sm.r1_max;
+  uint32_t* const r1_flags = sm.r1_flags;
+  Best* const r1_best = sm.r1_best;
+  float* const r2_sum = sm.r2_sum;
+  Best* const r2_g = sm.r2_g;
+  uint32_t& s_ncand = sm.ncand;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row = static_cast<int64_t>(blockIdx.x) / a.num_slices;
@@ -937,14 +984,62 @@ __global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a
   }
 }
 
+template <class Loader, int EPT, class P>
+__global__ void __launch_bounds__(kSliceThreads) slice_kernel(const KernelArgs a) {
+  __shared__ RadixSmem rs;
+  __shared__ float r1_max[kSliceWarps];
+  __shared__ uint32_t r1_flags[kSliceWarps];
+  __shared__ Best r1_best[kSliceWarps];
+  __shared__ float r2_sum[kSliceWarps];
+  __shared__ Best r2_g[kSliceWarps];
+  __shared__ uint32_t s_ncand;
+  slice_block<Loader, EPT, P>(a, SliceShared{rs, r1_max, r1_flags, r1_best, r2_sum, r2_g, s_ncand});
+}
+
 // ----------------------------------------------------------------------------- K2 sources
 
+// Loads of what K1 wrote. kL2 (v06's fused kernel): the records were written by other
+// blocks of the same launch, so they are read through L2 (ld.global.cg), never from a
+// line this SM's L1 may hold from before they were written; the writer's fence and the
+// row counter's atomic order them (fused_kernel). Otherwise (merge_kernel, a later
+// launch) plain loads.
+static_assert(sizeof(SlicePartial) == 40 && alignof(SlicePartial) == 4 &&
+                  offsetof(SlicePartial, max) == 0 && offsetof(SlicePartial, sum) == 4,
+              "SlicePartial: ten 4-byte fields, read as five 8-byte words (the array is "
+              "8-byte aligned: the workspace starts at 256 bytes, records are 40 bytes)");
+static_assert(sizeof(Cand) == 8 && alignof(Cand) == 8, "Cand: one 8-byte word");
+
+__device__ __forceinline__ SlicePartial load_partial_l2(const SlicePartial* p) {
+  const uint2* q = reinterpret_cast<const uint2*>(p);
+  uint2 w[5];
+#pragma unroll
+  for (int i = 0; i < 5; ++i) w[i] = __ldcg(q + i);
+  SlicePartial r;
+  memcpy(&r, w, sizeof(r));
+  return r;
+}
+__device__ __forceinline__ Cand load_cand_l2(const Cand* p) {
+  const int2 w = __ldcg(reinterpret_cast<const int2*>(p));
+  return Cand{__int_as_float(w.x), w.y};
+}
+template <bool kL2>
+__device__ __forceinline__ Cand load_cand(const Cand* p) {
+  if constexpr (kL2) {
+    return load_cand_l2(p);
+  } else {
+    return *p;
+  }
+}
+
 // Candidates (global or shared memory); only finite values with key >= dom_lo are active.
-template <int NT>
+// kL2: global candidates (l2 set) are read through L2 (load_cand_l2); the shared-memory
+// copy (l2 false) with plain loads.
+template <int NT, bool kL2 = false>
 struct CandSource {
   const Cand* p;
   int n;
   uint32_t dom_lo;
+  bool l2 = kL2;
   template <class F>
   __device__ __forceinline__ void operator()(F&& f) const {
     for (int base = 0; base < n; base += NT) {
@@ -952,7 +1047,11 @@ struct CandSource {
       Cand c{-INFINITY, 0};
       bool active = false;
       if (i < n) {
-        c = p[i];
+        if constexpr (kL2) {
+          c = l2 ? load_cand_l2(p + i) : p[i];
+        } else {
+          c = p[i];
+        }
         active = isfinite(c.x) && float_key(c.x) >= dom_lo;
       }
       f(active, c.x, c.idx);
@@ -1075,18 +1174,94 @@ struct MergeState {
   Best greedy, gumbel;
 };
 
-template <class Loader, class P>
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a) {
-  constexpr int NT = kMergeThreads;
-  __shared__ RadixSmem rs;
-  __shared__ MergeState st;
-  __shared__ Best red[kMergeWarps];
-  __shared__ float red_sum[kMergeWarps];
-  __shared__ Cand stage[kCandStage];
-  __shared__ uint32_t s_nstage;
+// K2's shared memory: where merge_row finds it (merge_kernel: arrays declared one by
+// one, as before v06; fused_kernel: MergeSmem, overlaid with K1's).
+struct MergeShared {
+  RadixSmem& rs;
+  MergeState& st;
+  Best* red;
+  float* red_sum;
+  Cand* stage;
+  uint32_t& nstage;
+};
+struct MergeSmem {
+  RadixSmem rs;
+  MergeState st;
+  Best red[kMergeWarps];
+  float red_sum[kMergeWarps];
+  Cand stage[kCandStage];
+  uint32_t nstage;
+  __device__ MergeShared refs() { return MergeShared{rs, st, red, red_sum, stage, nstage}; }
+};
+
+// The overflow rule's sum over the row of exp(z - mx), reduced in the order a block of
+// kMergeThreads threads reduces it, by a block of NT threads (NT divides kMergeThreads).
+// NT == kMergeThreads: each thread's sum over its chunks, then block_sum. Smaller NT
+// (v06's fused kernel): chunk c belongs to thread c % kMergeThreads of the wide block
+// ("virtual" thread v), which adds its chunks in increasing order; RowSource gives thread
+// t the chunks c = t (mod NT) in increasing order, so t keeps one sum per virtual thread
+// v = t + k NT (k = (c / NT) % (kMergeThreads / NT)), each receiving exactly v's values
+// in v's order; each sum then takes v's warp butterfly (same lane, same partners) and
+// v's slot in red_sum, summed over all kMergeWarps slots in the same order. The result
+// is merge_kernel's bit for bit, so a row's lse never depends on the launch plan. (Every
+// other reduction of the merge is order-free: integer histograms, arg-max records.)
+template <int NT, class Src>
+__device__ __forceinline__ float row_exp_sum(const Src& zsrc, float mx, float* red_sum) {
+  if constexpr (NT == kMergeThreads) {
+    float s = 0.0f;
+    zsrc([&](bool valid, float x, int32_t) {
+      if (valid && x > -INFINITY) s = __fadd_rn(s, expf(__fsub_rn(x, mx)));
+    });
+    return block_sum<NT>(s, red_sum);
+  } else {
+    static_assert(kMergeThreads % NT == 0 && NT % 32 == 0, "NT divides kMergeThreads");
+    constexpr int KV = kMergeThreads / NT;  // virtual threads per thread
+    float s[KV];
+#pragma unroll
+    for (int k = 0; k < KV; ++k) s[k] = 0.0f;
+    zsrc([&](bool valid, float x, int32_t idx) {
+      if (valid && x > -INFINITY) {
+        const int k = (idx / kChunk / NT) % KV;
+        const float e = expf(__fsub_rn(x, mx));
+#pragma unroll
+        for (int kk = 0; kk < KV; ++kk) {
+          if (kk == k) s[kk] = __fadd_rn(s[kk], e);
+        }
+      }
+    });
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const float w = warp_sum(s[k]);
+      if (lane == 0) red_sum[k * (NT / 32) + warp] = w;
+    }
+    __syncthreads();
+    float r = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) r = __fadd_rn(r, red_sum[w]);
+    __syncthreads();  // red_sum may be reused
+    return r;
+  }
+}
+
+// K2's work for one row, by a block of NT threads: merge_kernel runs it with NT =
+// kMergeThreads (one block a row, after K1's launch), v06's fused_kernel with NT =
+// kSliceThreads in the row's last K1 block, kL2 set (load_partial_l2). The row's result does
+// not depend on NT (row_exp_sum) nor on who runs it: the partials are merged in one fixed
+// order, the same code either way.
+template <class Loader, class P, int NT, bool kL2>
+__device__ __forceinline__ void merge_row(const KernelArgs& a, const int64_t row,
+                                          const MergeShared& sm) {
+  static_assert(NT >= 256 && NT % 32 == 0 && NT <= kMergeThreads,
+                "the radix scan needs 256 threads; red and red_sum hold kMergeWarps entries");
+  RadixSmem& rs = sm.rs;
+  MergeState& st = sm.st;
+  Best* const red = sm.red;
+  float* const red_sum = sm.red_sum;
+  Cand* const stage = sm.stage;
+  uint32_t& s_nstage = sm.nstage;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t row = blockIdx.x;
   const int S = a.num_slices;
   const int64_t vocab = a.vocab;
   const float alpha = a.params.alpha[row];
@@ -1102,7 +1277,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     uint32_t fl = 0u, tstar = 0u;
     Best gb = no_best(), gg = no_best();
     for (int s = lane; s < S; s += 32) {
-      const SlicePartial q = parts[s];
+      SlicePartial q;
+      if constexpr (kL2) {
+        q = load_partial_l2(parts + s);
+      } else {
+        q = parts[s];
+      }
       mx = fmaxf(mx, q.max);
       fl |= q.flags;
       tstar = umax(tstar, q.tkey);
@@ -1119,7 +1299,15 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     float sum = 0.0f;
     if (mx > -INFINITY) {
       for (int s = lane; s < S; s += 32) {
-        const float ms = parts[s].max, ss = parts[s].sum;
+        float ms, ss;
+        if constexpr (kL2) {  // max and sum: adjacent, 8-byte aligned
+          const float2 q = __ldcg(reinterpret_cast<const float2*>(parts + s));
+          ms = q.x;
+          ss = q.y;
+        } else {
+          ms = parts[s].max;
+          ss = parts[s].sum;
+        }
         if (ms > -INFINITY) sum = __fadd_rn(sum, __fmul_rn(ss, expf(__fsub_rn(ms, mx))));
       }
     }
@@ -1168,11 +1356,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
       if (valid && better(c, b)) b = c;
     });
     b = block_best<NT>(b, red);  // max z (finite: the row is good), lowest column
-    float s = 0.0f;
-    zsrc([&](bool valid, float x, int32_t) {
-      if (valid && x > -INFINITY) s = __fadd_rn(s, expf(__fsub_rn(x, b.key)));
-    });
-    s = block_sum<NT>(s, red_sum);
+    const float s = row_exp_sum<NT>(zsrc, b.key, red_sum);
     result = b;
     lse = __fadd_rn(b.key, logf(s));
     scaled = false;
@@ -1196,14 +1380,14 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
     const uint32_t c_lo = c_complete ? 0u : tstar + 1u;
     const Cand* gc = a.cands + row * S * a.cand_per_slice;
     const int ntot = S * a.cand_per_slice;
-    CandSource<NT> csrc{gc, ntot, c_lo};
+    CandSource<NT, kL2> csrc{gc, ntot, c_lo};
     bool staged = false;
     // Copies the candidates above tstar into shared memory when they fit (block-uniform).
     auto stage_candidates = [&]() {
       if (staged) return;
       staged = true;
       for (int i = tid; i < ntot; i += NT) {
-        const Cand c = gc[i];
+        const Cand c = load_cand<kL2>(gc + i);
         if (isfinite(c.x) && float_key(c.x) >= c_lo) {
           const uint32_t slot = atomicAdd(&s_nstage, 1u);
           if (slot < static_cast<uint32_t>(kCandStage)) stage[slot] = c;
@@ -1211,7 +1395,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
       }
       __syncthreads();
       const uint32_t n = s_nstage;
-      if (n <= static_cast<uint32_t>(kCandStage)) csrc = CandSource<NT>{stage, static_cast<int>(n), 0u};
+      if (n <= static_cast<uint32_t>(kCandStage)) {
+        csrc = CandSource<NT, kL2>{stage, static_cast<int>(n), 0u, false};
+      }
     };
     const RowSource<Loader, NT, P> rsrc{ld, alpha, ts, vocab};
 
@@ -1259,6 +1445,83 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   }
 }
 
+template <class Loader, class P>
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a) {
+  __shared__ RadixSmem rs;
+  __shared__ MergeState st;
+  __shared__ Best red[kMergeWarps];
+  __shared__ float red_sum[kMergeWarps];
+  __shared__ Cand stage[kCandStage];
+  __shared__ uint32_t s_nstage;
+  merge_row<Loader, P, kMergeThreads, false>(a, blockIdx.x,
+                                             MergeShared{rs, st, red, red_sum, stage, s_nstage});
+}
+
+// ----------------------------------------------------------------------------- v06: K1 + K2
+
+// K1's and K2's shared memory are never live at once (the barrier between them in
+// fused_kernel), so they share one allocation: max(K1's 3.5 KB, K2's 19.9 KB).
+union FusedSmem {
+  SliceSmem slice;
+  MergeSmem merge;
+};
+
+// v06's one launch (small grids, merge_in_slice_kernel): K1's grid and blocks; each block
+// does slice_block, and the last block of a row to finish runs merge_row for the row
+// (the "last block" pattern of the CUDA samples' threadFenceReduction). No block ever
+// waits for another, so it is correct at any grid size and residency.
+//   Ordering. Every thread fences (__threadfence: its partial / candidate stores are
+//   visible at device scope before what follows), the barrier orders all of them before
+//   thread 0's atomicAdd on the row's counter, and the block that draws ticket S - 1
+//   (all S slices' stores are then visible) fences again (acquire side), publishes
+//   "last" through shared memory and a barrier, and its merge reads the partials and
+//   candidates with ld.global.cg (kL2): through L2, where the stores went, never from a
+//   stale L1 line (another row's merge on this SM may have read the same 128-byte line
+//   earlier in this launch).
+//   Counters. args.counters holds one uint32 per row; the launcher's workspace is
+//   at::empty, so launch_fused_ept zeroes the counters with cudaMemsetAsync before every
+//   launch (stream-ordered, captured into CUDA graphs as a memset node: replays zero
+//   them too). The last block also resets its row's counter to 0 once it has drawn the
+//   last ticket (no block of this launch touches it again): not needed after the memset,
+//   it keeps the counters zero between launches for free.
+//   Threads. The merge runs with the block's kSliceThreads (256) threads, not K2's 512:
+//   the radix scan needs 256, every reduction of the merge is order-free except the
+//   overflow rule's sum, which row_exp_sum reduces in the 512-thread order, so the
+//   results are merge_kernel's bit for bit. The alternative, 512-thread K1 blocks, would
+//   change the slices (so the partials and their bits) or idle half of every K1 block and
+//   cap it at 128 registers. Cost: the merge's row passes (the fallback, the overflow
+//   rule) read with half the threads in flight; the common paths (greedy, unfiltered,
+//   candidates) are a warp's merge of S records plus ~vocab / 64 staged candidates.
+//   Registers: the kernel holds both bodies, so it allocates the larger count (the
+//   merge's), bounded by __launch_bounds__'s second argument: 2 blocks an SM, 128
+//   registers, no spills with the vector loaders (nvcc 13.0, sm_90a; unbounded, ptxas
+//   took 135-168 and one block an SM). The unaligned and mixed-dtype loaders spilled at
+//   128, so the kernel is built for the vector loaders only (kVecUniform). Residency is
+//   what kFusedMaxBlocks (cuda_sample.h) bounds: 2 x 132 SMs on an H100 / H200.
+constexpr int kFusedMinBlocks = 2;  // blocks per SM the register budget must allow
+
+template <class Loader, int EPT, class P>
+__global__ void __launch_bounds__(kSliceThreads, kFusedMinBlocks) fused_kernel(const KernelArgs a) {
+  __shared__ FusedSmem sm;
+  __shared__ uint32_t s_last;
+  slice_block<Loader, EPT, P>(a, sm.slice.refs());
+  __threadfence();
+  __syncthreads();  // every thread's stores and fence are done; sm.slice is no longer read
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / a.num_slices;
+  if (threadIdx.x == 0) {
+    const uint32_t ticket = atomicAdd(a.counters + row, 1u);
+    const bool last = ticket == static_cast<uint32_t>(a.num_slices - 1);
+    if (last) {
+      __threadfence();
+      a.counters[row] = 0u;
+    }
+    s_last = last ? 1u : 0u;
+  }
+  __syncthreads();
+  if (s_last == 0u) return;  // block-uniform
+  merge_row<Loader, P, kSliceThreads, true>(a, row, sm.merge.refs());
+}
+
 // ----------------------------------------------------------------------------- launch
 
 template <class Loader, int EPT, class P>
@@ -1271,23 +1534,61 @@ cudaError_t launch_ept(const KernelArgs& args, int64_t batch, cudaStream_t strea
   return cudaGetLastError();
 }
 
-// K1 and K2 for one loader and variant; ept: slice_elems_per_thread(vocab).
-template <class Loader, class P>
+// v06's one launch: the row counters zeroed, then fused_kernel.
+template <class Loader, int EPT, class P>
+cudaError_t launch_fused_ept(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
+  if (args.counters == nullptr) return cudaErrorInvalidValue;
+  const cudaError_t err =
+      cudaMemsetAsync(args.counters, 0, static_cast<size_t>(batch) * sizeof(uint32_t), stream);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = batch * args.num_slices;
+  fused_kernel<Loader, EPT, P><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// K1 and K2 (kFused: the one fused launch) for one loader and variant; ept:
+// slice_elems_per_thread(vocab).
+template <class Loader, class P, bool kFused = false>
 cudaError_t launch_kernels(const KernelArgs& args, int64_t batch, int ept, cudaStream_t stream) {
-  switch (ept) {
-    case 16: return launch_ept<Loader, 16, P>(args, batch, stream);
-    case 8: return launch_ept<Loader, 8, P>(args, batch, stream);
-    case 4: return launch_ept<Loader, 4, P>(args, batch, stream);
-    default: return cudaErrorInvalidValue;
+  if constexpr (kFused) {
+    switch (ept) {
+      case 16: return launch_fused_ept<Loader, 16, P>(args, batch, stream);
+      case 8: return launch_fused_ept<Loader, 8, P>(args, batch, stream);
+      case 4: return launch_fused_ept<Loader, 4, P>(args, batch, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  } else {
+    switch (ept) {
+      case 16: return launch_ept<Loader, 16, P>(args, batch, stream);
+      case 8: return launch_ept<Loader, 8, P>(args, batch, stream);
+      case 4: return launch_ept<Loader, 4, P>(args, batch, stream);
+      default: return cudaErrorInvalidValue;
+    }
   }
 }
 
+// Loaders fused_kernel is built for (merge_in_slice_kernel's vec_uniform): the vector
+// loads of one dtype.
+template <class Loader>
+constexpr bool kVecUniform = false;
+template <class D>
+constexpr bool kVecUniform<UniformLoader<D, true>> = true;
+
+// v06 is V05's policy: its two-launch plan runs v05's very kernels, its one-launch plan
+// fused_kernel<..., V05> (merge_in_slice_kernel, cuda_sample.h, decides).
 template <class Loader>
 cudaError_t launch_variant(const KernelArgs& args, int64_t batch, int ept, KernelVariant v,
                            cudaStream_t stream) {
   switch (v) {
     case KernelVariant::kV04: return launch_kernels<Loader, V04>(args, batch, ept, stream);
     case KernelVariant::kV05: return launch_kernels<Loader, V05>(args, batch, ept, stream);
+    case KernelVariant::kV06:
+      if constexpr (kVecUniform<Loader>) {
+        if (merge_in_slice_kernel(v, batch, args.num_slices, true)) {
+          return launch_kernels<Loader, V05, true>(args, batch, ept, stream);
+        }
+      }
+      return launch_kernels<Loader, V05>(args, batch, ept, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -46,15 +46,17 @@ int slice_ept(int64_t vocab) {
   return forced != 0 ? forced : cuda::slice_elems_per_thread(vocab);
 }
 
-// The kernel variant (cuda_sample.h, KernelVariant): PROXYKERN_CUDA_KERNEL=v04|v05 (default
-// v04, the kernel measured on a GPU; v05 is written and compiled but not yet run on one,
-// so users get it only once a device run has checked it), read once per process, so a process stays deterministic and batch-invariant;
-// benchmarks switch it with the cuda_kernel_variant op to time both builds side by side
-// (a CUDA graph keeps the variant it was captured with). Not part of the API.
+// The kernel variant (cuda_sample.h, KernelVariant): PROXYKERN_CUDA_KERNEL=v04|v05|v06
+// (default v04, the kernel measured on a GPU; v05 and v06 are written and compiled but
+// not yet run on one, so users get them only once a device run has checked them), read
+// once per process, so a process stays deterministic and batch-invariant; benchmarks
+// switch it with the cuda_kernel_variant op to time the builds side by side (a CUDA graph
+// keeps the variant it was captured with). Not part of the API.
 cuda::KernelVariant parse_variant(const std::string& v, const char* what) {
   if (v == "v04") return cuda::KernelVariant::kV04;
   if (v == "v05") return cuda::KernelVariant::kV05;
-  TORCH_CHECK(false, what, " must be 'v04' or 'v05', got '", v, "'");
+  if (v == "v06") return cuda::KernelVariant::kV06;
+  TORCH_CHECK(false, what, " must be 'v04', 'v05' or 'v06', got '", v, "'");
 }
 
 std::atomic<int>& variant_slot() {
@@ -67,7 +69,11 @@ std::atomic<int>& variant_slot() {
 }
 
 const char* variant_name(int v) {
-  return v == static_cast<int>(cuda::KernelVariant::kV04) ? "v04" : "v05";
+  switch (static_cast<cuda::KernelVariant>(v)) {
+    case cuda::KernelVariant::kV04: return "v04";
+    case cuda::KernelVariant::kV05: return "v05";
+    default: return "v06";
+  }
 }
 
 }  // namespace
@@ -91,13 +97,24 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
   TORCH_CHECK(fa.batch * num_slices <= INT32_MAX && fa.batch <= INT32_MAX,
               "batch * ceil(vocab_size / ", width, ") must be < 2^31 for the cuda kernel");
   const int cand = cuda::cands_per_slice(ept);
+  const LogitsDtype dt = fa.base.dtype;
+  const bool same = fa.expert.dtype == dt && fa.anti.dtype == dt;
+  const bool vec = vec_aligned(fa.base, fa.batch) && vec_aligned(fa.expert, fa.batch) &&
+                   vec_aligned(fa.anti, fa.batch);
+  const auto variant = static_cast<cuda::KernelVariant>(variant_slot().load());
+  // v06's one-launch plan (cuda_sample.h) needs a counter per row; the kernels' launch
+  // (cuda_kernels.cuh) zeroes them and applies the same rule.
+  const bool fused = cuda::merge_in_slice_kernel(variant, fa.batch, num_slices, same && vec);
 
-  // Workspace: partials, then candidates (both 8-byte aligned; the allocator gives 256).
+  // Workspace: partials, then candidates (both 8-byte aligned; the allocator gives 256),
+  // then v06's row counters (4-byte aligned: cand_bytes is a multiple of 8).
   const int64_t n_part = fa.batch * num_slices;
   const int64_t part_bytes =
       ((n_part * static_cast<int64_t>(sizeof(cuda::SlicePartial)) + 255) / 256) * 256;
   const int64_t cand_bytes = n_part * cand * static_cast<int64_t>(sizeof(cuda::Cand));
-  at::Tensor workspace = at::empty({part_bytes + cand_bytes}, base.options().dtype(at::kByte));
+  const int64_t count_bytes = fused ? fa.batch * static_cast<int64_t>(sizeof(uint32_t)) : 0;
+  at::Tensor workspace =
+      at::empty({part_bytes + cand_bytes + count_bytes}, base.options().dtype(at::kByte));
   uint8_t* ws = workspace.data_ptr<uint8_t>();
 
   cuda::KernelArgs args;
@@ -115,13 +132,9 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
   args.mass_scale = std::ldexp(1.0f, 62 - bits);
   args.partials = reinterpret_cast<cuda::SlicePartial*>(ws);
   args.cands = reinterpret_cast<cuda::Cand*>(ws + part_bytes);
+  args.counters = fused ? reinterpret_cast<uint32_t*>(ws + part_bytes + cand_bytes) : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const LogitsDtype dt = fa.base.dtype;
-  const bool same = fa.expert.dtype == dt && fa.anti.dtype == dt;
-  const bool vec = vec_aligned(fa.base, fa.batch) && vec_aligned(fa.expert, fa.batch) &&
-                   vec_aligned(fa.anti, fa.batch);
-  const auto variant = static_cast<cuda::KernelVariant>(variant_slot().load());
   cudaError_t err;
   if (!same) {
     err = cuda::launch_mixed(args, fa.batch, ept, variant, stream);
@@ -142,6 +155,17 @@ std::string cuda_kernel_variant(const std::string& name) {
     variant_slot().store(static_cast<int>(parse_variant(name, "cuda_kernel_variant's name")));
   }
   return variant_name(previous);
+}
+
+// Benchmarks and tests only: whether v06 runs its one-launch plan (cuda_sample.h,
+// merge_in_slice_kernel) for `batch` rows of `vocab_size` columns of one dtype with
+// 16-byte aligned rows (the slice width as the op would pick it). No device needed.
+bool cuda_v06_one_launch(int64_t batch, int64_t vocab_size) {
+  TORCH_CHECK(batch >= 0 && vocab_size > 0, "cuda_v06_one_launch: batch >= 0 and vocab_size > 0, got ",
+              batch, " and ", vocab_size);
+  const int64_t width = cuda::slice_width(slice_ept(vocab_size));
+  return cuda::merge_in_slice_kernel(cuda::KernelVariant::kV06, batch,
+                                     (vocab_size + width - 1) / width, true);
 }
 
 int64_t cuda_kernel_version(int64_t device) {

@@ -18,16 +18,20 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
 int64_t cuda_kernel_version(int64_t device);
 std::string cuda_build_archs();
 std::string cuda_kernel_variant(const std::string& name);
+bool cuda_v06_one_launch(int64_t batch, int64_t vocab_size);
 
 TORCH_LIBRARY_FRAGMENT(proxykern, m) {
   // The architecture of the kernel image `device` runs (e.g. 90), -1 if it has none.
   m.def("cuda_kernel_version(int device) -> int", &cuda_kernel_version);
   // TORCH_CUDA_ARCH_LIST at build time (';' and ' ' written as '_').
   m.def("cuda_build_archs() -> str", &cuda_build_archs);
-  // Benchmarks only (A/B in one process): the CUDA kernel variant in use, "v04" or "v05"
-  // (cuda_sample.h); a non-empty name selects that variant for the calls that follow and
-  // the previous one is returned. Default: PROXYKERN_CUDA_KERNEL, else "v05".
+  // Benchmarks only (A/B in one process): the CUDA kernel variant in use, "v04", "v05" or
+  // "v06" (cuda_sample.h); a non-empty name selects that variant for the calls that follow
+  // and the previous one is returned. Default: PROXYKERN_CUDA_KERNEL, else "v04".
   m.def("cuda_kernel_variant(str name=\"\") -> str", &cuda_kernel_variant);
+  // Benchmarks and tests only: whether v06 fuses K2 into K1 (one launch) for `batch` rows
+  // of `vocab_size` columns (one dtype, 16-byte aligned rows); cuda_sample.h's rule.
+  m.def("cuda_v06_one_launch(int batch, int vocab_size) -> bool", &cuda_v06_one_launch);
 }
 
 TORCH_LIBRARY_IMPL(proxykern, CUDA, m) { m.impl("fused_sample", &fused_sample_cuda); }

@@ -342,9 +342,10 @@ def test_cuda_graph_capture_and_replay(filters):
 
 # --------------------------------------------------------------------------- kernel variants
 #
-# The extension holds two builds of the kernel (csrc/cuda_sample.h, KernelVariant): v0.4
-# and v0.5 (the default). benchmarks/gpu_check.py times both in one process; here each
-# must meet the contract, and they must agree except at noise near-ties.
+# The extension holds three builds of the kernel (csrc/cuda_sample.h, KernelVariant): v0.4
+# (the default), v0.5 and v0.6 (v0.5's arithmetic, K2 fused into K1 at small grids).
+# benchmarks/gpu_check.py times them in one process; here each must meet the contract,
+# v04 and v05 must agree except at noise near-ties, and v06 must return v05's bits.
 
 def _lm_like(batch, vocab, seed):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -367,11 +368,13 @@ def test_default_variant_and_switch(variant):
     assert torch.ops.proxykern.cuda_kernel_variant("") == expected
     assert variant("v05") == expected
     assert torch.ops.proxykern.cuda_kernel_variant("") == "v05"
-    with pytest.raises(RuntimeError, match="v04"):
+    assert variant("v06") == "v05"
+    assert torch.ops.proxykern.cuda_kernel_variant("") == "v06"
+    with pytest.raises(RuntimeError, match="'v04', 'v05' or 'v06'"):
         torch.ops.proxykern.cuda_kernel_variant("v03")
 
 
-@pytest.mark.parametrize("name", ["v04", "v05"])
+@pytest.mark.parametrize("name", ["v04", "v05", "v06"])
 @pytest.mark.parametrize("mode", ["temperature", "top_p", "top_k+top_p", "wide_top_p", "tiny_min_p"])
 def test_each_variant_against_reference(variant, name, mode):
     variant(name)
@@ -414,7 +417,7 @@ def test_lm_like_against_reference():
                 seed=torch.arange(batch, device="cuda") + 11, step=1, **kw)
 
 
-@pytest.mark.parametrize("name", ["v04", "v05"])
+@pytest.mark.parametrize("name", ["v04", "v05", "v06"])
 def test_each_variant_batch_invariant_and_deterministic(variant, name):
     variant(name)
     batch, vocab = 6, 128256
@@ -430,6 +433,123 @@ def test_each_variant_batch_invariant_and_deterministic(variant, name):
         alone = run("cuda", *(t[row:row + 1] for t in inputs), **single)
         for a, b in zip(alone, full):
             assert torch.equal(a[0], b[row])
+
+
+# --------------------------------------------------------------------------- v06
+#
+# v06 runs v05's arithmetic; where csrc/cuda_sample.h's rule says so (K1's grid of at most
+# 256 blocks, aligned inputs of one dtype) the last K1 block of each row runs K2's merge
+# (one launch). Both plans must return v05's four outputs bit for bit.
+
+# (batch, vocab, one launch): 1, 5, 126, 32 and 149 slices a row.
+V06_SHAPES = [(1, 111, True), (3, 5003, True), (1, 128256, True), (2, 128256, True),
+              (3, 128256, False), (8, 32000, True), (9, 32000, False), (1, 151936, True)]
+V06_MODES = [dict(), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
+             dict(temperature=1.0, top_k=50, top_p=0.9), dict(temperature=1.0, min_p=0.05),
+             dict(temperature=4.0, top_p=0.99),          # the top_p fallback (whole row)
+             dict(temperature=1.0, top_k=5000),          # the top_k fallback
+             dict(temperature=2.0, min_p=1e-4),          # the min_p draw over the row
+             dict(temperature=2e-38, top_p=0.9)]         # the overflow rule (row sums)
+
+
+def _v05_and_v06(variant, inputs, **kwargs):
+    variant("v05")
+    old = run("cuda", *inputs, **kwargs)
+    variant("v06")
+    new = run("cuda", *inputs, **kwargs)
+    return old, new
+
+
+@pytest.mark.parametrize("batch,vocab,one_launch", V06_SHAPES)
+def test_v06_bitwise_equals_v05(variant, batch, vocab, one_launch):
+    if os.environ.get("PROXYKERN_CUDA_SLICE_EPT"):
+        pytest.skip("PROXYKERN_CUDA_SLICE_EPT changes the slices, hence the plan")
+    assert torch.ops.proxykern.cuda_v06_one_launch(batch, vocab) == one_launch
+    if vocab >= 32000:
+        inputs = _lm_like(batch, vocab, seed=vocab + batch)
+    else:  # rows 16-byte aligned (the fused kernel's loads), an odd vocabulary (masked tail)
+        wide = gpu_logits(batch, vocab, torch.bfloat16, seed=vocab + batch, width=(vocab + 7) // 8 * 8)
+        inputs = tuple(t[:, :vocab] for t in wide)
+    seed = torch.arange(batch, device="cuda") * 5 + 3
+    for kw in V06_MODES:
+        old, new = _v05_and_v06(variant, inputs, vocab_size=vocab, seed=seed, step=4, **kw)
+        for name, a, b in zip(("tokens", "logprobs", "lse", "status"), old, new):
+            assert torch.equal(a, b), f"{kw}: v06's {name} differ from v05's"
+    if batch > 1:  # a bad row beside good ones (copies with the same aligned row strides)
+        width = (vocab + 7) // 8 * 8
+        bad = tuple(torch.empty(batch, width, dtype=t.dtype, device="cuda")[:, :vocab].copy_(t)
+                    for t in inputs)
+        bad[1][0, 7] = float("nan")
+        old, new = _v05_and_v06(variant, bad, vocab_size=vocab, seed=seed, step=4, temperature=1.0,
+                                top_p=0.9)
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+        assert old[3][0] != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_v06_other_dtypes_and_layouts(variant, dtype):
+    """fp32 / fp16 (one launch), and unaligned rows and mixed dtypes (two launches: the
+    fused kernel is built for the vector loaders only): v05's bits."""
+    base, expert, anti = gpu_logits(2, 32000, dtype, seed=77, width=32008)
+    kw = dict(temperature=0.9, top_k=40, top_p=0.9, seed=torch.tensor([5, 6], device="cuda"), step=1)
+    for inputs in ((base[:, :32000], expert[:, :32000], anti[:, :32000]),   # aligned, strided rows
+                   (base[:, 1:32001], expert[:, 1:32001], anti[:, 1:32001]),  # unaligned
+                   (base[:, :32000], expert[:, :32000].to(torch.bfloat16), anti[:, :32000])):  # mixed
+        old, new = _v05_and_v06(variant, inputs, vocab_size=32000, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+
+
+def test_v06_batch_invariant_across_plans(variant):
+    """Rows alone (one launch) and in a batch of 6 at 128256 (two launches): the same bits."""
+    variant("v06")
+    batch, vocab = 6, 128256
+    assert not torch.ops.proxykern.cuda_v06_one_launch(batch, vocab)
+    assert torch.ops.proxykern.cuda_v06_one_launch(1, vocab)
+    inputs = _lm_like(batch, vocab, seed=12)
+    kwargs = dict(temperature=torch.tensor([0.0, 1.0, 0.7, 1.0, 4.0, 2e-38], device="cuda"),
+                  top_p=torch.tensor([1.0, 1.0, 0.9, 0.95, 0.99, 1.0], device="cuda"),
+                  top_k=torch.tensor([0, 0, 0, 40, 0, 0], device="cuda"),
+                  seed=torch.arange(batch, device="cuda") + 40, step=9)
+    full = run("cuda", *inputs, **kwargs)
+    for row in range(batch):
+        single = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        alone = run("cuda", *(t[row:row + 1] for t in inputs), **single)
+        for a, b in zip(alone, full):
+            assert torch.equal(a[0], b[row])
+
+
+def test_v06_cuda_graph_replay(variant):
+    """A capture of v06's one launch (the counters' memset and the fused kernel), replayed
+    with new seeds: eager v05's outputs each time (the counters are zero at every replay)."""
+    variant("v06")
+    batch, vocab = 1, 128256
+    assert torch.ops.proxykern.cuda_v06_one_launch(batch, vocab)
+    base, expert, anti = _lm_like(batch, vocab, seed=5)
+    seed = torch.tensor([17], dtype=torch.long, device="cuda")
+    step = torch.zeros(batch, dtype=torch.long, device="cuda")
+
+    def sample():
+        out, status = ops.proxy_sample_with_status(base, expert, anti, seed=seed, step=step,
+                                                   backend="cuda", temperature=1.0, top_p=0.9)
+        return out.tokens, out.logprobs, out.lse, status
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            sample()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = sample()
+    for i in range(4):
+        seed.add_(1000)
+        step.fill_(i + 1)
+        graph.replay()
+        variant("v05")
+        eager = sample()
+        variant("v06")
+        assert all(torch.equal(a, b) for a, b in zip(static, eager))
 
 
 # --------------------------------------------------------------------------- sanitizer

@@ -42,3 +42,29 @@ def test_gpu_check_without_a_gpu_fails_first_stage(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["stages"]}
     assert status["device"] == "failed" and status["build"] == "not run"
+
+
+def test_kernel_table_ab_columns_include_v06():
+    """The A/B columns on synthetic rows (no GPU): v04 / v05 and v05 / v06 replay ratios,
+    and v06's bitwise check and launch count from the cuda@graph row."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+    assert gpu_check.AB_IMPLS == ("cuda_v04@graph", "cuda@graph", "cuda_v06@graph")
+    rows = []
+    for batch, equal, launches in ((1, True, 1), (256, False, 2)):
+        for impl, us in (("naive@graph", 100.0), ("cuda_v04@graph", 30.0), ("cuda@graph", 20.0),
+                         ("cuda_v06@graph", 16.0)):
+            row = dict(family="randn3", vocab=128256, batch=batch, mode="plain", impl=impl, us=us, gbps=1.0)
+            if impl == "cuda@graph":
+                row.update(agree_v04=0.998, agree_triton=0.997, v06_equal=equal, v06_launches=launches)
+            rows.append(row)
+    md = gpu_check.table_markdown(rows, ["naive@graph", *gpu_check.AB_IMPLS], ["# Kernel table"], 4.0)
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| inputs"))
+    for column in ("cuda_v06@graph us", "v04 / v05 (A/B)", "v05 / v06 (A/B)", "v06 == v05 (bits)",
+                   "v06 launches"):
+        assert f" {column} |" in header
+    one, two = (next(line for line in lines if line.startswith(f"| randn3 | 128256 | {b} |")) for b in (1, 256))
+    assert "| 1.50x | 1.25x | 25% | 0.998 | 0.997 | yes | 1 |" in one
+    assert one.endswith("| yes | 1 |") and two.endswith("| NO | 2 |")
+    assert all(line.count("|") == header.count("|") for line in (one, two))
