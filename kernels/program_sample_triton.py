@@ -16,7 +16,8 @@ so the kernels compile once per variant and the results are the same passes' bit
   row strides (``len`` is the constexpr N); ``expert_ptr`` the (B, K) fp32 coefficients
   and ``stride_expert`` their row stride; ``anti_ptr`` the (B, 2) fp32 mask state
   ``[max L_r, log a]`` written by :func:`_mask_kernel` (``log a = -inf``: the row is not
-  masked); ``alpha_ptr`` the difference scale ``s`` (B,) (zeros in linear mode).
+  masked); ``alpha_ptr`` the difference scale ``s`` (B,) (loaded but not used in linear
+  mode, where the launcher passes the temperatures).
 * linear: ``z = c_0 L_0 + c_1 L_1 + ...`` left to right in fp32; difference:
   ``z = L_b + s (L_e - L_a)`` (``_combine``'s expression); ``-inf`` in any input
   excludes the token; then the plausibility mask drops ``(L_r - max L_r) < log a``.
@@ -25,6 +26,7 @@ On a GPU the launches use ``enable_fp_fusion=False`` (no FMA), as the fused op's
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -32,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import proxy_sample_triton as _pst
+from .triton_launch import KernelLaunch, launch_all
 
 __all__ = ["program_sample_triton", "MODES"]
 
@@ -173,6 +176,11 @@ def _rebind(jitfn, namespace: dict):
     f = jitfn.fn
     g = types.FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, f.__closure__)
     g.__module__, g.__qualname__, g.__doc__ = f.__module__, f.__qualname__, f.__doc__
+    # FunctionType copies no annotations, and Triton reads ``tl.constexpr`` parameters from
+    # them: without them BLOCK & co. would be runtime integers (which compile only under
+    # the interpreter).
+    g.__annotations__ = dict(f.__annotations__)
+    g.__kwdefaults__ = f.__kwdefaults__
     dns = getattr(jitfn, "do_not_specialize", None) or getattr(jitfn, "kwargs", {}).get(
         "do_not_specialize")
     return triton.jit(g, do_not_specialize=dns) if dns else triton.jit(g)
@@ -203,6 +211,46 @@ def _variant(mode: int, mask_input: int) -> dict:
 
 # --------------------------------------------------------------------------- launcher
 
+class _ProgramPlan:
+    """The launches of one (shape, plan, variant), made once (issue 27): the mask kernel's
+    (if any), the proxy plan's kernels taken from the variant's namespace, and the
+    workspace layout -- the plan's workspaces, the mask state ((B, 2) float32, unused
+    without a mask) and the (unused) debug pointer."""
+
+    def __init__(self, B: int, vocab_size: int, device, config, may_filter: bool, mode_id: int,
+                 mask_input: int):
+        ns = _variant(mode_id, mask_input)
+        prepared = _pst.prepared_plan(B, vocab_size, device, config, may_filter)
+        options = prepared.options
+        self.n_seg = prepared.n_seg
+        self.launches = tuple(
+            KernelLaunch(ns[kernel.fn.__name__], grid, consts, options,
+                         with_outputs=kernel.fn.__name__ == "_proxy_sample_kernel")
+            for kernel, grid, consts in prepared.plan["kernels"])
+        self.mask_launch = None
+        if mask_input >= 0:
+            block = min(triton.next_power_of_2(max(vocab_size, 16)),
+                        32768 if _pst._interpreting() else 4096)
+            self.mask_launch = KernelLaunch(ns["_mask_kernel"], (B,), dict(BLOCK=block), options)
+        mask_rows = B if mask_input >= 0 else 0
+        self.workspace = _pst.WorkspaceLayout(list(prepared.plan["workspace"].values())
+                                              + [(mask_rows * 2, torch.float32),
+                                                 (0, torch.float32)])
+
+
+@functools.lru_cache(maxsize=_pst._PLAN_CACHE_SIZE)
+def _cached_plan(B, vocab_size, device, config_items, may_filter, mode_id, mask_input):
+    return _ProgramPlan(B, vocab_size, device, dict(config_items), may_filter, mode_id, mask_input)
+
+
+def _program_plan(B, vocab_size, device, config, may_filter, mode_id, mask_input) -> _ProgramPlan:
+    """The :class:`_ProgramPlan` of a call, cached on everything it is built from."""
+    key = _pst.config_key(config)
+    if key is None:
+        return _ProgramPlan(B, vocab_size, device, config, may_filter, mode_id, mask_input)
+    return _cached_plan(B, vocab_size, device, key, bool(may_filter), mode_id, mask_input)
+
+
 def program_sample_triton(inputs, coefficients, mode: str, mask_input: int, mask_log_a,
                           temperature, top_k, top_p, min_p, seed, step, vocab_size: int, *,
                           may_filter: bool = True, config: dict | None = None):
@@ -221,40 +269,32 @@ def program_sample_triton(inputs, coefficients, mode: str, mask_input: int, mask
     vocab_size = int(vocab_size)
     mode_id = MODES[mode] if isinstance(mode, str) else int(mode)
     mask_input = int(mask_input)
-    tokens, logprobs, lse, status = outs = _pst.sample_outputs(B, device)
+    outs = _pst.sample_outputs(B, device)
     if B == 0:
         return outs
-
-    def param(t, dtype):
-        return _pst.row_param(t, dtype, device)
-
-    ns = _variant(mode_id, mask_input)
-    plan, launch = _pst.launch_settings(B, vocab_size, device, config, may_filter)
+    plan = _program_plan(B, vocab_size, device, config, may_filter, mode_id, mask_input)
     coef = coefficients.to(device=device, dtype=torch.float32)
     if coef.dim() != 2 or (coef.shape[1] > 1 and coef.stride(1) != 1):
         coef = coef.reshape(B, -1).contiguous()
-    alpha = coef[:, 0].contiguous() if mode_id == 1 else torch.zeros(B, device=device)
-    dbg = torch.empty((1, 2), dtype=torch.float32, device=device)  # (debug output, unused)
-    mstate = torch.empty((B if mask_input >= 0 else 1, 2), dtype=torch.float32, device=device)
+    f32, i64 = torch.float32, torch.int64
+    temperature = _pst.row_param(temperature, f32, device)
+    # The difference scale s. A linear program loads alpha but never uses it (its z has no
+    # difference term), so any initialized (B,) float32 will do: the temperatures stand in,
+    # instead of a zero-filled tensor (one fill kernel less per call).
+    alpha = coef[:, 0].contiguous() if mode_id == 1 else temperature
+    *workspaces, mstate, dbg = plan.workspace.allocate(device)
+    common = (inputs, coef, mstate, tuple(t.stride(0) for t in inputs), coef.stride(0), 2,
+              alpha, temperature, _pst.row_param(top_k, i64, device),
+              _pst.row_param(top_p, f32, device), _pst.row_param(min_p, f32, device),
+              _pst.row_param(seed, i64, device), _pst.row_param(step, i64, device), *workspaces,
+              vocab_size, plan.n_seg)
 
     def run():
-        if mask_input >= 0:
+        if plan.mask_launch is not None:
             x = inputs[mask_input]
-            block = min(triton.next_power_of_2(max(vocab_size, 16)),
-                        32768 if _pst._interpreting() else 4096)
-            ns["_mask_kernel"][(B,)](x, x.stride(0), param(mask_log_a, torch.float32), mstate,
-                                     vocab_size, BLOCK=block, **launch)
-        workspaces = tuple(torch.empty(max(1, n), dtype=dtype, device=device)
-                           for n, dtype in plan["workspace"].values())
-        common = (inputs, coef, mstate, tuple(t.stride(0) for t in inputs), coef.stride(0), 2,
-                  alpha, param(temperature, torch.float32), param(top_k, torch.int64),
-                  param(top_p, torch.float32), param(min_p, torch.float32),
-                  param(seed, torch.int64), param(step, torch.int64), *workspaces,
-                  vocab_size, plan["n_seg"])
-        for kernel, grid, consts in plan["kernels"]:
-            name = kernel.fn.__name__
-            extra = (tokens, logprobs, lse, status, dbg) if name == "_proxy_sample_kernel" else ()
-            ns[name][grid](*common, *extra, **consts, **launch)
+            log_a = _pst.row_param(mask_log_a, f32, device)
+            launch_all((plan.mask_launch,), (x, x.stride(0), log_a, mstate, vocab_size))
+        launch_all(plan.launches, common, outs + (dbg,))
 
     _pst.run_on(device, run)
     return outs

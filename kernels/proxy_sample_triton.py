@@ -85,7 +85,9 @@ sm_90 without a GPU and reports registers, spills and vector loads (the numbers 
 benchmarks/NOTES.md; tests/test_triton_sm90.py fails on a spill). Timed on an H200 in
 benchmarks/NOTES.md (v0.4): eager calls at small batch are host-bound (8 Python launches
 for a filtered row); replayed from a CUDA graph, 16-38 us plain and 54-146 us filtered at
-B <= 8.
+B <= 8. Since issue 27 a call's plan is prepared once per shape and each launch calls
+Triton's launcher directly (:mod:`triton_launch`); ``benchmarks/triton_host_path.py``
+measures that host path on a CPU.
 
 Exactness notes: the kernels are launched with ``enable_fp_fusion=False`` on GPU so
 that ``b + alpha * (e - a)`` is not contracted into an FMA (the reference rounds
@@ -96,9 +98,13 @@ masses are summed in fp32 (the reference's top-p cumsum is fp64).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from .triton_launch import KernelLaunch, launch_all
 
 __all__ = ["proxy_sample_triton", "default_config", "launch_plan"]
 
@@ -1282,6 +1288,11 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
     force those; the results are the same bits either way). ``debug=True`` appends a
     (B, 2) float32 tensor: the passes over the inputs each row took and its final value
     threshold (kept: ``z' >= threshold``, with ``min_p`` on top; -inf: none).
+
+    Host work per call (issue 27): the plan of a shape is prepared once
+    (:func:`prepared_plan`), the workspaces take one allocation per dtype (none for the
+    pointers a plan never follows), and each launch after the first of its argument
+    specialization is one call of Triton's launcher (:mod:`triton_launch`).
     """
     B = base.shape[0]
     device = base.device
@@ -1295,38 +1306,32 @@ def proxy_sample_triton(base, expert, anti, alpha, temperature, top_k, top_p, mi
             raise ValueError(f"{name} must have unit column stride")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but base is on {device}")
-    tokens, logprobs, lse, status = outs = sample_outputs(B, device)
-    dbg = torch.empty((B if debug else 1, 2), dtype=torch.float32, device=device)
-    outs += (dbg,) if debug else ()
+    outs = sample_outputs(B, device)
+    dbg = torch.empty((B, 2), dtype=torch.float32, device=device) if debug else None
     if B == 0:
-        return outs
-
-    def param(t, dtype):
-        return row_param(t, dtype, device)
-
-    plan, launch = launch_settings(B, vocab_size, device, config, may_filter, debug)
-    workspaces = tuple(torch.empty(max(1, n), dtype=dtype, device=device)
-                       for n, dtype in plan["workspace"].values())
+        return outs + (dbg,) if debug else outs
+    prepared = prepared_plan(B, vocab_size, device, config, may_filter, debug)
+    workspaces = prepared.workspace.allocate(device)
+    if not debug:  # the kernels' debug pointer, never written: the workspace's last slot
+        dbg, workspaces = workspaces[-1], workspaces[:-1]
+    f32, i64 = torch.float32, torch.int64
     common = (base, expert, anti, base.stride(0), expert.stride(0), anti.stride(0),
-              param(alpha, torch.float32), param(temperature, torch.float32),
-              param(top_k, torch.int64), param(top_p, torch.float32), param(min_p, torch.float32),
-              param(seed, torch.int64), param(step, torch.int64), *workspaces,
-              vocab_size, plan["n_seg"])
-
-    def run():
-        for kernel, grid, consts in plan["kernels"]:
-            extra = (tokens, logprobs, lse, status, dbg) if kernel is _proxy_sample_kernel else ()
-            kernel[grid](*common, *extra, **consts, **launch)
-
-    run_on(device, run)
-    return outs
+              row_param(alpha, f32, device), row_param(temperature, f32, device),
+              row_param(top_k, i64, device), row_param(top_p, f32, device),
+              row_param(min_p, f32, device), row_param(seed, i64, device),
+              row_param(step, i64, device), *workspaces, vocab_size, prepared.n_seg)
+    run_on(device, lambda: launch_all(prepared.launches, common, outs + (dbg,)))
+    return outs + (dbg,) if debug else outs
 
 
 # --------------------------------------------------------------------------- launch helpers
 # (shared with the program kernels, program_sample_triton.py)
 
 def sample_outputs(B: int, device) -> tuple:
-    """Empty (tokens int64, logprobs float32, lse float32, status int32), each (B,)."""
+    """Empty (tokens int64, logprobs float32, lse float32, status int32), each (B,).
+
+    Four allocations, not views of one: the registered ops return them, and an op's
+    outputs may not alias one another."""
     return (torch.empty(B, dtype=torch.int64, device=device),
             torch.empty(B, dtype=torch.float32, device=device),
             torch.empty(B, dtype=torch.float32, device=device),
@@ -1334,8 +1339,15 @@ def sample_outputs(B: int, device) -> tuple:
 
 
 def row_param(t, dtype, device):
-    """A per-row parameter as the kernels read it: (B,) contiguous ``dtype`` on ``device``."""
-    return t.to(device=device, dtype=dtype).reshape(-1).contiguous()
+    """A per-row parameter as the kernels read it: (B,) contiguous ``dtype`` on ``device``.
+
+    A tensor that already is one (what :class:`proxykern.params.SamplingParams` holds) is
+    returned as it is, with no torch call that would make a new view per call."""
+    if t.dtype != dtype or t.device != device:
+        t = t.to(device=device, dtype=dtype)
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def launch_settings(B: int, vocab_size: int, device, config, may_filter: bool,
@@ -1351,9 +1363,114 @@ def launch_settings(B: int, vocab_size: int, device, config, may_filter: bool,
     return plan, launch
 
 
+_UNUSED: dict = {}
+
+
+def unused_pointer(device, dtype) -> torch.Tensor:
+    """A tensor for a pointer argument the launched kernels never follow (a workspace of 0
+    elements in this plan, the debug output without ``debug``): 16 bytes of ``dtype`` on
+    ``device``, one kept per (device, dtype) and shared by every call -- nothing reads or
+    writes it, and a captured CUDA graph may keep its address. (Made during a capture it
+    would live in the graph's memory pool: then it is made for that call alone.)"""
+    key = (device, dtype)
+    found = _UNUSED.get(key)
+    if found is None:
+        found = torch.empty(16 // dtype.itemsize, dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _UNUSED[key] = found
+    return found
+
+
+class WorkspaceLayout:
+    """Buffers of a plan, allocated with as few ``torch.empty`` as their dtypes.
+
+    ``sizes``: (elements, dtype) per buffer, in the kernels' argument order; 0 elements:
+    the kernels get a pointer of that dtype they never follow (:func:`unused_pointer`).
+    :meth:`allocate` makes one allocation per dtype of the used buffers and splits it
+    (one call) into the buffers, each starting 16-byte aligned -- Triton specializes on
+    that, so they compile as separate allocations did.
+    """
+
+    ALIGN = 16
+
+    def __init__(self, sizes):
+        groups: dict = {}  # dtype -> [padded elements of each used buffer]
+        recipe = []        # per buffer: (dtype, index in its group) or (dtype, None): unused
+        for n, dtype in sizes:
+            if n <= 0:
+                recipe.append((dtype, None))
+                continue
+            per_align = max(1, self.ALIGN // dtype.itemsize)
+            part = groups.setdefault(dtype, [])
+            recipe.append((dtype, len(part)))
+            part.append(-(-n // per_align) * per_align)
+        self.groups = {dtype: tuple(parts) for dtype, parts in groups.items()}
+        self.recipe = tuple(recipe)
+
+    def allocate(self, device) -> tuple:
+        """One tensor per buffer (uninitialized: the kernels write every workspace entry
+        they read first)."""
+        parts = {}
+        for dtype, sizes in self.groups.items():
+            whole = torch.empty(sum(sizes), dtype=dtype, device=device)
+            parts[dtype] = whole.split_with_sizes(sizes) if len(sizes) > 1 else (whole,)
+        return tuple(parts[dtype][i] if i is not None else unused_pointer(device, dtype)
+                     for dtype, i in self.recipe)
+
+
+class PreparedPlan:
+    """A launch plan (:func:`launch_plan`) made ready to run many times: its launches
+    (:class:`triton_launch.KernelLaunch`: grid, constexprs and options fixed, compiled
+    kernels remembered), its segment count and its workspace layout (the plan's
+    workspaces, then, without ``debug``, an unused float32 slot for the debug pointer)."""
+
+    def __init__(self, B: int, vocab_size: int, device, config, may_filter: bool,
+                 debug: bool = False):
+        plan, options = launch_settings(B, vocab_size, device, config, may_filter, debug)
+        self.plan = plan
+        self.options = options
+        self.n_seg = plan["n_seg"]
+        self.launches = tuple(KernelLaunch(kernel, grid, consts, options,
+                                           with_outputs=kernel is _proxy_sample_kernel)
+                              for kernel, grid, consts in plan["kernels"])
+        sizes = list(plan["workspace"].values()) + ([] if debug else [(0, torch.float32)])
+        self.workspace = WorkspaceLayout(sizes)
+
+
+_PLAN_CACHE_SIZE = 256  # shapes x plans kept (a bound; an evicted plan is rebuilt)
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _cached_plan(B, vocab_size, device, config_items, may_filter, debug) -> PreparedPlan:
+    return PreparedPlan(B, vocab_size, device, dict(config_items), may_filter, debug)
+
+
+def config_key(config):
+    """A launch ``config`` (dict or None) as a hashable cache key (its sorted items), or
+    None when a value is unhashable (then a plan is built for its call alone)."""
+    items = tuple(sorted(config.items())) if config else ()
+    try:
+        hash(items)
+    except TypeError:
+        return None
+    return items
+
+
+def prepared_plan(B: int, vocab_size: int, device, config, may_filter: bool,
+                  debug: bool = False) -> PreparedPlan:
+    """The :class:`PreparedPlan` of a call, built once per (batch, vocabulary, device,
+    config, may_filter, debug) -- everything :func:`launch_settings` reads -- and reused."""
+    key = config_key(config)
+    if key is None:
+        return PreparedPlan(B, vocab_size, device, config, may_filter, debug)
+    return _cached_plan(B, vocab_size, device, key, bool(may_filter), bool(debug))
+
+
 def run_on(device, run) -> None:
-    """``run()`` with ``device`` current (Triton launches on the current CUDA device)."""
-    if device.type == "cuda":
+    """``run()`` with ``device`` current (Triton launches on the current CUDA device); no
+    device switch when it already is."""
+    if device.type == "cuda" and device.index is not None and (
+            device.index != torch.cuda.current_device()):
         with torch.cuda.device(device):
             run()
     else:
