@@ -137,6 +137,16 @@ MUTANTS = [
       ("tests/test_program_generate.py::test_speculative_programs_give_the_plain_tokens",),
       "speculative rounds draw every position with the round's first step (sampled "
       "tokens differ from plain decoding)"),
+    M("static_round_steps", "proxykern/engine/static_speculative.py",
+      "steps = (n_done[:, None] + cols).reshape(-1)", "steps = n_done.repeat_interleave(P)",
+      ("tests/test_static_speculative.py::test_random_models_equal_plain",),
+      "static rounds draw every position with the round's first step"),
+    M("static_round_pending_rebound", "proxykern/engine/static_speculative.py",
+      "self.pending.copy_(y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0))",
+      "self.pending = y.gather(1, (c - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0)",
+      ("tests/test_graph_capture_cpu.py::test_captured_rounds_equal_plain_decoding",),
+      "the round rebinds its pending token instead of writing it in place: right eagerly, "
+      "wrong once captured (a replay reads the old buffer)"),
 ]
 
 

@@ -69,7 +69,6 @@ class DecodeStep:
         self.runners = [r for r in unique if r.stream is not None] + \
             [r for r in unique if r.stream is None]
         self.own_widths = own_widths
-        self.use_graphs = graphs
         self._advance = CapturedCall(self._advance_eager, args.device, graphs)
         self.backend = args.backend
         self.step_rows = torch.zeros(B, dtype=torch.long, device=dev)   # RNG step of every row
