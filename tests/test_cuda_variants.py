@@ -49,7 +49,7 @@ def test_switch_accepts_each_variant_and_returns_the_previous():
 @pytest.mark.parametrize("bad", ["v07", "V06", "v6", "06", " v06"])
 def test_switch_rejects_other_names_naming_all_three(bad):
     start = torch.ops.proxykern.cuda_kernel_variant("")
-    with pytest.raises(RuntimeError, match=MESSAGE.replace("v07", bad).replace(" got", " got")):
+    with pytest.raises(RuntimeError, match=MESSAGE.replace("v07", bad)):
         torch.ops.proxykern.cuda_kernel_variant(bad)
     assert torch.ops.proxykern.cuda_kernel_variant("") == start  # unchanged
 
