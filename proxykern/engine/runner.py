@@ -47,7 +47,8 @@ def left_pad(rows, pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Te
 
 class SideStreamLaunch:
     """How a runner works beside the base: ``launch_prefill()`` / ``launch_step(tokens)``
-    queue the work on ``self.stream`` (after it waits on the current stream), and
+    (or ``launch(fn, *args)`` for any forward of its model) queue the work on
+    ``self.stream`` (after it waits on the current stream), and
     ``join()`` returns the logits once the current stream may read them. Without a
     stream (CPU, or the base) the work runs inline. Subclasses define ``prefill()`` and
     ``step(tokens)``; ``keep_alive`` makes the caching allocator keep the arguments and
@@ -60,7 +61,8 @@ class SideStreamLaunch:
     _done = None
     _logits = None
 
-    def _launch(self, fn, *args) -> None:
+    def launch(self, fn, *args) -> None:
+        """``fn(*args)`` on :attr:`stream` (inline without one); :meth:`join` gives its result."""
         if self.stream is None:
             self._logits = fn(*args)
             return
@@ -74,10 +76,10 @@ class SideStreamLaunch:
             self._done.record(self.stream)
 
     def launch_prefill(self) -> None:
-        self._launch(self.prefill)
+        self.launch(self.prefill)
 
     def launch_step(self, tokens: torch.Tensor) -> None:
-        self._launch(self.step, tokens)
+        self.launch(self.step, tokens)
 
     def join(self) -> torch.Tensor:
         """The logits of the last launch, safe to read on the current stream."""

@@ -138,22 +138,6 @@ class _Model:
         r.cache_position.add_(advance)
 
 
-def _on(stream, fn, *args):
-    """``fn(*args)`` queued on ``stream`` after the current stream's work so far (inline when
-    ``stream`` is None); the caller joins with :func:`_join` before reading the result, and
-    keeps every tensor both streams touch referenced until then."""
-    if stream is None:
-        return fn(*args)
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        return fn(*args)
-
-
-def _join(streams) -> None:
-    for stream in streams:
-        torch.cuda.current_stream().wait_stream(stream)
-
-
 def round_models(args) -> "callable":
     """``make(model, ids, mask, stand_in)`` -> a :class:`_Model` sized for ``args``'s call."""
     cap = capacity_for(args.batch_size, args.num_draft_tokens, args.max_new_tokens)
@@ -188,10 +172,11 @@ class StaticRounds:
         self.drafter = runners[drafter]
         self.scorers = [r for r in self.unique if r is not self.drafter]
         # Side streams (CUDA): the drafter's last forward and every scorer but the first run
-        # beside the first scorer's verification (three branches for proxy tuning).
-        side = (lambda: torch.cuda.Stream(dev)) if dev.type == "cuda" else (lambda: None)
-        self.draft_stream = side()
-        self.score_streams = [None] + [side() for _ in self.scorers[1:]]
+        # beside the first scorer's verification (three branches for proxy tuning), each
+        # launched and joined by its runner (runner.SideStreamLaunch).
+        if dev.type == "cuda":
+            for r in [self.drafter, *self.scorers[1:]]:
+                r.run.stream = torch.cuda.Stream(dev)
         self.cols = torch.arange(P, device=dev)
         self.params1 = args.sampling
         self.paramsP = args.sampling.repeat_rows(P)
@@ -257,12 +242,11 @@ class StaticRounds:
         fed = torch.cat([self.pending[:, None], D], 1)
         # 2. every other model scores the P positions in one forward, beside the drafter's
         #    last forward (after d_{k-1}): independent branches, joined before the draw
-        last = _on(self.draft_stream, self.drafter.forward, D[:, k - 1:], k, cols)
-        scored = {}
-        for r, stream in reversed(list(zip(self.scorers, self.score_streams))):
-            scored[id(r)] = _on(stream, r.forward, fed, 0, cols)  # the first one inline, last
-        _join([s for s in [self.draft_stream, *self.score_streams] if s is not None])
-        rows.append(last[:, 0])
+        self.drafter.run.launch(self.drafter.forward, D[:, k - 1:], k, cols)
+        for r in reversed(self.scorers):  # side streams first, the first scorer inline last
+            r.run.launch(r.forward, fed, 0, cols)
+        scored = {id(r): r.run.join() for r in self.scorers}
+        rows.append(self.drafter.run.join()[:, 0])
         scored[id(self.drafter)] = torch.stack(rows, 1)
         flat = [scored[id(r)].reshape(B * P, -1) for r in self.runners]
         steps = (n_done[:, None] + cols).reshape(-1)
