@@ -120,6 +120,20 @@ def assert_same_generation(spec, plain):
             torch.testing.assert_close(spec.model_logprobs[name], lp, atol=1e-5, rtol=1e-5)
 
 
+def replay_without_host_syncs(advance, n: int) -> None:
+    """CUDA: ``advance()`` once eagerly (warm-up) and once captured (+ its first replay), then
+    ``n`` replays with any host sync an error (torch's sync debug mode)."""
+    advance()
+    advance()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(n):
+            advance()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def nan_row_after_prefill(model, row: int = 1):
     """Make ``model`` return NaN logits for ``row`` from its second forward on (the prefill
     stays clean): the bad-row path of a decode loop."""

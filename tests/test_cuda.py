@@ -59,6 +59,21 @@ def gpu_logits(batch, vocab, dtype, *, seed, scale=3.0, width=None):
                  for _ in range(3))
 
 
+def captured(fn):
+    """(graph, fn's outputs as captured): fn called twice on a side stream (lazy set-up
+    outside the capture), then recorded in a CUDA graph; a replay rewrites those outputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    return graph, static
+
+
 def check_close(got, ref, dtype, rows=None):
     rtol, atol = TOLERANCES[dtype]
     g, r = got.cpu(), ref.cpu()
@@ -317,15 +332,7 @@ def test_cuda_graph_capture_and_replay(filters):
                                                    backend="cuda", **kwargs)
         return out.tokens, out.logprobs, status
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            sample()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = sample()
+    graph, static = captured(sample)
     drawn = []
     for i in range(5):
         seed.add_(1000)
@@ -533,15 +540,7 @@ def test_v06_cuda_graph_replay(variant):
                                                    backend="cuda", temperature=1.0, top_p=0.9)
         return out.tokens, out.logprobs, out.lse, status
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            sample()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = sample()
+    graph, static = captured(sample)
     for i in range(4):
         seed.add_(1000)
         step.fill_(i + 1)

@@ -18,7 +18,8 @@ from proxykern.engine import (ProxyStep, StaticRunner, graph_unsupported_reason,
 from proxykern.generation_args import prepare_generation
 from proxykern.engine.runner import ModelRunner
 
-from gen_fixtures import FAMILIES, pad_left, ragged_batch, tiny_model, trio
+from gen_fixtures import (FAMILIES, pad_left, ragged_batch, replay_without_host_syncs,
+                          tiny_model, trio)
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "proxykern")
 SAMPLING = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02)
@@ -239,15 +240,7 @@ def test_replayed_steps_do_not_sync():
     step = ProxyStep(*models, args, graphs=True)
     with torch.no_grad():
         step.prefill()
-        step.advance()  # warm-up, eager
-        step.advance()  # capture + first replay
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(8):  # the steps between two finished checks
-                step.advance()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        replay_without_host_syncs(step.advance, 8)  # the steps between two finished checks
     assert step.graph is not None
     assert step.flags() == (False, False)
 

@@ -23,7 +23,7 @@ from proxykern.models import static_rounds_unsupported_reason
 from proxykern.engine.static_runner import StaticRunner
 
 from gen_fixtures import (assert_same_generation, nan_row_after_prefill, pad_left, ragged_batch,
-                          tiny_model, trio)
+                          replay_without_host_syncs, tiny_model, trio)
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
 
@@ -236,14 +236,6 @@ def test_captured_rounds_on_cuda(static_rounds, mode):
     rounds = proxy_static_rounds(*models, args)
     with torch.no_grad():
         rounds.prefill()
-        rounds.advance()  # warm-up, eager
-        rounds.advance()  # capture + first replay
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(4):
-                rounds.advance()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        replay_without_host_syncs(rounds.advance, 4)
     assert rounds.advance.graph is not None
     assert rounds.flags()[1] is False
