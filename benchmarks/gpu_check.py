@@ -25,14 +25,16 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
               ``lm`` (gpu_check_cases.lm_like_logits: shuffled Zipf-like rows with
               entropies of 1-4 nats; batch {1, 8, 256}); plus the device-to-device copy
               bandwidth. kernel_table.json and kernel_table.md. The A/B of the CUDA
-              kernel: cuda_v04@graph (the v0.4 kernel), cuda@graph (v0.5) and
-              cuda_v06@graph (v0.5 with K2 fused into K1 where the grid is small), all
-              CUDA-graph replays in this one process (the cuda_kernel_variant op picks the
-              variant a capture records), with the ratios v04 / v05 and v05 / v06,
-              cuda@graph's share of the copy bandwidth, the token agreement of v0.5 with
-              v0.4 and with triton per cell, and whether v06's four outputs equal v05's
-              bit for bit (a cell where they do not fails the stage) and how many
-              launches v06 made there. Also naive, triton and cuda eager
+              kernel: cuda_v04@graph (the v0.4 kernel), cuda@graph (v0.5),
+              cuda_v06@graph (v0.5 with K2 fused into K1 where the grid is small) and
+              cuda_v07@graph (v0.5 with K2's whole-row fallback spread over G blocks a
+              row), all CUDA-graph replays in this one process (the cuda_kernel_variant op
+              picks the variant a capture records), with the ratios v04 / v05, v05 / v06
+              and v05 / v07, cuda@graph's share of the copy bandwidth, the token agreement
+              of v0.5 with v0.4 and with triton per cell, whether v06's and v07's four
+              outputs equal v05's bit for bit (a cell where either does not fails the
+              stage), how many launches v06 made there and v07's G (cuda_v07_spread with
+              the device's SM count; 1: not spread). Also naive, triton and cuda eager
               and naive@graph, triton@graph on randn3 (GPU_CHECK_KERNEL_EXTRA=
               "torch.compile,triton_rowwise" adds those). GPU_CHECK_SLICE_PROBE=1 then
               times K1's three slice widths (PROXYKERN_CUDA_SLICE_EPT), one process each
@@ -49,8 +51,8 @@ prints a summary last (also in summary.json). Budget: a whole run within 7 minut
 rarely use their whole limit), cut to what is left of the budget; a stage that finds
 none left is skipped; GPU_CHECK_LIMITS="sanitizer=90,..." overrides single limits.
 Measured on an H200 (benchmarks/NOTES.md, v0.4): build 25 s (one kernel variant then;
-three now: the bf16 unit alone compiles in 16 s before v06 and 35 s with it on the 2-core
-CPU VM), sanitizer 20 s, tests/test_cuda.py 15 s (all GPU tests 160 s),
+four now: on the 2-core CPU VM the bf16 unit alone compiled in 16 s before v06, 29 s
+before v07 and 35 s with it, the last two one after the other on an idle VM), sanitizer 20 s, tests/test_cuda.py 15 s (all GPU tests 160 s),
 kernel table ~140 s for 600 timings, generate (small trio) < 60 s. --dry-run (or
 GPU_CHECK_DRY=1) needs no GPU: the GPU stages skip with a reason and the kernel stage
 runs a tiny CPU table through the same code, so the plumbing is known to work.
@@ -97,8 +99,11 @@ KERNEL_FAMILIES = {
     "randn3": (KERNEL_BATCHES, ("naive", "triton", "cuda", "naive@graph", "triton@graph")),
     "lm": ((1, 8, 256), ("naive@graph",)),
 }
-# The v0.4 kernel, v0.5 and v0.6 (v0.5 with the second launch fused at small grids), replayed.
-AB_IMPLS = ("cuda_v04@graph", "cuda@graph", "cuda_v06@graph")
+# The v0.4 kernel, v0.5, v0.6 (v0.5 with the second launch fused at small grids) and v0.7
+# (v0.5 with the whole-row fallback spread over G blocks a row), replayed.
+AB_IMPLS = ("cuda_v04@graph", "cuda@graph", "cuda_v06@graph", "cuda_v07@graph")
+# The variants that must return v05's four outputs bit for bit (v0.5's arithmetic).
+SAME_AS_V05 = ("v06", "v07")
 KERNEL_MODES = {
     "plain": dict(temperature=1.0),
     "top_k=50": dict(temperature=1.0, top_k=50),
@@ -383,7 +388,8 @@ def kernel_table(device, *, vocabs, families, modes, budget_s, warmup_ms, rep_ms
     budget') once budget_s is spent, and torch.compile once its compilations (about two a
     mode: batch 1 is specialized) took compile_budget_s. The cuda@graph rows also hold the
     token agreement of the default kernel with v0.4 (agree_v04) and triton (agree_triton),
-    and v0.6's bitwise equality with it (v06_equal) and launch count (v06_launches)."""
+    v0.6's and v0.7's bitwise equality with it (v06_equal, v07_equal), v0.6's launch count
+    (v06_launches) and v0.7's spread (v07_spread)."""
     import torch
 
     from proxykern import ops
@@ -463,12 +469,9 @@ def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_b
             return lambda p=params, t=tri: t(*nxt(), *p, vocab, config=dict(split=False))
         if impl in ("cuda", "cpu"):  # the process's default kernel (v0.5 unless overridden)
             return lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab)
-        if impl == "cuda_v04":
-            return with_variant("v04", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
-        if impl == "cuda_v05":
-            return with_variant("v05", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
-        if impl == "cuda_v06":
-            return with_variant("v06", lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
+        if impl in ("cuda_v04", "cuda_v05", "cuda_v06", "cuda_v07"):  # one variant, pinned
+            return with_variant(impl[len("cuda_"):],
+                                lambda p=params: torch.ops.proxykern.fused_sample(*nxt(), *p, vocab))
         if impl == "torch":
             return lambda p=params: ops.reference.proxy_sample_reference(*nxt(), *p, vocab)
         raise ValueError(f"unknown impl {impl!r}")
@@ -477,8 +480,8 @@ def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_b
     for impl in impls:
         if impl.endswith(GRAPH_SUFFIX):
             # "x@graph": x's call captured once, then replayed; "cuda@graph" is pinned to
-            # v0.5 (its A/B partners cuda_v04@graph and cuda_v06@graph to v0.4 and v0.6)
-            # whatever the process default.
+            # v0.5 (its A/B partners cuda_v04@graph, cuda_v06@graph and cuda_v07@graph to
+            # v0.4, v0.6 and v0.7) whatever the process default.
             base = impl[:-len(GRAPH_SUFFIX)]
             eager = make("cuda_v05" if base == "cuda" else base)
             if eager is not None:
@@ -543,18 +546,29 @@ def _time_cell(device, family, vocab, batch, mode_name, mode, impls, sets, set_b
 
 
 def _cell_agreement(inputs, params, vocab, mode, ops, log):
-    """Token agreement of the v0.5 kernel with v0.4 and with triton on one input set, and
-    whether v0.6 returns v0.5's four outputs bit for bit (v06_equal) and in how many
-    launches (v06_launches: 1 where it fuses K2 into K1)."""
+    """Token agreement of the v0.5 kernel with v0.4 and with triton on one input set;
+    whether v0.6 and v0.7 return v0.5's four outputs bit for bit (v06_equal, v07_equal);
+    in how many launches v0.6 ran (v06_launches: 1 where it fuses K2 into K1) and over how
+    many blocks v0.7 spreads a row's fallback (v07_spread: 1, not spread). The table's
+    inputs are contiguous bf16 rows (16-byte aligned at its vocabularies): the plans of
+    the vector loaders."""
     import torch
+    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_check_cases import same_bits  # torch.equal finds NaN != NaN
     out = {}
     try:
         call = lambda: torch.ops.proxykern.fused_sample(*inputs, *params, vocab)  # noqa: E731
         outputs = with_variant("v05", call)()
         new = outputs[0]
         out["agree_v04"] = _agreement(new, with_variant("v04", call)()[0])
-        out["v06_equal"] = all(torch.equal(a, b) for a, b in zip(outputs, with_variant("v06", call)()))
-        out["v06_launches"] = 1 if torch.ops.proxykern.cuda_v06_one_launch(inputs[0].shape[0], vocab) else 2
+        for variant in SAME_AS_V05:
+            pairs = zip(outputs, with_variant(variant, call)())
+            out[f"{variant}_equal"] = all(same_bits(a, b) for a, b in pairs)
+        batch = inputs[0].shape[0]
+        out["v06_launches"] = 1 if torch.ops.proxykern.cuda_v06_one_launch(batch, vocab) else 2
+        sms = torch.cuda.get_device_properties(inputs[0].device).multi_processor_count
+        out["v07_spread"] = torch.ops.proxykern.cuda_v07_spread(batch, vocab, sms)
         if ops.backend_unavailable_reason("triton", inputs[0].device) is None:
             tri = ops._triton_kernels().proxy_sample_triton(
                 *inputs, *params, vocab, may_filter=ops.may_filter(mode, vocab))[0]
@@ -574,8 +588,9 @@ def table_markdown(rows, impls, header_lines, copy_gbps=None):
     lines.append("")
     cols = " | ".join(f"{i} us" for i in impls)
     ratio_cols = [i for i in impls if i not in ("naive", "naive" + GRAPH_SUFFIX)]
-    extra = (["v04 / v05 (A/B)", "v05 / v06 (A/B)", "cuda@graph % copy", "agree v04", "agree triton",
-              "v06 == v05 (bits)", "v06 launches"] if ab else [])
+    extra = (["v04 / v05 (A/B)", "v05 / v06 (A/B)", "v05 / v07 (A/B)", "cuda@graph % copy", "agree v04",
+              "agree triton", "v06 == v05 (bits)", "v06 launches", "v07 == v05 (bits)", "v07 spread"]
+             if ab else [])
     lines.append(f"| inputs | vocab | batch | mode | {cols} | "
                  + " | ".join([f"{i} vs naive" for i in ratio_cols] + extra) + " |")
     lines.append("|" + "---|" * (4 + len(impls) + len(ratio_cols) + len(extra)))
@@ -599,13 +614,19 @@ def table_markdown(rows, impls, header_lines, copy_gbps=None):
             return f"{n['us'] / r['us']:.1f}x"
 
         def ab_cells():
-            old, new, fused = (by_impl.get(i, {}) for i in AB_IMPLS)
-            out = [f"{old['us'] / new['us']:.2f}x" if "us" in old and "us" in new else "-",
-                   f"{new['us'] / fused['us']:.2f}x" if "us" in new and "us" in fused else "-",
+            old, new, fused, spread = (by_impl.get(i, {}) for i in AB_IMPLS)
+
+            def speedup(a, b):  # a's time over b's: > 1 where b is faster
+                return f"{a['us'] / b['us']:.2f}x" if "us" in a and "us" in b else "-"
+
+            def bits(variant):
+                key = f"{variant}_equal"
+                return ("yes" if new[key] else "NO") if key in new else "-"
+            out = [speedup(old, new), speedup(new, fused), speedup(new, spread),
                    f"{100 * new['gbps'] / copy_gbps:.0f}%" if "gbps" in new and copy_gbps else "-"]
             out += [f"{new[k]:.3f}" if k in new else "-" for k in ("agree_v04", "agree_triton")]
-            out += [("yes" if new["v06_equal"] else "NO") if "v06_equal" in new else "-",
-                    str(new.get("v06_launches", "-"))]
+            out += [bits("v06"), str(new.get("v06_launches", "-")),
+                    bits("v07"), str(new.get("v07_spread", "-"))]
             return out
         lines.append(f"| {family} | {vocab} | {batch} | {mode} | " + " | ".join(cell(i) for i in impls) + " | "
                      + " | ".join([ratio(i) for i in ratio_cols] + (ab_cells() if ab else [])) + " |")
@@ -765,7 +786,9 @@ def kernels_stage(args, out_dir) -> int:
               f"naive step measured in the same run; x{GRAPH_SUFFIX}: x captured in a CUDA graph "
               f"and replayed (no launch costs), its ratio against naive{GRAPH_SUFFIX}; "
               f"cuda_v04@graph: the v0.4 kernel, cuda@graph: v0.5, cuda_v06@graph: v0.5 with K2 fused "
-              f"into K1 where v06 launches = 1 (same process); inputs randn3 = "
+              f"into K1 where v06 launches = 1, cuda_v07@graph: v0.5 with K2's whole-row fallback "
+              f"spread over G = v07 spread blocks a row (1: not spread; only rows that take the "
+              f"fallback, e.g. top_p=0.99,T=4, use it) (same process); inputs randn3 = "
               f"randn * 3, lm = LM-like rows (entropy 1-4 nats)",
               f"device-to-device copy: {bw:.0f} GB/s (read + write)"]
     impls = []
@@ -775,21 +798,28 @@ def kernels_stage(args, out_dir) -> int:
     failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped")]
     # A baseline that fails (an Inductor bug, say) is reported; only our backends fail the stage.
     errors = [r for r in failed if r["impl"] not in ("naive", "torch.compile", "naive" + GRAPH_SUFFIX)]
-    # v06 must return v05's bits (csrc/cuda_kernels.cuh): a cell where it does not fails the stage.
-    v06_differs = [r for r in rows if r.get("v06_equal") is False]
-    for r in v06_differs:
-        log(f"  v06 != v05: {r.get('family')} {r['vocab']}x{r['batch']} {r['mode']}")
+    # v06 and v07 must return v05's bits: a cell where one does not fails the stage.
+    differs = differs_from_v05(rows)
+    for line in differs:
+        log(f"  {line}")
     skipped = sum(1 for r in rows if r.get("error", "").startswith("skipped"))
     detail = (f"{measured} timings, {skipped} skipped for time, {len(errors)} errors"
               f"{f', {len(failed) - len(errors)} baseline errors' if len(failed) > len(errors) else ''}"
-              f"{f', {len(v06_differs)} cells where v06 != v05' if v06_differs else ''}"
+              f"{f', v06 or v07 != v05 {len(differs)} times' if differs else ''}"
               f"; copy {bw:.0f} GB/s")
     with open(os.path.join(out_dir, "kernel_table.json"), "w") as f:
         json.dump(dict(device=name, copy_gbps=bw, info=info, detail=detail, rows=rows), f, indent=1)
     with open(os.path.join(out_dir, "kernel_table.md"), "w") as f:
         f.write(table_markdown(rows, impls, header, bw))
     print(table_markdown(rows, impls, header, bw))
-    return 1 if errors or v06_differs else 0
+    return 1 if errors or differs else 0
+
+
+def differs_from_v05(rows) -> list:
+    """One line per (cell, variant) whose four outputs were not v05's bits (the cuda@graph
+    rows' v06_equal / v07_equal): each fails the kernels stage."""
+    return [f"{v} != v05: {r.get('family')} {r['vocab']}x{r['batch']} {r['mode']}"
+            for r in rows for v in SAME_AS_V05 if r.get(f"{v}_equal") is False]
 
 
 STAGES = [("device", stage_device), ("build", stage_build), ("sanitizer", stage_sanitizer),

@@ -5,8 +5,9 @@ and together, the whole-row fallback (kept sets too large for the per-slice cand
 the overflow rule, an odd vocabulary, misaligned and strided rows, mixed dtypes, a bad
 row. Each result is also compared with the reference (tokens and status), so a run
 under the sanitizer checks the answers too. Then v06's one-launch plan (K2 fused into
-K1, csrc/cuda_kernels.cuh) on the paths its merge can take, each compared with v05 bit
-for bit. Prints GPU-CHECK-CASES-OK at the end.
+K1, csrc/cuda_kernels.cuh) on the paths its merge can take and v07's spread fallback
+(K2's whole-row fallback over G blocks a row) on each fallback, every case under both
+and compared with v05 bit for bit. Prints GPU-CHECK-CASES-OK at the end.
 """
 from __future__ import annotations
 
@@ -62,6 +63,18 @@ def lm_like_logits(batch: int, vocab: int, *, generator: torch.Generator, device
     anti = 3.0 * torch.randn(batch, vocab, generator=generator, device=dev)
     expert = anti + 0.25 * torch.randn(batch, vocab, generator=generator, device=dev)
     return tuple((t * scale).to(dtype) for t in (base, expert, anti))
+
+
+def same_bits(a, b) -> bool:
+    """Whether two tensors hold the same bits: torch.equal, except that a NaN equals a NaN
+    of the same bits (a bad row's logprob and lse are NaN, and torch.equal finds NaN != NaN
+    even in one tensor against itself). Shared by gpu_check and tests/test_cuda.py."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.view(ints), b.view(ints)
+    return torch.equal(a, b)
 
 
 def row_entropy(base, expert, anti, alpha: float = 1.0, temperature: float = 1.0):
@@ -127,28 +140,42 @@ def main() -> int:
     b[1, 3] = float("nan")
     case("bad row", [b, e, a], temperature=1.0, top_p=0.9, seed=13)
 
+    def plan(variant, inputs):
+        """What `variant` launches for inputs (csrc/cuda_sample.h): v06 one launch or two,
+        v07 the blocks a row's fallback is spread over. Both only for the vector loaders:
+        16-byte aligned rows of one dtype."""
+        batch, vocab = inputs[0].shape
+        vector = len({t.dtype for t in inputs}) == 1 and all(
+            t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in inputs)
+        if variant == "v06":
+            one = vector and torch.ops.proxykern.cuda_v06_one_launch(batch, vocab)
+            return "1 launch" if one else "2 launches"
+        sms = torch.cuda.get_device_properties(inputs[0].device).multi_processor_count
+        spread = torch.ops.proxykern.cuda_v07_spread(batch, vocab, sms) if vector else 1
+        return f"spread G={spread}" if spread > 1 else "not spread"
+
     def same_as_v05(name, inputs, **kw):
-        """v06 against v05: all four outputs bit for bit (v06 = v05's arithmetic)."""
-        outs = []
-        for variant in ("v05", "v06"):
+        """v06 and v07 each against v05: all four outputs bit for bit (both run v05's
+        arithmetic), one line a variant."""
+        outs = {}
+        for variant in ("v05", "v06", "v07"):
             previous = torch.ops.proxykern.cuda_kernel_variant(variant)
             try:
                 out, status = ops.proxy_sample_with_status(*inputs, backend="cuda", **kw)
                 torch.cuda.synchronize()
             finally:
                 torch.ops.proxykern.cuda_kernel_variant(previous)
-            outs.append((out.tokens, out.logprobs, out.lse, status))
-        ok = all(torch.equal(x, y) for x, y in zip(*outs))
-        aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in inputs)
-        launches = (1 if aligned and torch.ops.proxykern.cuda_v06_one_launch(inputs[0].shape[0],
-                                                                             inputs[0].shape[1]) else 2)
-        print(f"{'ok  ' if ok else 'FAIL'} v06 {name} ({launches} launch{'es' if launches > 1 else ''}): "
-              f"{'bitwise v05' if ok else 'differs from v05'}", flush=True)
-        if not ok:
-            failures.append("v06 " + name)
+            outs[variant] = (out.tokens, out.logprobs, out.lse, status)
+        for variant in ("v06", "v07"):
+            ok = all(same_bits(x, y) for x, y in zip(outs["v05"], outs[variant]))
+            print(f"{'ok  ' if ok else 'FAIL'} {variant} {name} ({plan(variant, inputs)}): "
+                  f"{'bitwise v05' if ok else 'differs from v05'}", flush=True)
+            if not ok:
+                failures.append(f"{variant} {name}")
 
     if dev == "cuda":
-        # Rows 16-byte aligned (the fused kernel is built for the vector loads), vocab 5003.
+        # Rows 16-byte aligned (v06's fused kernel and v07's spread fallback are built for
+        # the vector loads), vocab 5003: one launch for v06, one round (not spread) for v07.
         wide = logits(3, vocab + 5, torch.bfloat16)
         x = [t[:, :vocab] for t in wide]
         same_as_v05("greedy", x)
@@ -161,11 +188,21 @@ def main() -> int:
         nan = [t.clone()[:, :vocab] for t in wide]
         nan[0][1, 3] = float("nan")
         same_as_v05("bad row", nan, temperature=1.0, top_p=0.9, seed=26)
-        same_as_v05("unaligned rows (two launches)", [t.contiguous() for t in x], temperature=1.0,
+        same_as_v05("unaligned rows", [t.contiguous() for t in x], temperature=1.0,
                     top_p=0.9, seed=29)
         big = logits(1, 128256, torch.bfloat16)  # 126 slices: one launch
         same_as_v05("128256 top_p", big, temperature=1.0, top_p=0.9, seed=27)
         same_as_v05("128256 overflow rule", big, temperature=2e-38, seed=28)
+        # v07's spread fallback (4 rounds a row at 32000: G = 4) on each of its paths, a bad
+        # row among spread rows included. (Not at 128256: racecheck's cost for that row's
+        # shared-memory histograms was never measured against the stage's 45 s, and
+        # tests/test_cuda.py runs the spread there.)
+        mid = logits(3, 32000, torch.bfloat16)
+        same_as_v05("32000 fallback top_p", mid, temperature=4.0, top_p=0.99, seed=30)
+        same_as_v05("32000 fallback top_k", mid, temperature=1.0, top_k=5000, seed=31)
+        same_as_v05("32000 fallback min_p", mid, temperature=2.0, min_p=1e-4, seed=32)
+        mid[1][2, 5] = float("nan")
+        same_as_v05("32000 fallback bad row", mid, temperature=4.0, top_p=0.99, seed=33)
     if failures:
         print("failed cases: " + ", ".join(failures))
         return 1

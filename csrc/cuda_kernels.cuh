@@ -68,11 +68,21 @@
 //    union (19892 bytes a block with the "last" flag); registers: 128 (2 blocks an
 //    SM). Details at fused_kernel.
 //
+// v07 (PROXYKERN_CUDA_KERNEL=v07; v05's arithmetic and K1) runs K2 with G blocks a row
+// where cuda_sample.h's spread_blocks says so (batch * G <= the SM count, G <= 32, at
+// least one 1024-chunk round of a row each; e.g. 16 at 128256 columns for batch <= 8,
+// 1 from batch 67 on an H100 / H200), the inputs of one dtype with aligned rows:
+//    block 0 of a row (the lead) runs K2's merge; blocks 1..G-1 (helpers) take their share
+//    of each whole-row pass the lead's fallback makes (a radix level's histograms, the
+//    draw) and return it through global memory. Integer histograms and arg-max records:
+//    v05's bits for any G. The common paths never call on the helpers, which exit when
+//    the lead says so. Details at "v07: spread K2".
+//
 // Passes over the inputs per row: greedy / temperature: 1. Filters: 1 in the common
 // case (thresholds and draw from the candidates); fallback (the kept set or the
 // threshold does not fit the candidates, e.g. huge top_k, tiny min_p or a flat
 // distribution with top_p): one more read per radix level (at most 4 for top_k, 4 for
-// top_p) plus at most one draw pass, by the row's K2 block alone.
+// top_p) plus at most one draw pass, by the row's K2 block alone (v07: its G blocks).
 //
 // Exactness notes. Keys are the monotone uint32 image of the float (with -0 mapped to
 // +0, so ties compare as floats do). The Gumbel draw skips a value x when
@@ -90,6 +100,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda_sample.h"
 #include "philox.h"
@@ -119,6 +130,8 @@ constexpr uint32_t kFlagLive = 4u;        // some z > -inf
 
 static_assert(kSliceThreads >= 256 && kMergeThreads >= 256, "the radix scan uses 256 threads");
 static_assert(kSliceWarps == 8, "K1's max butterfly reads 8 warp records");
+static_assert(int64_t{kMergeThreads} * kRowUnroll == kRowPassChunks,
+              "spread_blocks (cuda_sample.h) counts a row's passes in K2's rounds of chunks");
 
 // ----------------------------------------------------------------------------- variants
 // What differs between the two arithmetic builds (cuda_sample.h, KernelVariant). Every
@@ -610,9 +623,51 @@ __device__ __forceinline__ void warp_mass_add(unsigned long long* mass, bool act
 // found = false: fewer than need values (kRank) or the mass never reaches the target.
 // Block-uniform result. Integer histograms: the result does not depend on the order in
 // which the source lists its values.
-template <int NT, bool kWarpMass, class Src>
+// One radix level's histograms of a source into cnt / mass (zeroed by the caller): the
+// finite values with key >= dom_lo whose key's bits above this level's digit equal
+// prefix, binned by the digit; masses (when with_mass) in mc's fixed point. Integer
+// sums: the same histograms in any order and from any split of the source (v07's spread
+// helpers build their shares with it). All threads of the block call it.
+template <bool kWarpMass, class Src>
+__device__ __forceinline__ void level_histogram(const Src& src, uint32_t* cnt,
+                                                unsigned long long* mass, uint32_t dom_lo,
+                                                bool with_mass, const MassCtx& mc, int level,
+                                                uint32_t prefix) {
+  const int shift = 24 - 8 * level;
+  src([&](bool active, float x, int32_t) {
+    uint32_t k = 0u;
+    if (active && isfinite(x)) {
+      k = float_key(x);
+      active = k >= dom_lo && (level == 0 || (k >> (shift + 8)) == prefix);
+    } else {
+      active = false;
+    }
+    const uint32_t d = (k >> shift) & 255u;
+    const unsigned peers = warp_hist_add(cnt, active, d);
+    if constexpr (kWarpMass) {
+      if (with_mass) warp_mass_add(mass, active, d, active ? mc.q(x) : 0ull, peers);
+    } else {
+      if (with_mass && active) atomicAdd(&mass[d], mc.q(x));
+    }
+  });
+}
+
+// What radix_search and block_draw do besides their own block's share: nothing, except
+// in v07's spread lead (SpreadLead), which hands every whole-row pass to the row's helper
+// blocks too and adds their answers in.
+struct NoGather {
+  NoGather() = default;
+  __device__ NoGather(const KernelArgs&, int64_t) {}
+  __device__ __forceinline__ void publish_hist(int, uint32_t, const SearchSpec&, const MassCtx&) {}
+  __device__ __forceinline__ void collect_hist(RadixSmem&) {}
+  __device__ __forceinline__ void publish_draw(uint32_t, float) {}
+  __device__ __forceinline__ Best collect_best(Best b) { return b; }
+};
+
+template <int NT, bool kWarpMass, class Src, class Gather = NoGather>
 __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
-                                                  const SearchSpec& spec, const MassCtx& mc) {
+                                                  const SearchSpec& spec, const MassCtx& mc,
+                                                  Gather&& gather = Gather{}) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   SearchOut out{false, 0u, 0u, 0u, 0ull};
   uint32_t prefix = 0, above_cnt = 0;
@@ -625,23 +680,11 @@ __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
       sm.mass[i] = 0ull;
     }
     __syncthreads();
-    src([&](bool active, float x, int32_t) {
-      uint32_t k = 0u;
-      if (active && isfinite(x)) {
-        k = float_key(x);
-        active = k >= spec.dom_lo && (level == 0 || (k >> (shift + 8)) == prefix);
-      } else {
-        active = false;
-      }
-      const uint32_t d = (k >> shift) & 255u;
-      const unsigned peers = warp_hist_add(sm.cnt, active, d);
-      if constexpr (kWarpMass) {
-        if (spec.with_mass) warp_mass_add(sm.mass, active, d, active ? mc.q(x) : 0ull, peers);
-      } else {
-        if (spec.with_mass && active) atomicAdd(&sm.mass[d], mc.q(x));
-      }
-    });
+    gather.publish_hist(level, prefix, spec, mc);
+    level_histogram<kWarpMass>(src, sm.cnt, sm.mass, spec.dom_lo, spec.with_mass, mc, level,
+                               prefix);
     __syncthreads();
+    gather.collect_hist(sm);
     // Thread t < 256 owns bin 255 - t: inclusive scans run from the top bin down.
     uint32_t c = 0u;
     unsigned long long ms = 0ull;
@@ -981,6 +1024,11 @@ __device__ __forceinline__ void slice_block(const KernelArgs& a, const SliceShar
     p.tkey = tkey;
     p.ncand = ncand;
     a.partials[row * a.num_slices + slice] = p;
+    // v07's spread plan: the row's K2 handshake starts from zero (K2 runs after this launch).
+    if (slice == 0 && a.spread_ctl != nullptr) {
+      a.spread_ctl[row].seq = 0u;
+      a.spread_ctl[row].arrive = 0u;
+    }
   }
 }
 
@@ -1059,17 +1107,23 @@ struct CandSource {
   }
 };
 
-// The whole row, recomputed from the inputs (the same z' as K1, bit for bit).
-template <class Loader, int NT, class P>
+// The whole row, recomputed from the inputs (the same z' as K1, bit for bit). kPart
+// (v07's spread): only share `part` of `parts`, the rounds of NT * kRowUnroll chunks
+// r = part (mod parts); the parts of a split list every value exactly once.
+template <class Loader, int NT, class P, bool kPart = false>
 struct RowSource {
   Loader ld;
   float alpha;
   TScale ts;
   int64_t vocab;
+  int part = 0, parts = 1;  // kPart only
   template <class F>
   __device__ __forceinline__ void operator()(F&& f) const {
     const int64_t nchunks = (vocab + kChunk - 1) / kChunk;
-    for (int64_t base = 0; base < nchunks; base += static_cast<int64_t>(NT) * kRowUnroll) {
+    constexpr int64_t kRound = static_cast<int64_t>(NT) * kRowUnroll;
+    const int64_t first = kPart ? part * kRound : 0;
+    const int64_t stride = kPart ? parts * kRound : kRound;
+    for (int64_t base = first; base < nchunks; base += stride) {
       float v[kRowUnroll][3][kChunk];
       int n[kRowUnroll];
       int64_t col0[kRowUnroll];
@@ -1113,15 +1167,16 @@ __device__ __forceinline__ bool is_kept(float x, uint32_t thr, const FilterCtx& 
 // The key threshold thr (keep key >= thr) of top_k then top_p over a source that holds
 // every value of the row with key >= dom_lo (complete: every finite value). Returns false
 // when the source cannot decide (fewer than k values, or the top_p mass is not reached).
-template <int NT, class P, class Src>
+template <int NT, class P, class Src, class Gather = NoGather>
 __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& fc,
-                               uint32_t dom_lo, bool complete, uint32_t& thr_out) {
+                               uint32_t dom_lo, bool complete, uint32_t& thr_out,
+                               Gather&& gather = Gather{}) {
   const MassCtx mc{fc.m, fc.scale};
   uint32_t thr = dom_lo;
   bool bounded = false;  // the top_k set lies inside the source
   if (fc.rf.top_k_on) {
     const SearchSpec spec{SearchMode::kRank, fc.rf.k, dom_lo, false, 0.0f, false, 0.0};
-    const SearchOut so = radix_search<NT, P::kWarpMass>(src, rs, spec, mc);
+    const SearchOut so = radix_search<NT, P::kWarpMass>(src, rs, spec, mc, gather);
     if (so.found) {
       thr = umax(so.key_lo, dom_lo);
       bounded = true;
@@ -1133,7 +1188,7 @@ __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& f
     // The total is the top_k set's mass (or every value's) when the source holds it.
     const bool internal = complete || bounded;
     const SearchSpec spec{SearchMode::kMass, 0u, thr, true, fc.rf.top_p, !internal, fc.t_ext};
-    const SearchOut so = radix_search<NT, P::kWarpMass>(src, rs, spec, mc);
+    const SearchOut so = radix_search<NT, P::kWarpMass>(src, rs, spec, mc, gather);
     if (so.found) {
       thr = umax(so.key_lo, thr);
     } else if (!internal) {
@@ -1145,8 +1200,11 @@ __device__ bool find_threshold(const Src& src, RadixSmem& rs, const FilterCtx& f
   return true;
 }
 
-template <int NT, class P, class Src>
-__device__ Best block_draw(const Src& src, const FilterCtx& fc, uint32_t thr, Best* red) {
+// The Gumbel-max over the source's kept values (key >= thr, min_p); every thread gets it.
+template <int NT, class P, class Src, class Gather = NoGather>
+__device__ Best block_draw(const Src& src, const FilterCtx& fc, uint32_t thr, Best* red,
+                           Gather&& gather = Gather{}) {
+  gather.publish_draw(thr, fc.m);
   Best b = no_best();
   const float floor_key = __fadd_rn(fc.m, kGumbelLo);
   src([&](bool active, float x, int32_t idx) {
@@ -1156,7 +1214,7 @@ __device__ Best block_draw(const Src& src, const FilterCtx& fc, uint32_t thr, Be
     const Best cand{__fadd_rn(x, gumbel_from_bits<P>(philox_word(r, idx & 3))), idx, x};
     if (better(cand, b)) b = cand;
   });
-  return block_best<NT>(b, red);
+  return gather.collect_best(block_best<NT>(b, red));
 }
 
 template <class P, class Loader>
@@ -1165,6 +1223,140 @@ __device__ float zprime_at(const Loader& ld, int64_t col, float alpha, const TSc
   ld.load8(col, 1, v);
   return scale_logit<P>(combine_logit(v[0][0], v[1][0], v[2][0], alpha), ts);
 }
+
+// ----------------------------------------------------------------------------- v07: spread K2
+//
+// v07's spread plan (cuda_sample.h, spread_blocks; args.spread = G > 1): merge_kernel
+// runs G blocks a row. Block 0 of the row, the lead, runs merge_row as v05's K2 does;
+// blocks 1..G-1, the helpers, only serve the lead's whole-row passes (the fallback's
+// radix levels and its draw), each over its share of the row (RowSource's parts: rounds
+// of 1024 chunks dealt out in turn), and wait for the lead's commands in between
+// (SpreadCtl, cuda_sample.h). The lead does share 0 itself and adds the helpers' answers
+// in: integer histograms and an arg-max, so a pass gives the same result split any way,
+// and v07 returns v05's bits for every G (batch-invariant though G depends on the batch).
+//   Handshake. Thread 0 of the lead writes a command's fields, fences and adds 1 to
+//   seq; thread 0 of each helper waits for seq to reach its next count (ld.acquire),
+//   reads the fields through L2 (ld.global.cg) and shares them through shared memory.
+//   A helper writes its answer (every thread its bins: 256 counts and masses, zeros
+//   where unused, so nothing stale is ever read), fences, and after a barrier thread 0
+//   adds 1 to arrive; the lead waits for arrive to reach G - 1 per command issued so far,
+//   fences, and reads the slots through L2. The lead issues the next command only after
+//   every answer to the last one is in, so fields are never rewritten under a reader;
+//   kSpreadExit comes last on every path, also when no pass was needed.
+//   Progress. A lead waits for its helpers and helpers for their lead, so all G blocks
+//   of a row must get to run. spread_blocks keeps batch * G <= the SM count (one K2 block
+//   an SM), so on an idle GPU every block is resident at once; where other work holds SMs,
+//   blocks start as that work finishes. A wait longer than kSpreadTimeoutNs traps (a
+//   launch error instead of a hang, should that ever fail).
+//   Zeroing. seq and arrive start at 0: K1's first block of each row zeroes them (the
+//   workspace is at::empty), and K2 starts after K1 on the stream; no memset node (v06
+//   pays one for its counters), so a CUDA graph of v07 has v05's two kernel nodes.
+constexpr unsigned long long kSpreadTimeoutNs = 10000000000ull;  // 10 s
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#else
+  const uint32_t v = *reinterpret_cast<const volatile uint32_t*>(p);
+  __threadfence();
+  return v;
+#endif
+}
+
+__device__ __forceinline__ unsigned long long global_time_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Thread 0 alone: waits until *p >= target (traps after kSpreadTimeoutNs).
+__device__ __noinline__ void wait_at_least(const uint32_t* p, uint32_t target) {
+  if (load_acquire(p) >= target) return;
+  const unsigned long long t0 = global_time_ns();
+  while (load_acquire(p) < target) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    __nanosleep(128);
+#endif
+    if (global_time_ns() - t0 > kSpreadTimeoutNs) __trap();
+  }
+}
+
+// The lead's side (merge_row with kSpread): radix_search's and block_draw's Gather.
+struct SpreadLead {
+  SpreadCtl* ctl;
+  const SpreadSlot* slots;  // the row's G - 1 helper slots
+  int helpers;
+  uint32_t expected = 0u;   // answers due so far
+
+  __device__ SpreadLead(const KernelArgs& a, int64_t row)
+      : ctl(a.spread_ctl + row), slots(a.spread_slots + row * (a.spread - 1)),
+        helpers(a.spread - 1) {}
+
+  __device__ __forceinline__ void publish(uint32_t cmd, uint32_t level, uint32_t prefix,
+                                          uint32_t dom_lo, bool with_mass, uint32_t thr,
+                                          float m) {
+    if (threadIdx.x == 0) {
+      ctl->cmd = cmd;
+      ctl->level = level;
+      ctl->prefix = prefix;
+      ctl->dom_lo = dom_lo;
+      ctl->with_mass = with_mass ? 1u : 0u;
+      ctl->thr = thr;
+      ctl->m = m;
+      __threadfence();
+      atomicAdd(&ctl->seq, 1u);
+    }
+  }
+  // All threads: returns once every answer due is in and visible to the block.
+  __device__ __forceinline__ void wait_answers() {
+    expected += static_cast<uint32_t>(helpers);
+    if (threadIdx.x == 0) {
+      wait_at_least(&ctl->arrive, expected);
+      __threadfence();
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ void publish_hist(int level, uint32_t prefix, const SearchSpec& spec,
+                                               const MassCtx& mc) {
+    publish(kSpreadHist, static_cast<uint32_t>(level), prefix, spec.dom_lo, spec.with_mass, 0u,
+            mc.m);
+  }
+  // After the block's own histogram (and a barrier): the helpers' bins added in.
+  __device__ __forceinline__ void collect_hist(RadixSmem& sm) {
+    wait_answers();
+    const int tid = threadIdx.x;
+    if (tid < 256) {
+      uint32_t c = sm.cnt[tid];
+      unsigned long long ms = sm.mass[tid];
+      for (int h = 0; h < helpers; ++h) {
+        c += __ldcg(slots[h].cnt + tid);
+        ms += __ldcg(slots[h].mass + tid);
+      }
+      sm.cnt[tid] = c;
+      sm.mass[tid] = ms;
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ void publish_draw(uint32_t thr, float m) {
+    publish(kSpreadDraw, 0u, 0u, 0u, false, thr, m);
+  }
+  __device__ __forceinline__ Best collect_best(Best b) {
+    wait_answers();
+    for (int h = 0; h < helpers; ++h) {
+      const Best o{__ldcg(&slots[h].best_key), __ldcg(&slots[h].best_idx), __ldcg(&slots[h].best_x)};
+      if (better(o, b)) b = o;
+    }
+    return b;
+  }
+  __device__ __forceinline__ void exit() { publish(kSpreadExit, 0u, 0u, 0u, false, 0u, 0.0f); }
+};
+
+struct SpreadCmd {
+  uint32_t cmd, level, prefix, dom_lo, with_mass, thr;
+  float m;
+};
 
 // ----------------------------------------------------------------------------- K2
 
@@ -1249,7 +1441,9 @@ __device__ __forceinline__ float row_exp_sum(const Src& zsrc, float mx, float* r
 // kSliceThreads in the row's last K1 block, kL2 set (load_partial_l2). The row's result does
 // not depend on NT (row_exp_sum) nor on who runs it: the partials are merged in one fixed
 // order, the same code either way.
-template <class Loader, class P, int NT, bool kL2>
+// kSpread (v07's spread plan, merge_kernel's lead blocks): the fallback's whole-row passes
+// are shared with the row's helper blocks (SpreadLead); the same results.
+template <class Loader, class P, int NT, bool kL2, bool kSpread = false>
 __device__ __forceinline__ void merge_row(const KernelArgs& a, const int64_t row,
                                           const MergeShared& sm) {
   static_assert(NT >= 256 && NT % 32 == 0 && NT <= kMergeThreads,
@@ -1399,7 +1593,9 @@ __device__ __forceinline__ void merge_row(const KernelArgs& a, const int64_t row
         csrc = CandSource<NT, kL2>{stage, static_cast<int>(n), 0u, false};
       }
     };
-    const RowSource<Loader, NT, P> rsrc{ld, alpha, ts, vocab};
+    // The whole row: this block's share of it and the helpers' (kSpread), else all of it.
+    const RowSource<Loader, NT, P, kSpread> rsrc{ld, alpha, ts, vocab, 0, kSpread ? a.spread : 1};
+    std::conditional_t<kSpread, SpreadLead, NoGather> row_gather(a, row);
 
     // 1. Thresholds of top_k / top_p: from the candidates when they decide, else the row.
     uint32_t thr = 0u;
@@ -1408,7 +1604,7 @@ __device__ __forceinline__ void merge_row(const KernelArgs& a, const int64_t row
       stage_candidates();
       have_thr = find_threshold<NT, P>(csrc, rs, fc, c_lo, c_complete, thr);
     }
-    if (!have_thr) find_threshold<NT, P>(rsrc, rs, fc, 0u, true, thr);
+    if (!have_thr) find_threshold<NT, P>(rsrc, rs, fc, 0u, true, thr, row_gather);
 
     // 2. The unfiltered winner, if kept, is the answer.
     const Best gw = st.gumbel;
@@ -1424,7 +1620,7 @@ __device__ __forceinline__ void merge_row(const KernelArgs& a, const int64_t row
         stage_candidates();
         result = block_draw<NT, P>(csrc, fc, thr, red);
       } else {
-        result = block_draw<NT, P>(rsrc, fc, thr, red);
+        result = block_draw<NT, P>(rsrc, fc, thr, red, row_gather);
       }
     }
   }
@@ -1445,7 +1641,67 @@ __device__ __forceinline__ void merge_row(const KernelArgs& a, const int64_t row
   }
 }
 
+// A helper block of v07's spread plan: share `part` of the row's whole-row passes, one
+// command at a time, until the lead's kSpreadExit (see "v07: spread K2" above).
 template <class Loader, class P>
+__device__ void spread_helper(const KernelArgs& a, const int64_t row, const int part,
+                              RadixSmem& rs, Best* red, SpreadCmd& s_cmd) {
+  constexpr int NT = kMergeThreads;
+  const int tid = threadIdx.x;
+  SpreadCtl* const ctl = a.spread_ctl + row;
+  SpreadSlot* const slot = a.spread_slots + row * (a.spread - 1) + (part - 1);
+  const RowSource<Loader, NT, P, true> src{Loader(a, row), a.params.alpha[row],
+                                           make_tscale(a.params.temperature[row]), a.vocab,
+                                           part, a.spread};
+  for (uint32_t seen = 1u;; ++seen) {
+    if (tid == 0) {
+      wait_at_least(&ctl->seq, seen);
+      s_cmd = SpreadCmd{__ldcg(&ctl->cmd), __ldcg(&ctl->level), __ldcg(&ctl->prefix),
+                        __ldcg(&ctl->dom_lo), __ldcg(&ctl->with_mass), __ldcg(&ctl->thr),
+                        __ldcg(&ctl->m)};
+    }
+    __syncthreads();
+    const SpreadCmd c = s_cmd;  // thread 0 rewrites it only after this command's last barrier
+    if (c.cmd == kSpreadHist) {
+      for (int i = tid; i < 256; i += NT) {
+        rs.cnt[i] = 0u;
+        rs.mass[i] = 0ull;
+      }
+      __syncthreads();
+      level_histogram<P::kWarpMass>(src, rs.cnt, rs.mass, c.dom_lo, c.with_mass != 0u,
+                                    MassCtx{c.m, a.mass_scale}, static_cast<int>(c.level),
+                                    c.prefix);
+      __syncthreads();
+      for (int i = tid; i < 256; i += NT) {
+        slot->cnt[i] = rs.cnt[i];
+        slot->mass[i] = rs.mass[i];
+      }
+    } else if (c.cmd == kSpreadDraw) {
+      FilterCtx fc;
+      fc.rf = read_filter(a.params, row, a.vocab);
+      fc.m = c.m;
+      fc.scale = a.mass_scale;
+      fc.t_ext = 0.0;  // unused by a draw
+      fc.seed = a.params.seed[row];
+      fc.step = a.params.step[row];
+      const Best b = block_draw<NT, P>(src, fc, c.thr, red);
+      if (tid == 0) {
+        slot->best_key = b.key;
+        slot->best_idx = b.idx;
+        slot->best_x = b.x;
+      }
+    } else {
+      return;  // kSpreadExit (block-uniform)
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) atomicAdd(&ctl->arrive, 1u);
+  }
+}
+
+// K2. kSpread (v07's spread plan): args.spread blocks a row, block 0 the row's lead
+// (merge_row, then kSpreadExit), the others its helpers (spread_helper).
+template <class Loader, class P, bool kSpread = false>
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a) {
   __shared__ RadixSmem rs;
   __shared__ MergeState st;
@@ -1453,8 +1709,20 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const KernelArgs a
   __shared__ float red_sum[kMergeWarps];
   __shared__ Cand stage[kCandStage];
   __shared__ uint32_t s_nstage;
-  merge_row<Loader, P, kMergeThreads, false>(a, blockIdx.x,
-                                             MergeShared{rs, st, red, red_sum, stage, s_nstage});
+  const MergeShared shared{rs, st, red, red_sum, stage, s_nstage};
+  if constexpr (kSpread) {
+    __shared__ SpreadCmd s_cmd;
+    const int64_t row = static_cast<int64_t>(blockIdx.x) / a.spread;
+    const int part = static_cast<int>(static_cast<int64_t>(blockIdx.x) - row * a.spread);
+    if (part != 0) {
+      spread_helper<Loader, P>(a, row, part, rs, red, s_cmd);
+      return;
+    }
+    merge_row<Loader, P, kMergeThreads, false, true>(a, row, shared);
+    SpreadLead(a, row).exit();  // after every pass of the row (merge_row waited for them)
+  } else {
+    merge_row<Loader, P, kMergeThreads, false>(a, blockIdx.x, shared);
+  }
 }
 
 // ----------------------------------------------------------------------------- v06: K1 + K2
@@ -1534,6 +1802,22 @@ cudaError_t launch_ept(const KernelArgs& args, int64_t batch, cudaStream_t strea
   return cudaGetLastError();
 }
 
+// v07's spread plan: K1 (which zeroes the rows' SpreadCtl handshake words), then K2 with
+// args.spread blocks a row.
+template <class Loader, int EPT, class P>
+cudaError_t launch_spread_ept(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
+  if (args.spread_ctl == nullptr || args.spread_slots == nullptr || args.spread < 2) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t blocks = batch * args.num_slices;
+  slice_kernel<Loader, EPT, P><<<static_cast<unsigned>(blocks), kSliceThreads, 0, stream>>>(args);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  merge_kernel<Loader, P, true>
+      <<<static_cast<unsigned>(batch * args.spread), kMergeThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
 // v06's one launch: the row counters zeroed, then fused_kernel.
 template <class Loader, int EPT, class P>
 cudaError_t launch_fused_ept(const KernelArgs& args, int64_t batch, cudaStream_t stream) {
@@ -1546,11 +1830,20 @@ cudaError_t launch_fused_ept(const KernelArgs& args, int64_t batch, cudaStream_t
   return cudaGetLastError();
 }
 
-// K1 and K2 (kFused: the one fused launch) for one loader and variant; ept:
-// slice_elems_per_thread(vocab).
-template <class Loader, class P, bool kFused = false>
+// K1 and K2 for one loader and variant (kFused: v06's one fused launch; kSpread: v07's
+// spread K2); ept: slice_elems_per_thread(vocab).
+enum class Plan { kTwo, kFused, kSpread };
+
+template <class Loader, class P, Plan kPlan = Plan::kTwo>
 cudaError_t launch_kernels(const KernelArgs& args, int64_t batch, int ept, cudaStream_t stream) {
-  if constexpr (kFused) {
+  if constexpr (kPlan == Plan::kSpread) {
+    switch (ept) {
+      case 16: return launch_spread_ept<Loader, 16, P>(args, batch, stream);
+      case 8: return launch_spread_ept<Loader, 8, P>(args, batch, stream);
+      case 4: return launch_spread_ept<Loader, 4, P>(args, batch, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  } else if constexpr (kPlan == Plan::kFused) {
     switch (ept) {
       case 16: return launch_fused_ept<Loader, 16, P>(args, batch, stream);
       case 8: return launch_fused_ept<Loader, 8, P>(args, batch, stream);
@@ -1574,8 +1867,10 @@ constexpr bool kVecUniform = false;
 template <class D>
 constexpr bool kVecUniform<UniformLoader<D, true>> = true;
 
-// v06 is V05's policy: its two-launch plan runs v05's very kernels, its one-launch plan
-// fused_kernel<..., V05> (merge_in_slice_kernel, cuda_sample.h, decides).
+// v06 and v07 are V05's policy: their two-launch plans run v05's very kernels; v06's
+// one-launch plan fused_kernel<..., V05> (merge_in_slice_kernel, cuda_sample.h, decides),
+// v07's spread plan merge_kernel<..., V05, true> (spread_blocks decides; the launcher
+// sets args.spread by it).
 template <class Loader>
 cudaError_t launch_variant(const KernelArgs& args, int64_t batch, int ept, KernelVariant v,
                            cudaStream_t stream) {
@@ -1585,8 +1880,13 @@ cudaError_t launch_variant(const KernelArgs& args, int64_t batch, int ept, Kerne
     case KernelVariant::kV06:
       if constexpr (kVecUniform<Loader>) {
         if (merge_in_slice_kernel(v, batch, args.num_slices, true)) {
-          return launch_kernels<Loader, V05, true>(args, batch, ept, stream);
+          return launch_kernels<Loader, V05, Plan::kFused>(args, batch, ept, stream);
         }
+      }
+      return launch_kernels<Loader, V05>(args, batch, ept, stream);
+    case KernelVariant::kV07:
+      if constexpr (kVecUniform<Loader>) {
+        if (args.spread > 1) return launch_kernels<Loader, V05, Plan::kSpread>(args, batch, ept, stream);
       }
       return launch_kernels<Loader, V05>(args, batch, ept, stream);
     default: return cudaErrorInvalidValue;

@@ -3,6 +3,7 @@
 // cuda_kernels_*.cu on the current stream. No host sync, no allocation besides the one
 // at::empty workspace (CUDA-graph safe). Compiled by the host compiler, CUDA builds only.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -46,8 +47,8 @@ int slice_ept(int64_t vocab) {
   return forced != 0 ? forced : cuda::slice_elems_per_thread(vocab);
 }
 
-// The kernel variant (cuda_sample.h, KernelVariant): PROXYKERN_CUDA_KERNEL=v04|v05|v06
-// (default v04, the kernel measured on a GPU; v05 and v06 are written and compiled but
+// The kernel variant (cuda_sample.h, KernelVariant): PROXYKERN_CUDA_KERNEL=v04|v05|v06|v07
+// (default v04, the kernel measured on a GPU; v05 to v07 are written and compiled but
 // not yet run on one, so users get them only once a device run has checked them), read
 // once per process, so a process stays deterministic and batch-invariant; benchmarks
 // switch it with the cuda_kernel_variant op to time the builds side by side (a CUDA graph
@@ -56,7 +57,8 @@ cuda::KernelVariant parse_variant(const std::string& v, const char* what) {
   if (v == "v04") return cuda::KernelVariant::kV04;
   if (v == "v05") return cuda::KernelVariant::kV05;
   if (v == "v06") return cuda::KernelVariant::kV06;
-  TORCH_CHECK(false, what, " must be 'v04', 'v05' or 'v06', got '", v, "'");
+  if (v == "v07") return cuda::KernelVariant::kV07;
+  TORCH_CHECK(false, what, " must be 'v04', 'v05', 'v06' or 'v07', got '", v, "'");
 }
 
 std::atomic<int>& variant_slot() {
@@ -72,7 +74,8 @@ const char* variant_name(int v) {
   switch (static_cast<cuda::KernelVariant>(v)) {
     case cuda::KernelVariant::kV04: return "v04";
     case cuda::KernelVariant::kV05: return "v05";
-    default: return "v06";
+    case cuda::KernelVariant::kV06: return "v06";
+    default: return "v07";
   }
 }
 
@@ -105,16 +108,27 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
   // v06's one-launch plan (cuda_sample.h) needs a counter per row; the kernels' launch
   // (cuda_kernels.cuh) zeroes them and applies the same rule.
   const bool fused = cuda::merge_in_slice_kernel(variant, fa.batch, num_slices, same && vec);
+  // v07's spread plan (cuda_sample.h) needs a control block a row and G - 1 answer slots.
+  const int spread =
+      variant == cuda::KernelVariant::kV07
+          ? cuda::spread_blocks(variant, fa.batch, fa.vocab,
+                                at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                same && vec)
+          : 1;
 
-  // Workspace: partials, then candidates (both 8-byte aligned; the allocator gives 256),
-  // then v06's row counters (4-byte aligned: cand_bytes is a multiple of 8).
+  // Workspace, each part 256-byte aligned (the allocator gives 256): partials, candidates
+  // (8-byte records), v06's row counters, v07's control blocks and answer slots.
+  auto rounded = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
   const int64_t n_part = fa.batch * num_slices;
-  const int64_t part_bytes =
-      ((n_part * static_cast<int64_t>(sizeof(cuda::SlicePartial)) + 255) / 256) * 256;
-  const int64_t cand_bytes = n_part * cand * static_cast<int64_t>(sizeof(cuda::Cand));
-  const int64_t count_bytes = fused ? fa.batch * static_cast<int64_t>(sizeof(uint32_t)) : 0;
-  at::Tensor workspace =
-      at::empty({part_bytes + cand_bytes + count_bytes}, base.options().dtype(at::kByte));
+  const int64_t part_bytes = rounded(n_part * static_cast<int64_t>(sizeof(cuda::SlicePartial)));
+  const int64_t cand_bytes = rounded(n_part * cand * static_cast<int64_t>(sizeof(cuda::Cand)));
+  const int64_t count_bytes = fused ? rounded(fa.batch * static_cast<int64_t>(sizeof(uint32_t))) : 0;
+  const int64_t ctl_bytes =
+      spread > 1 ? rounded(fa.batch * static_cast<int64_t>(sizeof(cuda::SpreadCtl))) : 0;
+  const int64_t slot_bytes =
+      spread > 1 ? fa.batch * (spread - 1) * static_cast<int64_t>(sizeof(cuda::SpreadSlot)) : 0;
+  at::Tensor workspace = at::empty({part_bytes + cand_bytes + count_bytes + ctl_bytes + slot_bytes},
+                                   base.options().dtype(at::kByte));
   uint8_t* ws = workspace.data_ptr<uint8_t>();
 
   cuda::KernelArgs args;
@@ -132,7 +146,14 @@ SampleTensors fused_sample_cuda(const at::Tensor& base, const at::Tensor& expert
   args.mass_scale = std::ldexp(1.0f, 62 - bits);
   args.partials = reinterpret_cast<cuda::SlicePartial*>(ws);
   args.cands = reinterpret_cast<cuda::Cand*>(ws + part_bytes);
-  args.counters = fused ? reinterpret_cast<uint32_t*>(ws + part_bytes + cand_bytes) : nullptr;
+  uint8_t* const after_cands = ws + part_bytes + cand_bytes;
+  args.counters = fused ? reinterpret_cast<uint32_t*>(after_cands) : nullptr;
+  args.spread = spread;
+  args.spread_ctl =
+      spread > 1 ? reinterpret_cast<cuda::SpreadCtl*>(after_cands + count_bytes) : nullptr;
+  args.spread_slots =
+      spread > 1 ? reinterpret_cast<cuda::SpreadSlot*>(after_cands + count_bytes + ctl_bytes)
+                 : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err;
@@ -166,6 +187,16 @@ bool cuda_v06_one_launch(int64_t batch, int64_t vocab_size) {
   const int64_t width = cuda::slice_width(slice_ept(vocab_size));
   return cuda::merge_in_slice_kernel(cuda::KernelVariant::kV06, batch,
                                      (vocab_size + width - 1) / width, true);
+}
+
+// Benchmarks and tests only: v07's spread (cuda_sample.h, spread_blocks) for `batch` rows
+// of `vocab_size` columns of one dtype with 16-byte aligned rows on `sm_count` SMs (the
+// slice width does not enter). No device needed.
+int64_t cuda_v07_spread(int64_t batch, int64_t vocab_size, int64_t sm_count) {
+  TORCH_CHECK(batch >= 0 && vocab_size > 0 && sm_count > 0,
+              "cuda_v07_spread: batch >= 0, vocab_size > 0 and sm_count > 0, got ", batch, ", ",
+              vocab_size, " and ", sm_count);
+  return cuda::spread_blocks(cuda::KernelVariant::kV07, batch, vocab_size, sm_count, true);
 }
 
 int64_t cuda_kernel_version(int64_t device) {

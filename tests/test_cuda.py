@@ -349,17 +349,29 @@ def test_cuda_graph_capture_and_replay(filters):
 
 # --------------------------------------------------------------------------- kernel variants
 #
-# The extension holds three builds of the kernel (csrc/cuda_sample.h, KernelVariant): v0.4
-# (the default), v0.5 and v0.6 (v0.5's arithmetic, K2 fused into K1 at small grids).
+# The extension holds four builds of the kernel (csrc/cuda_sample.h, KernelVariant): v0.4
+# (the default), v0.5, v0.6 (v0.5's arithmetic, K2 fused into K1 at small grids) and v0.7
+# (v0.5's arithmetic and two launches, K2's whole-row fallback spread over G blocks a row).
 # benchmarks/gpu_check.py times them in one process; here each must meet the contract,
-# v04 and v05 must agree except at noise near-ties, and v06 must return v05's bits.
+# v04 and v05 must agree except at noise near-ties, and v06 and v07 must return v05's bits.
+
+VARIANTS = ["v04", "v05", "v06", "v07"]
+FIELDS = ("tokens", "logprobs", "lse", "status")
+
+
+def _cases():
+    """benchmarks/gpu_check_cases.py: the LM-like inputs and the bitwise comparison, shared
+    with gpu_check (imported on first use, as only the GPU tests need it)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import gpu_check_cases
+    return gpu_check_cases
+
 
 def _lm_like(batch, vocab, seed):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "benchmarks"))
-    from gpu_check_cases import lm_like_logits
-    return lm_like_logits(batch, vocab, generator=torch.Generator(device="cuda").manual_seed(seed),
-                          device="cuda")
+    return _cases().lm_like_logits(batch, vocab, device="cuda",
+                                   generator=torch.Generator(device="cuda").manual_seed(seed))
 
 
 @pytest.fixture
@@ -370,6 +382,16 @@ def variant():
     torch.ops.proxykern.cuda_kernel_variant(previous)
 
 
+def _assert_rows_alone_as_in(full, inputs, kwargs):
+    """Each row run alone (a batch of 1, its own parameters) gives full's four outputs for
+    that row bit for bit."""
+    for row in range(inputs[0].shape[0]):
+        single = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        alone = run("cuda", *(t[row:row + 1] for t in inputs), **single)
+        for field, a, b in zip(FIELDS, alone, full):
+            assert torch.equal(a[0], b[row]), f"row {row}: {field} differs alone"
+
+
 def test_default_variant_and_switch(variant):
     expected = os.environ.get("PROXYKERN_CUDA_KERNEL") or "v04"
     assert torch.ops.proxykern.cuda_kernel_variant("") == expected
@@ -377,11 +399,13 @@ def test_default_variant_and_switch(variant):
     assert torch.ops.proxykern.cuda_kernel_variant("") == "v05"
     assert variant("v06") == "v05"
     assert torch.ops.proxykern.cuda_kernel_variant("") == "v06"
-    with pytest.raises(RuntimeError, match="'v04', 'v05' or 'v06'"):
+    assert variant("v07") == "v06"
+    assert torch.ops.proxykern.cuda_kernel_variant("") == "v07"
+    with pytest.raises(RuntimeError, match="'v04', 'v05', 'v06' or 'v07'"):
         torch.ops.proxykern.cuda_kernel_variant("v03")
 
 
-@pytest.mark.parametrize("name", ["v04", "v05", "v06"])
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("mode", ["temperature", "top_p", "top_k+top_p", "wide_top_p", "tiny_min_p"])
 def test_each_variant_against_reference(variant, name, mode):
     variant(name)
@@ -424,7 +448,7 @@ def test_lm_like_against_reference():
                 seed=torch.arange(batch, device="cuda") + 11, step=1, **kw)
 
 
-@pytest.mark.parametrize("name", ["v04", "v05", "v06"])
+@pytest.mark.parametrize("name", VARIANTS)
 def test_each_variant_batch_invariant_and_deterministic(variant, name):
     variant(name)
     batch, vocab = 6, 128256
@@ -435,36 +459,125 @@ def test_each_variant_batch_invariant_and_deterministic(variant, name):
                   seed=torch.arange(batch, device="cuda") + 40, step=9)
     full = run("cuda", *inputs, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(full, run("cuda", *inputs, **kwargs)))
-    for row in range(batch):
-        single = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        alone = run("cuda", *(t[row:row + 1] for t in inputs), **single)
-        for a, b in zip(alone, full):
-            assert torch.equal(a[0], b[row])
+    _assert_rows_alone_as_in(full, inputs, kwargs)
 
 
-# --------------------------------------------------------------------------- v06
+# --------------------------------------------------------------------------- v06 and v07
 #
-# v06 runs v05's arithmetic; where csrc/cuda_sample.h's rule says so (K1's grid of at most
-# 256 blocks, aligned inputs of one dtype) the last K1 block of each row runs K2's merge
-# (one launch). Both plans must return v05's four outputs bit for bit.
+# Both run v05's arithmetic and must return v05's four outputs bit for bit whatever their
+# plan. v06: where csrc/cuda_sample.h's rule says so (K1's grid of at most 256 blocks,
+# aligned inputs of one dtype) the last K1 block of each row runs K2's merge (one launch).
+# v07: two launches, K2's whole-row fallback (kept sets too large for the per-slice
+# candidates) spread over G blocks a row, G = cuda_v07_spread(batch, vocab, SMs) for
+# aligned inputs of one dtype (G = 1, and the other loaders: v05's K2 exactly).
 
-# (batch, vocab, one launch): 1, 5, 126, 32 and 149 slices a row.
-V06_SHAPES = [(1, 111, True), (3, 5003, True), (1, 128256, True), (2, 128256, True),
-              (3, 128256, False), (8, 32000, True), (9, 32000, False), (1, 151936, True)]
 V06_MODES = [dict(), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
              dict(temperature=1.0, top_k=50, top_p=0.9), dict(temperature=1.0, min_p=0.05),
              dict(temperature=4.0, top_p=0.99),          # the top_p fallback (whole row)
              dict(temperature=1.0, top_k=5000),          # the top_k fallback
              dict(temperature=2.0, min_p=1e-4),          # the min_p draw over the row
              dict(temperature=2e-38, top_p=0.9)]         # the overflow rule (row sums)
+# The whole-row fallbacks alone: where v07's plan differs from v05's.
+FALLBACK_MODES = [dict(temperature=4.0, top_p=0.99), dict(temperature=1.0, top_k=5000),
+                  dict(temperature=2.0, min_p=1e-4)]
 
 
-def _v05_and_v06(variant, inputs, **kwargs):
+def _same_as_v05(variant, name, inputs, **kwargs):
+    """Runs one call under v05 and under `name`; asserts the four outputs are the same bits
+    and returns v05's."""
     variant("v05")
     old = run("cuda", *inputs, **kwargs)
-    variant("v06")
+    variant(name)
     new = run("cuda", *inputs, **kwargs)
-    return old, new
+    for field, a, b in zip(FIELDS, old, new):  # bits: a bad row's NaNs too
+        assert _cases().same_bits(a, b), f"{kwargs}: {name}'s {field} differ from v05's"
+    return old
+
+
+def _check_shape_as_v05(variant, name, batch, vocab):
+    """`name` against v05 at (batch, vocab) in every V06_MODES mode, then (batch > 1) with
+    a NaN row beside good ones on the fast and the slow path."""
+    width = (vocab + 7) // 8 * 8
+    if vocab >= 32000:
+        inputs = _lm_like(batch, vocab, seed=vocab + batch)
+    else:  # rows 16-byte aligned (the vector loads), an odd vocabulary (masked tail)
+        inputs = tuple(t[:, :vocab] for t in gpu_logits(batch, vocab, torch.bfloat16,
+                                                          seed=vocab + batch, width=width))
+    seed = torch.arange(batch, device="cuda") * 5 + 3
+    for kw in V06_MODES:
+        _same_as_v05(variant, name, inputs, vocab_size=vocab, seed=seed, step=4, **kw)
+    if batch > 1:  # copies with the same aligned row strides
+        bad = tuple(torch.empty(batch, width, dtype=t.dtype, device="cuda")[:, :vocab].copy_(t)
+                    for t in inputs)
+        bad[1][0, 7] = float("nan")
+        for kw in (dict(temperature=1.0, top_p=0.9), dict(temperature=4.0, top_p=0.99)):
+            old = _same_as_v05(variant, name, bad, vocab_size=vocab, seed=seed, step=4, **kw)
+            assert old[3][0] != 0 and (old[3][1:] == 0).all()
+
+
+def _check_layouts_as_v05(variant, name, dtype):
+    """fp32 / fp16 rows 16-byte aligned (strided: width 32008), unaligned rows (a view from
+    column 1) and mixed dtypes, filtered and on the fallbacks: v05's bits."""
+    base, expert, anti = gpu_logits(2, 32000, dtype, seed=77, width=32008)
+    seed = torch.tensor([5, 6], device="cuda")
+    for inputs in ((base[:, :32000], expert[:, :32000], anti[:, :32000]),   # aligned, strided rows
+                   (base[:, 1:32001], expert[:, 1:32001], anti[:, 1:32001]),  # unaligned
+                   (base[:, :32000], expert[:, :32000].to(torch.bfloat16), anti[:, :32000])):  # mixed
+        for kw in [dict(temperature=0.9, top_k=40, top_p=0.9)] + FALLBACK_MODES:
+            _same_as_v05(variant, name, inputs, vocab_size=32000, seed=seed, step=1, **kw)
+
+
+# Rows of every plan, each row's fallback included: alone (batch 1) and in a batch of 9 at
+# 128256, where v06 launches once alone and twice in the batch and v07 spreads a row over
+# 16 blocks alone and 14 in the batch (132 SMs).
+PLANS_BATCH, PLANS_VOCAB = 9, 128256
+
+
+def _check_rows_alone_across_plans(variant, name):
+    variant(name)
+    d = "cuda"
+    inputs = _lm_like(PLANS_BATCH, PLANS_VOCAB, seed=12)
+    kwargs = dict(temperature=torch.tensor([0.0, 1.0, 0.7, 1.0, 4.0, 2e-38, 1.0, 2.0, 4.0], device=d),
+                  top_p=torch.tensor([1.0, 1.0, 0.9, 0.95, 0.99, 1.0, 1.0, 1.0, 0.99], device=d),
+                  top_k=torch.tensor([0, 0, 0, 40, 0, 0, 5000, 0, 0], device=d),
+                  min_p=torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-4, 0.0], device=d),
+                  seed=torch.arange(PLANS_BATCH, device=d) + 40, step=9)
+    _assert_rows_alone_as_in(run("cuda", *inputs, **kwargs), inputs, kwargs)
+
+
+def _check_graph_replay_as_v05(variant, name, **mode):
+    """`name`'s call at B = 1, 128256 captured once, replayed 4 times with new seeds: eager
+    v05's four outputs after each replay. Returns the tokens drawn."""
+    variant(name)
+    base, expert, anti = _lm_like(1, 128256, seed=5)
+    seed = torch.tensor([17], dtype=torch.long, device="cuda")
+    step = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def sample():
+        out, status = ops.proxy_sample_with_status(base, expert, anti, seed=seed, step=step,
+                                                   backend="cuda", **mode)
+        return out.tokens, out.logprobs, out.lse, status
+
+    graph, static = captured(sample)
+    drawn = []
+    for i in range(4):
+        seed.add_(1000)
+        step.fill_(i + 1)
+        graph.replay()
+        variant("v05")
+        eager = sample()
+        variant(name)
+        for field, a, b in zip(FIELDS, static, eager):
+            assert _cases().same_bits(a, b), f"replay {i}: {name}'s {field} differ from eager v05's"
+        drawn.append(static[0].item())
+    return drawn
+
+
+# --------------------------------------------------------------------------- v06
+
+# (batch, vocab, one launch): 1, 5, 126, 32 and 149 slices a row.
+V06_SHAPES = [(1, 111, True), (3, 5003, True), (1, 128256, True), (2, 128256, True),
+              (3, 128256, False), (8, 32000, True), (9, 32000, False), (1, 151936, True)]
 
 
 @pytest.mark.parametrize("batch,vocab,one_launch", V06_SHAPES)
@@ -472,83 +585,74 @@ def test_v06_bitwise_equals_v05(variant, batch, vocab, one_launch):
     if os.environ.get("PROXYKERN_CUDA_SLICE_EPT"):
         pytest.skip("PROXYKERN_CUDA_SLICE_EPT changes the slices, hence the plan")
     assert torch.ops.proxykern.cuda_v06_one_launch(batch, vocab) == one_launch
-    if vocab >= 32000:
-        inputs = _lm_like(batch, vocab, seed=vocab + batch)
-    else:  # rows 16-byte aligned (the fused kernel's loads), an odd vocabulary (masked tail)
-        wide = gpu_logits(batch, vocab, torch.bfloat16, seed=vocab + batch, width=(vocab + 7) // 8 * 8)
-        inputs = tuple(t[:, :vocab] for t in wide)
-    seed = torch.arange(batch, device="cuda") * 5 + 3
-    for kw in V06_MODES:
-        old, new = _v05_and_v06(variant, inputs, vocab_size=vocab, seed=seed, step=4, **kw)
-        for name, a, b in zip(("tokens", "logprobs", "lse", "status"), old, new):
-            assert torch.equal(a, b), f"{kw}: v06's {name} differ from v05's"
-    if batch > 1:  # a bad row beside good ones (copies with the same aligned row strides)
-        width = (vocab + 7) // 8 * 8
-        bad = tuple(torch.empty(batch, width, dtype=t.dtype, device="cuda")[:, :vocab].copy_(t)
-                    for t in inputs)
-        bad[1][0, 7] = float("nan")
-        old, new = _v05_and_v06(variant, bad, vocab_size=vocab, seed=seed, step=4, temperature=1.0,
-                                top_p=0.9)
-        assert all(torch.equal(a, b) for a, b in zip(old, new))
-        assert old[3][0] != 0
+    _check_shape_as_v05(variant, "v06", batch, vocab)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_v06_other_dtypes_and_layouts(variant, dtype):
     """fp32 / fp16 (one launch), and unaligned rows and mixed dtypes (two launches: the
     fused kernel is built for the vector loaders only): v05's bits."""
-    base, expert, anti = gpu_logits(2, 32000, dtype, seed=77, width=32008)
-    kw = dict(temperature=0.9, top_k=40, top_p=0.9, seed=torch.tensor([5, 6], device="cuda"), step=1)
-    for inputs in ((base[:, :32000], expert[:, :32000], anti[:, :32000]),   # aligned, strided rows
-                   (base[:, 1:32001], expert[:, 1:32001], anti[:, 1:32001]),  # unaligned
-                   (base[:, :32000], expert[:, :32000].to(torch.bfloat16), anti[:, :32000])):  # mixed
-        old, new = _v05_and_v06(variant, inputs, vocab_size=32000, **kw)
-        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    assert torch.ops.proxykern.cuda_v06_one_launch(2, 32000)
+    _check_layouts_as_v05(variant, "v06", dtype)
 
 
 def test_v06_batch_invariant_across_plans(variant):
-    """Rows alone (one launch) and in a batch of 6 at 128256 (two launches): the same bits."""
-    variant("v06")
-    batch, vocab = 6, 128256
-    assert not torch.ops.proxykern.cuda_v06_one_launch(batch, vocab)
-    assert torch.ops.proxykern.cuda_v06_one_launch(1, vocab)
-    inputs = _lm_like(batch, vocab, seed=12)
-    kwargs = dict(temperature=torch.tensor([0.0, 1.0, 0.7, 1.0, 4.0, 2e-38], device="cuda"),
-                  top_p=torch.tensor([1.0, 1.0, 0.9, 0.95, 0.99, 1.0], device="cuda"),
-                  top_k=torch.tensor([0, 0, 0, 40, 0, 0], device="cuda"),
-                  seed=torch.arange(batch, device="cuda") + 40, step=9)
-    full = run("cuda", *inputs, **kwargs)
-    for row in range(batch):
-        single = {k: (v[row:row + 1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        alone = run("cuda", *(t[row:row + 1] for t in inputs), **single)
-        for a, b in zip(alone, full):
-            assert torch.equal(a[0], b[row])
+    """Rows alone (one launch) and in a batch of 9 at 128256 (two launches): the same bits."""
+    assert torch.ops.proxykern.cuda_v06_one_launch(1, PLANS_VOCAB)
+    assert not torch.ops.proxykern.cuda_v06_one_launch(PLANS_BATCH, PLANS_VOCAB)
+    _check_rows_alone_across_plans(variant, "v06")
 
 
 def test_v06_cuda_graph_replay(variant):
     """A capture of v06's one launch (the counters' memset and the fused kernel), replayed
     with new seeds: eager v05's outputs each time (the counters are zero at every replay)."""
-    variant("v06")
-    batch, vocab = 1, 128256
-    assert torch.ops.proxykern.cuda_v06_one_launch(batch, vocab)
-    base, expert, anti = _lm_like(batch, vocab, seed=5)
-    seed = torch.tensor([17], dtype=torch.long, device="cuda")
-    step = torch.zeros(batch, dtype=torch.long, device="cuda")
+    assert torch.ops.proxykern.cuda_v06_one_launch(1, 128256)
+    _check_graph_replay_as_v05(variant, "v06", temperature=1.0, top_p=0.9)
 
-    def sample():
-        out, status = ops.proxy_sample_with_status(base, expert, anti, seed=seed, step=step,
-                                                   backend="cuda", temperature=1.0, top_p=0.9)
-        return out.tokens, out.logprobs, out.lse, status
 
-    graph, static = captured(sample)
-    for i in range(4):
-        seed.add_(1000)
-        step.fill_(i + 1)
-        graph.replay()
-        variant("v05")
-        eager = sample()
-        variant("v06")
-        assert all(torch.equal(a, b) for a, b in zip(static, eager))
+# --------------------------------------------------------------------------- v07
+
+def _v07_spread(batch, vocab):
+    """The G v07 spreads a row's fallback over on this GPU (aligned rows of one dtype)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return torch.ops.proxykern.cuda_v07_spread(batch, vocab, sms)
+
+
+# (batch, vocab, G on 132 SMs (H100 SXM, H200)): spread by the row's rounds of 8192 columns
+# (16 at 128256, 4 at 32000, 19 at 151936), by SMs // batch (2 at 64 rows), and not spread
+# (SMs // batch < 2 at 200 rows; one round at 5003 and 111, masked tails).
+V07_SHAPES = [(1, 128256, 16), (8, 128256, 16), (64, 128256, 2), (200, 32000, 1),
+              (3, 32000, 4), (1, 151936, 19), (1, 5003, 1), (1, 111, 1)]
+
+
+@pytest.mark.parametrize("batch,vocab,spread", V07_SHAPES)
+def test_v07_bitwise_equals_v05(variant, batch, vocab, spread):
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:  # the plan picked for
+        assert _v07_spread(batch, vocab) == spread
+    _check_shape_as_v05(variant, "v07", batch, vocab)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_v07_other_dtypes_and_layouts(variant, dtype):
+    """fp32 / fp16 aligned (spread over G = 4), and unaligned rows and mixed dtypes (never
+    spread: v05's K2): v05's bits."""
+    assert _v07_spread(2, 32000) == 4
+    _check_layouts_as_v05(variant, "v07", dtype)
+
+
+def test_v07_batch_invariant_across_plans(variant):
+    """Rows alone and in a batch of 9 at 128256, spread over different G: the same bits."""
+    assert _v07_spread(1, PLANS_VOCAB) != _v07_spread(PLANS_BATCH, PLANS_VOCAB)
+    _check_rows_alone_across_plans(variant, "v07")
+
+
+def test_v07_cuda_graph_replay(variant):
+    """A capture of v07's spread slow path (K1, which zeroes the rows' handshake words, and
+    the spread K2), replayed with new seeds: eager v05's outputs each time (handshake words
+    left over from the previous replay would hang or change them)."""
+    assert _v07_spread(1, 128256) > 1
+    drawn = _check_graph_replay_as_v05(variant, "v07", temperature=4.0, top_p=0.99)
+    assert len(set(drawn)) > 1  # each replay read its new seed (T = 4: ~11 nats a draw)
 
 
 # --------------------------------------------------------------------------- sanitizer
