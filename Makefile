@@ -2,6 +2,7 @@
 # gpu-check, mutants).
 PYTHON_SYS ?= python3
 VENV ?= .venv
+VENV_VLLM ?= .venv-vllm
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # A CUDA build of torch, so that the CUDA sources compile and link even without a GPU.
@@ -49,7 +50,9 @@ rebuild: $(VENV)/.deps
 	rm -f $(BUILD_STAMP)
 	@$(MAKE) --no-print-directory $(BUILD_STAMP)
 
-test: build
+# The vLLM venv is a prerequisite too, so that `make -j2 test` (.ci/run) installs it while
+# the extension compiles: one is mostly downloads and unpacking, the other the CPUs.
+test: build $(VENV_VLLM)/.deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) test-vllm
 
@@ -94,7 +97,6 @@ clean:
 # `vllm-test` extras are the list. Adds about 4.5 minutes to a fresh CI run (the install)
 # and 1.5 to 5 minutes of build and tests (README, "Serving with vLLM").
 .PHONY: test-vllm
-VENV_VLLM ?= .venv-vllm
 PY_VLLM := $(VENV_VLLM)/bin/python
 VLLM_TEST_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
 	VLLM_CACHE_ROOT=$(abspath $(VENV_VLLM))/vllm-cache
