@@ -27,8 +27,8 @@ Stages, each timed, all logged into gpu-check.log in the output folder (``$GPU_C
               bandwidth. kernel_table.json and kernel_table.md. The A/B of the CUDA
               kernel: cuda_v04@graph (the v0.4 kernel), cuda@graph (v0.5),
               cuda_v06@graph (v0.5 with K2 fused into K1 where the grid is small) and
-              cuda_v07@graph (v0.5 with K2's whole-row fallback spread over G blocks a
-              row), all CUDA-graph replays in this one process (the cuda_kernel_variant op
+              cuda_v07@graph (v0.5 with K1's noise pruned after Philox and K2's
+              whole-row fallback spread over G blocks a row), all CUDA-graph replays in this one process (the cuda_kernel_variant op
               picks the variant a capture records), with the ratios v04 / v05, v05 / v06
               and v05 / v07, cuda@graph's share of the copy bandwidth, the token agreement
               of v0.5 with v0.4 and with triton per cell, whether v06's and v07's four
@@ -100,7 +100,7 @@ KERNEL_FAMILIES = {
     "lm": ((1, 8, 256), ("naive@graph",)),
 }
 # The v0.4 kernel, v0.5, v0.6 (v0.5 with the second launch fused at small grids) and v0.7
-# (v0.5 with the whole-row fallback spread over G blocks a row), replayed.
+# (v0.5 with K1's noise pruned and the whole-row fallback spread over G blocks a row), replayed.
 AB_IMPLS = ("cuda_v04@graph", "cuda@graph", "cuda_v06@graph", "cuda_v07@graph")
 # The variants that must return v05's four outputs bit for bit (v0.5's arithmetic).
 SAME_AS_V05 = ("v06", "v07")
@@ -786,9 +786,10 @@ def kernels_stage(args, out_dir) -> int:
               f"naive step measured in the same run; x{GRAPH_SUFFIX}: x captured in a CUDA graph "
               f"and replayed (no launch costs), its ratio against naive{GRAPH_SUFFIX}; "
               f"cuda_v04@graph: the v0.4 kernel, cuda@graph: v0.5, cuda_v06@graph: v0.5 with K2 fused "
-              f"into K1 where v06 launches = 1, cuda_v07@graph: v0.5 with K2's whole-row fallback "
-              f"spread over G = v07 spread blocks a row (1: not spread; only rows that take the "
-              f"fallback, e.g. top_p=0.99,T=4, use it) (same process); inputs randn3 = "
+              f"into K1 where v06 launches = 1, cuda_v07@graph: v0.5 with K1's noise pruned after "
+              f"Philox (every sampled row) and K2's whole-row fallback spread over G = v07 spread "
+              f"blocks a row (1: not spread; only rows that take the fallback, e.g. "
+              f"top_p=0.99,T=4, use it) (same process); inputs randn3 = "
               f"randn * 3, lm = LM-like rows (entropy 1-4 nats)",
               f"device-to-device copy: {bw:.0f} GB/s (read + write)"]
     impls = []

@@ -127,11 +127,13 @@ static_assert(sizeof(SpreadCtl) == 64 && sizeof(SpreadSlot) % 16 == 0, "SpreadCt
 //   kV06: v05's arithmetic and kernels, and where merge_in_slice_kernel says so (small
 //         grids) one launch instead of two: K2's merge runs in the last K1 block of each
 //         row to finish (cuda_kernels.cuh, "v06"). Elsewhere it launches v05's K1 and K2.
-//   kV07: v05's arithmetic and kernels, and where spread_blocks says so (small batches)
-//         K2 runs several blocks a row that share the whole-row passes of the fallback
-//         (the slow path: a flat row under top_p 0.99 at T = 4, huge top_k, tiny min_p);
-//         the histograms are integer sums and the draw an arg-max, so the results are
-//         v05's bit for bit whatever the number of blocks. Elsewhere v05's K1 and K2.
+//   kV07: v05's arithmetic; K1 skips the noise of the columns whose uniform (known
+//         after Philox) rules out a key that could reach the slice's best (exact: the
+//         same records); and where spread_blocks says so (small batches) K2 runs
+//         several blocks a row that share the whole-row passes of the fallback (the slow
+//         path: a flat row under top_p 0.99 at T = 4, huge top_k, tiny min_p): integer
+//         histograms and an arg-max, so v05's results bit for bit whatever the number of
+//         blocks. Elsewhere v05's K2.
 // The launcher picks one per process (PROXYKERN_CUDA_KERNEL, or the benchmark-only
 // cuda_kernel_variant op): not part of the API.
 enum class KernelVariant : int32_t { kV04 = 0, kV05 = 1, kV06 = 2, kV07 = 3 };

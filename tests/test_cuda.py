@@ -351,7 +351,8 @@ def test_cuda_graph_capture_and_replay(filters):
 #
 # The extension holds four builds of the kernel (csrc/cuda_sample.h, KernelVariant): v0.4
 # (the default), v0.5, v0.6 (v0.5's arithmetic, K2 fused into K1 at small grids) and v0.7
-# (v0.5's arithmetic and two launches, K2's whole-row fallback spread over G blocks a row).
+# (v0.5's arithmetic and two launches: K1's noise pruned after Philox, K2's whole-row
+# fallback spread over G blocks a row).
 # benchmarks/gpu_check.py times them in one process; here each must meet the contract,
 # v04 and v05 must agree except at noise near-ties, and v06 and v07 must return v05's bits.
 
@@ -467,9 +468,11 @@ def test_each_variant_batch_invariant_and_deterministic(variant, name):
 # Both run v05's arithmetic and must return v05's four outputs bit for bit whatever their
 # plan. v06: where csrc/cuda_sample.h's rule says so (K1's grid of at most 256 blocks,
 # aligned inputs of one dtype) the last K1 block of each row runs K2's merge (one launch).
-# v07: two launches, K2's whole-row fallback (kept sets too large for the per-slice
-# candidates) spread over G blocks a row, G = cuda_v07_spread(batch, vocab, SMs) for
-# aligned inputs of one dtype (G = 1, and the other loaders: v05's K2 exactly).
+# v07: two launches; K1 skips the noise of columns whose uniform rules them out (every
+# sampled row; the records must stay v05's), and K2's whole-row fallback (kept sets too
+# large for the per-slice candidates) is spread over G blocks a row, G =
+# cuda_v07_spread(batch, vocab, SMs) for aligned inputs of one dtype (G = 1, and the other
+# loaders: v05's K2 exactly).
 
 V06_MODES = [dict(), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
              dict(temperature=1.0, top_k=50, top_p=0.9), dict(temperature=1.0, min_p=0.05),

@@ -13,6 +13,8 @@ compares with float64.
 - div_by_recip, z / T as z * RN(1/T) plus two FMA corrections, which must give the IEEE
   quotient bit for bit (K1 and K2 recompute z' and must agree with each other; the other
   backends divide).
+- v07's noise pruning (noise_prune_ratio): a column it skips can never reach the slice's
+  best key, over every u.
 """
 from __future__ import annotations
 
@@ -197,3 +199,48 @@ def test_division_by_reciprocal_is_the_ieee_quotient():
     # One correction alone matched in every case tried so far (kept as information: its
     # first quotient is not always faithful, so no theorem covers it).
     print(f"one correction step: {one_step_misses} mismatches")
+
+
+# ------------------------------------------------------------------------------ v07's pruning
+#
+# v07's K1 skips a column's noise when fl(1 - u) > ex2(fl(fl(x - F) * log2 e)), F = fl(m - 3)
+# the slice's floor key, |m| < 2^16 (noise_prune_ratio, csrc/cuda_kernels.cuh). Exactness
+# needs every skipped column's key fl(x + g) below the slice's best key, which is at least
+# fl(m - 2.82) > F + 0.17 there. The kernel's comment claims more: x + g < F + 4e-6, which
+# this checks over every u and a dense grid of t = fl(x - F), with g at its upper bound and
+# ex2.approx at its lower one (the directions that skip more and raise g).
+
+LOG2E = F32(1.44269504088896340736)
+EX2_REL = 2.0 ** -21   # ex2.approx.ftz.f32: within 2 ulp (2^-22 relative); modelled at twice that
+
+
+def test_noise_pruning_source_matches_the_model():
+    src = open(KERNEL).read()
+    assert "return ex2_approx(__fmul_rn(__fsub_rn(x, floor_key), kLog2e));" in src
+    assert ("noise = !(__fsub_rn(1.0f, uniform_from_bits(r.w[j])) > noise_prune_ratio(x[e], floor_key));"
+            in src)
+    assert "const bool prune = P::kPruneNoise && fabsf(m) < kPruneMaxAbs;" in src
+    assert "constexpr float kPruneMaxAbs = 65536.0f;" in src
+    assert "const float floor_key = __fadd_rn(m, kGumbelLo);" in src
+    assert F32(re.search(r"kLog2e = ([0-9.]+)f;", src).group(1)) == LOG2E
+
+
+def test_noise_pruning_never_skips_a_key_near_the_floor(all_u):
+    u, _ = all_u                                    # ascending
+    one_minus_u = (F32(1) - u).astype(np.float64)   # exact: (2^24 - 2k - 1) 2^-24
+    assert np.array_equal(one_minus_u, 1.0 - u.astype(np.float64))
+    g_up = np.maximum.accumulate(gumbel_fast_model(u, 1).astype(np.float64))  # max g over u' <= u
+    # t = fl(x - F): x passed the x test (x + 17 >= F), and x <= m < F + 3.01.
+    t = np.unique(np.concatenate([np.linspace(-17.5, 3.1, 400_001), -np.geomspace(1e-9, 17.5, 20_001),
+                                  np.geomspace(1e-9, 3.1, 20_001)]).astype(F32))
+    ratio = np.exp2((t * LOG2E).astype(F32).astype(np.float64)) * (1.0 - EX2_REL)
+    ratio = ratio.astype(F32).astype(np.float64)    # the hardware's fp32 result, low side
+    # Skipped: 1 - u > ratio, i.e. the u below 1 - ratio (a prefix of the ascending u).
+    n_skipped = np.searchsorted(-one_minus_u, -ratio, side="left")
+    has = n_skipped > 0
+    worst = t[has].astype(np.float64) + g_up[n_skipped[has] - 1]
+    # x - F itself differs from t by at most 2^-24 |t| (one rounding).
+    slack = np.abs(t[has]).astype(np.float64) * 2.0 ** -24
+    assert (worst + slack).max() < 4e-6, f"a skipped key reaches F + {(worst + slack).max():.3g}"
+    # The test is not vacuous: most of the (t, u) plane is skipped below t = -1.
+    assert n_skipped[t < -1].min() > (1 << 23) // 2
