@@ -138,10 +138,10 @@ static_assert(int64_t{kMergeThreads} * kRowUnroll == kRowPassChunks,
               "spread_blocks (cuda_sample.h) counts a row's passes in K2's rounds of chunks");
 
 // ----------------------------------------------------------------------------- variants
-// What differs between the two arithmetic builds (cuda_sample.h, KernelVariant). Every
-// kernel and helper whose arithmetic differs takes the policy, so K1 and K2 of one
-// variant compute the same z' and the same noise, bit for bit. v06 is not a policy: it
-// runs V05 with another launch plan (launch_variant).
+// What differs between the two arithmetic builds, V04 and V05 (cuda_sample.h,
+// KernelVariant), and v07's K1 (V07). Every kernel and helper whose arithmetic differs
+// takes the policy, so K1 and K2 of one variant compute the same z' and the same noise,
+// bit for bit. v06 is not a policy: it runs V05 with another launch plan (launch_variant).
 // Merge: the policy of the K2 a variant launches after its K1 (v07's K1 differs from
 // v05's only in work skipped, so it pairs with v05's K2 instead of a copy of it).
 struct V04 {
@@ -653,18 +653,6 @@ __device__ __forceinline__ void warp_mass_add(unsigned long long* mass, bool act
 #endif
 }
 
-// Radix search over the keys of a source, 8 bits per level from the top, early exit as
-// soon as the searched value's bin is settled. A source is a callable taking f and
-// calling f(bool active, float x, int32_t column) for its values, in loops whose trip
-// count is the same for every thread of the block.
-//   kRank: the need-th largest key (with multiplicity). Exact: the domain values with
-//          key >= key_lo are exactly those >= that value; at most need - 1 are > key_hi.
-//   kMass: the first value v in descending order at which the cumulative mass reaches
-//          p * total, i.e. !(cum < p * total) (the reference's n_below rule). The domain
-//          values with key >= key_lo are exactly those >= v.
-// found = false: fewer than need values (kRank) or the mass never reaches the target.
-// Block-uniform result. Integer histograms: the result does not depend on the order in
-// which the source lists its values.
 // One radix level's histograms of a source into cnt / mass (zeroed by the caller): the
 // finite values with key >= dom_lo whose key's bits above this level's digit equal
 // prefix, binned by the digit; masses (when with_mass) in mc's fixed point. Integer
@@ -706,6 +694,19 @@ struct NoGather {
   __device__ __forceinline__ Best collect_best(Best b) { return b; }
 };
 
+// Radix search over the keys of a source, 8 bits per level from the top, early exit as
+// soon as the searched value's bin is settled. A source is a callable taking f and
+// calling f(bool active, float x, int32_t column) for its values, in loops whose trip
+// count is the same for every thread of the block.
+//   kRank: the need-th largest key (with multiplicity). Exact: the domain values with
+//          key >= key_lo are exactly those >= that value; at most need - 1 are > key_hi.
+//   kMass: the first value v in descending order at which the cumulative mass reaches
+//          p * total, i.e. !(cum < p * total) (the reference's n_below rule). The domain
+//          values with key >= key_lo are exactly those >= v.
+// found = false: fewer than need values (kRank) or the mass never reaches the target.
+// Block-uniform result. Integer histograms: the result does not depend on the order in
+// which the source lists its values, nor on how it is split: with v07's SpreadLead as
+// gather, the source is the lead's share and each level adds the helpers' shares in.
 template <int NT, bool kWarpMass, class Src, class Gather = NoGather>
 __device__ __forceinline__ SearchOut radix_search(const Src& src, RadixSmem& sm,
                                                   const SearchSpec& spec, const MassCtx& mc,
