@@ -50,6 +50,12 @@ def trio(base_family: str = "llama"):
     return (tiny_model(base_family, 0), tiny_model(others[0], 1), tiny_model(others[1], 2))
 
 
+def random_models(family: str):
+    """Three random models of one family (seeds 20, 21, 22): a base, an expert and an
+    anti-expert that share a tokenizer and, for llama / qwen2, a static cache."""
+    return tuple(tiny_model(family, seed) for seed in (20, 21, 22))
+
+
 def ragged_batch():
     """A left-padded batch of 3 prompts of lengths 5, 2 and 7 (row 2 unpadded)."""
     rows = [[11, 57, 203, 9, 400], [77, 18], [5, 6, 7, 8, 9, 10, 999]]

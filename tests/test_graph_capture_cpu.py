@@ -19,7 +19,7 @@ from proxykern import fused_proxy_generate
 from proxykern.engine.graphs import CapturedCall
 from proxykern.engine.speculative import proxy_static_rounds
 
-from gen_fixtures import assert_same_generation, ragged_batch, tiny_model, trio
+from gen_fixtures import assert_same_generation, ragged_batch, random_models, trio
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
 
@@ -120,10 +120,6 @@ def test_captured_program_step_equals_eager(emulated, preset):
 
 
 # ---------------------------------------------------------------- static speculative rounds
-
-
-def random_models(family):
-    return tuple(tiny_model(family, seed) for seed in (20, 21, 22))
 
 
 def _against_eager(models, ids, mask, k, made, **kw):

@@ -23,7 +23,7 @@ from proxykern.models import static_rounds_unsupported_reason
 from proxykern.engine.static_runner import StaticRunner
 
 from gen_fixtures import (assert_same_generation, nan_row_after_prefill, pad_left, ragged_batch,
-                          replay_without_host_syncs, tiny_model, trio)
+                          random_models, replay_without_host_syncs, tiny_model, trio)
 
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, min_p=0.02, seed=7)
 
@@ -45,11 +45,6 @@ def against_plain(models, ids, mask, ks, **kw):
         assert 0 <= s.accepted <= s.drafted
         stats.append(s)
     return plain, stats
-
-
-def random_models(family):
-    """Three random models of one family (all support a static cache)."""
-    return tuple(tiny_model(family, seed) for seed in (20, 21, 22))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
