@@ -317,14 +317,22 @@ def _param_tensors(batch, device, mode, seed):
 SPECULATIVE_RESERVE_S = 50.0
 
 
+def _cases():
+    """benchmarks/gpu_check_cases, imported on first use: it imports torch and proxykern,
+    which only exist once the build stage has run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import gpu_check_cases
+    return gpu_check_cases
+
+
 def step_inputs(batch, vocab, device, gen, family="randn3"):
     """One (base, expert, anti) set as the tables time, bf16: ``randn * 3`` logits, or
     (family "lm") LM-like rows (gpu_check_cases.lm_like_logits)."""
     import torch
     if family == "lm":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from gpu_check_cases import lm_like_logits
-        return lm_like_logits(batch, vocab, generator=gen, device=device)
+        return _cases().lm_like_logits(batch, vocab, generator=gen, device=device)
     return tuple((torch.randn(batch, vocab, generator=gen, device=device) * 3).to(torch.bfloat16)
                  for _ in range(3))
 
@@ -553,9 +561,7 @@ def _cell_agreement(inputs, params, vocab, mode, ops, log):
     inputs are contiguous bf16 rows (16-byte aligned at its vocabularies): the plans of
     the vector loaders."""
     import torch
-    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_check_cases import same_bits  # torch.equal finds NaN != NaN
+    same_bits = _cases().same_bits  # torch.equal finds NaN != NaN
     out = {}
     try:
         call = lambda: torch.ops.proxykern.fused_sample(*inputs, *params, vocab)  # noqa: E731

@@ -318,6 +318,18 @@ def test_opcheck():
 
 # --------------------------------------------------------------------------- capture
 
+def replays_and_eager(sample, seed, step, replays, eager=None):
+    """sample() captured once; then `replays` times: seed += 1000 and step = i + 1 in place,
+    a replay, and eager() (default: sample) on the same seed and step. Yields (i, the
+    replay's outputs, eager's outputs)."""
+    graph, static = captured(sample)
+    for i in range(replays):
+        seed.add_(1000)
+        step.fill_(i + 1)
+        graph.replay()
+        yield i, static, (eager or sample)()
+
+
 @pytest.mark.parametrize("filters", [dict(), dict(top_k=50, top_p=0.9), dict(min_p=1e-4, top_p=0.99)])
 def test_cuda_graph_capture_and_replay(filters):
     """Captured once, replayed with seed/step updated in place: the tokens of eager runs."""
@@ -332,13 +344,8 @@ def test_cuda_graph_capture_and_replay(filters):
                                                    backend="cuda", **kwargs)
         return out.tokens, out.logprobs, status
 
-    graph, static = captured(sample)
     drawn = []
-    for i in range(5):
-        seed.add_(1000)
-        step.fill_(i + 1)
-        graph.replay()
-        eager = sample()
+    for _, static, eager in replays_and_eager(sample, seed, step, 5):
         for a, b in zip(static, eager):
             assert torch.equal(a, b)
         assert (static[2] == 0).all()
@@ -561,15 +568,15 @@ def _check_graph_replay_as_v05(variant, name, **mode):
                                                    backend="cuda", **mode)
         return out.tokens, out.logprobs, out.lse, status
 
-    graph, static = captured(sample)
-    drawn = []
-    for i in range(4):
-        seed.add_(1000)
-        step.fill_(i + 1)
-        graph.replay()
+    def eager_v05():
         variant("v05")
-        eager = sample()
-        variant(name)
+        try:
+            return sample()
+        finally:
+            variant(name)
+
+    drawn = []
+    for i, static, eager in replays_and_eager(sample, seed, step, 4, eager=eager_v05):
         for field, a, b in zip(FIELDS, static, eager):
             assert _cases().same_bits(a, b), f"replay {i}: {name}'s {field} differ from eager v05's"
         drawn.append(static[0].item())
